@@ -1,0 +1,172 @@
+"""The route layer: HTTP in, HTTP out. Built by `create_app(settings)`; no globals."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import orjson
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from proxy.canonical import parse_chat
+from proxy.config import Settings
+from proxy.errors import HerdError, InvalidRequest, NotFound, PayloadTooLarge, UpstreamError
+from proxy.gateway import Gateway
+from proxy.metrics import CONTENT_TYPE_LATEST, Metrics
+from proxy.responses import FlightResponse
+from proxy.upstream import CallOptions
+
+log = logging.getLogger("herd.app")
+
+
+def error_response(error: HerdError) -> Response:
+    return Response(error.body_bytes(), status_code=error.status, media_type=error.content_type, headers=error.headers)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise PayloadTooLarge(f"The request body is {length} bytes; the limit is {limit}.")
+    parts, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise PayloadTooLarge(f"The request body is over the limit of {limit} bytes.")
+        parts.append(part)
+    return b"".join(parts)
+
+
+def create_app(settings: Settings, gateway: Gateway | None = None) -> Starlette:
+    gateway = gateway or Gateway(settings, Metrics())
+    limit = settings.server.max_body_bytes
+
+    def count_error(error: HerdError) -> None:
+        gateway.metrics.errors.labels(str(error.status)).inc()
+
+    async def chat_completions(request: Request) -> Response | FlightResponse:
+        identity = gateway.auth.identify(request.headers)
+        req = parse_chat(await read_body(request, limit))
+        mode = gateway.mode_for(request.headers.get("x-herd-coalesce"))
+        ticket = await gateway.submit(req, identity, mode)
+        loop = asyncio.get_running_loop()
+        return FlightResponse(
+            ticket,
+            stream=req.stream,
+            include_usage=req.include_usage,
+            deadline=loop.time() + settings.server.request_timeout_s,
+            release=gateway.release,
+            on_error=count_error,
+        )
+
+    async def list_models(request: Request) -> Response:
+        identity = gateway.auth.identify(request.headers)
+        options = CallOptions(client_key=identity.client_key)
+        seen: dict[str, dict] = {}
+        last_error: HerdError | None = None
+        for upstream in gateway.upstreams.values():
+            try:
+                resp = await upstream.forward("GET", "models", "", {}, b"", options)
+                raw = b"".join([part async for part in resp.body])
+            except HerdError as e:
+                last_error = e
+                continue
+            if resp.status >= 400:
+                last_error = UpstreamError(resp.status, raw, upstream=upstream.name)
+                continue
+            with contextlib.suppress(orjson.JSONDecodeError, TypeError, AttributeError):
+                for item in orjson.loads(raw).get("data", []):
+                    seen.setdefault(item["id"], item)
+        if not seen and last_error is not None:
+            raise last_error
+        return Response(orjson.dumps({"object": "list", "data": list(seen.values())}), media_type="application/json")
+
+    async def forward(request: Request) -> Response:
+        identity = gateway.auth.identify(request.headers)
+        body = await read_body(request, limit)
+        model = None
+        if body and request.headers.get("content-type", "").startswith("application/json"):
+            with contextlib.suppress(orjson.JSONDecodeError):
+                parsed = orjson.loads(body)
+                model = parsed.get("model") if isinstance(parsed, dict) else None
+        if isinstance(model, str):
+            _, upstream = gateway.route(model)
+        else:
+            upstream = gateway.upstreams[settings.routes[0].upstream]
+        resp = await upstream.forward(
+            request.method,
+            request.path_params["path"],
+            request.url.query,
+            dict(request.headers),
+            body,
+            CallOptions(client_key=identity.client_key),
+        )
+        headers = [(k, v) for k, v in resp.headers] + [("x-herd", "bypass"), ("x-herd-upstream", upstream.name)]
+
+        async def relay() -> AsyncIterator[bytes]:
+            try:
+                async for part in resp.body:
+                    yield part
+            finally:
+                resp.close()
+
+        out = StreamingResponse(relay(), status_code=resp.status)
+        out.raw_headers = [(k.lower().encode(), v.encode()) for k, v in headers]
+        return out
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        return JSONResponse(
+            {"status": "ready", "flights": len(gateway.group), "mode": settings.coalesce.mode}
+        )
+
+    async def metrics(request: Request) -> Response:
+        gateway.metrics.flights.set(len(gateway.group))
+        gateway.metrics.waiters.set(gateway.group.waiters)
+        return Response(gateway.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    async def on_herd_error(request: Request, exc: HerdError) -> Response:
+        count_error(exc)
+        return error_response(exc)
+
+    async def on_http_exception(request: Request, exc: HTTPException) -> Response:
+        if exc.status_code == 404:
+            error: HerdError = NotFound(f"Unknown path {request.url.path}", code="unknown_url")
+        else:
+            error = InvalidRequest(str(exc.detail), status=exc.status_code, code="invalid_request")
+        return error_response(error)
+
+    async def on_exception(request: Request, exc: Exception) -> Response:
+        log.error("unhandled error on %s: %s", request.url.path, type(exc).__name__, exc_info=exc)
+        return error_response(HerdError("herd hit an internal error", code="internal_error"))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await gateway.start()
+        try:
+            yield
+        finally:
+            await gateway.aclose()
+
+    methods = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+    app = Starlette(
+        routes=[
+            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+            Route("/v1/models", list_models, methods=["GET"]),
+            Route("/v1/{path:path}", forward, methods=methods),
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/readyz", readyz, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
+        ],
+        exception_handlers={HerdError: on_herd_error, HTTPException: on_http_exception, Exception: on_exception},
+        lifespan=lifespan,
+    )
+    app.state.gateway = gateway
+    return app

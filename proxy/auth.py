@@ -1,0 +1,69 @@
+"""Who is asking: client authentication and tenant ids.
+
+A tenant id is never a secret: it is an HMAC of the client's API key under herd's own
+hash key, so two different keys never share answers and the key itself is never stored,
+logged or sent to Redis.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import secrets
+from dataclasses import dataclass
+from typing import Mapping
+
+from proxy.config import AuthConfig, Settings
+from proxy.errors import AuthenticationError
+
+log = logging.getLogger("herd.auth")
+
+
+@dataclass(frozen=True)
+class Identity:
+    tenant: str  # a hash or a configured tenant name, safe to log and to use in keys
+    client_key: str | None  # the client's own key, only kept to forward it upstream
+
+
+def client_key_from(headers: Mapping[str, str]) -> str | None:
+    auth = headers.get("authorization")
+    if auth:
+        scheme, _, value = auth.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+    return headers.get("api-key") or headers.get("x-api-key") or None
+
+
+class Authenticator:
+    def __init__(self, cfg: AuthConfig, settings: Settings) -> None:
+        self.cfg = cfg
+        if cfg.hash_key:
+            self._hash_key = cfg.hash_key.encode()
+        else:
+            self._hash_key = secrets.token_bytes(32)
+            log.info("auth.hash_key is not set: tenant hashes are random per process (set it to share across replicas)")
+        self._keys = {k["sha256"]: k.get("tenant") for k in cfg.keys}
+        holding = any(u.api_key for u in settings.upstreams.values())
+        self.check_keys = cfg.mode == "keys" or (cfg.mode == "auto" and holding)
+
+    def keyed_hash(self, value: str) -> str:
+        return hmac.new(self._hash_key, value.encode(), hashlib.sha256).hexdigest()[:32]
+
+    def identify(self, headers: Mapping[str, str]) -> Identity:
+        key = client_key_from(headers)
+        if self.check_keys:
+            if key is None:
+                raise AuthenticationError("You didn't provide an API key. Send it as 'Authorization: Bearer KEY'.")
+            digest = hashlib.sha256(key.encode()).hexdigest()
+            if digest not in self._keys:
+                raise AuthenticationError("Incorrect API key provided.")
+            name = self._keys[digest]
+            tenant = f"t:{name}" if name else f"k:{self.keyed_hash(key)}"
+        else:
+            tenant = f"k:{self.keyed_hash(key)}" if key else "anonymous"
+        if self.cfg.tenant_header:
+            extra = headers.get(self.cfg.tenant_header.lower())
+            if extra:
+                tenant = f"{tenant}/h:{self.keyed_hash(extra)}"
+        return Identity(tenant=tenant, client_key=key)

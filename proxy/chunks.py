@@ -1,0 +1,143 @@
+"""OpenAI chat chunks: the unit a flight carries, and the assembly of a whole completion.
+
+herd always calls upstreams in streaming mode; a non-stream client's JSON body is assembled
+from the same chunks, so stream and non-stream requests for one prompt share one flight.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+
+class Chunk:
+    """One `chat.completion.chunk`: the parsed object and its JSON bytes, serialized once."""
+
+    __slots__ = ("data", "_raw", "_sse")
+
+    def __init__(self, data: dict[str, Any], raw: bytes | None = None) -> None:
+        self.data = data
+        self._raw = raw
+        self._sse: bytes | None = None
+
+    @property
+    def raw(self) -> bytes:
+        if self._raw is None:
+            self._raw = orjson.dumps(self.data)
+        return self._raw
+
+    @property
+    def sse(self) -> bytes:
+        if self._sse is None:
+            self._sse = b"data: " + self.raw + b"\n\n"
+        return self._sse
+
+    @property
+    def usage_only(self) -> bool:
+        """The final usage chunk (`choices: []`), sent only to clients that asked for it."""
+        return not self.data.get("choices") and self.data.get("usage") is not None
+
+
+def _merge_tool_calls(target: list[dict], deltas: list[dict]) -> None:
+    for delta in deltas:
+        index = delta.get("index", len(target))
+        while len(target) <= index:
+            target.append({"id": None, "type": "function", "function": {"name": "", "arguments": ""}})
+        call = target[index]
+        if delta.get("id"):
+            call["id"] = delta["id"]
+        if delta.get("type"):
+            call["type"] = delta["type"]
+        fn = delta.get("function") or {}
+        if fn.get("name"):
+            call["function"]["name"] += fn["name"]
+        if fn.get("arguments"):
+            call["function"]["arguments"] += fn["arguments"]
+
+
+def assemble(chunks: list[Chunk]) -> dict[str, Any]:
+    """Build the `chat.completion` object that the chunks of one stream add up to."""
+    head: dict[str, Any] = {}
+    choices: dict[int, dict[str, Any]] = {}
+    usage = None
+    for chunk in chunks:
+        data = chunk.data
+        if not head:
+            head = data
+        if data.get("usage"):
+            usage = data["usage"]
+        for c in data.get("choices") or ():
+            index = c.get("index", 0)
+            choice = choices.get(index)
+            if choice is None:
+                choice = choices[index] = {
+                    "index": index,
+                    "message": {"role": "assistant", "content": None},
+                    "logprobs": None,
+                    "finish_reason": None,
+                    "_content": [],
+                }
+            delta = c.get("delta") or {}
+            message = choice["message"]
+            if delta.get("role"):
+                message["role"] = delta["role"]
+            if delta.get("content") is not None:
+                choice["_content"].append(delta["content"])
+            if delta.get("refusal") is not None:
+                message["refusal"] = (message.get("refusal") or "") + delta["refusal"]
+            if delta.get("tool_calls"):
+                _merge_tool_calls(message.setdefault("tool_calls", []), delta["tool_calls"])
+            if delta.get("function_call"):
+                fc = message.setdefault("function_call", {"name": "", "arguments": ""})
+                fc["name"] += delta["function_call"].get("name") or ""
+                fc["arguments"] += delta["function_call"].get("arguments") or ""
+            if c.get("logprobs"):
+                lp = choice["logprobs"] = choice["logprobs"] or {}
+                for kind in ("content", "refusal"):
+                    if c["logprobs"].get(kind):
+                        lp.setdefault(kind, []).extend(c["logprobs"][kind])
+            if c.get("finish_reason"):
+                choice["finish_reason"] = c["finish_reason"]
+    out_choices = []
+    for index in sorted(choices):
+        choice = choices[index]
+        parts = choice.pop("_content")
+        if parts:
+            choice["message"]["content"] = "".join(parts)
+        out_choices.append(choice)
+    result: dict[str, Any] = {
+        "id": head.get("id", ""),
+        "object": "chat.completion",
+        "created": head.get("created", 0),
+        "model": head.get("model", ""),
+        "choices": out_choices,
+    }
+    for key in ("system_fingerprint", "service_tier"):
+        if head.get(key) is not None:
+            result[key] = head[key]
+    if usage is not None:
+        result["usage"] = usage
+    return result
+
+
+def split(completion: dict[str, Any]) -> list[Chunk]:
+    """The chunks a non-stream `chat.completion` would have been streamed as."""
+    base = {k: completion[k] for k in ("id", "created", "model", "system_fingerprint") if k in completion}
+    base["object"] = "chat.completion.chunk"
+    out = []
+    for choice in completion.get("choices") or ():
+        message = dict(choice.get("message") or {})
+        delta = {k: v for k, v in message.items() if v is not None}
+        if delta.get("tool_calls"):
+            delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(delta["tool_calls"])]
+        item: dict[str, Any] = {"index": choice.get("index", 0), "delta": delta, "finish_reason": None}
+        if choice.get("logprobs") is not None:
+            item["logprobs"] = choice["logprobs"]
+        out.append(Chunk({**base, "choices": [item]}))
+        out.append(
+            Chunk({**base, "choices": [{"index": item["index"], "delta": {}, "finish_reason": choice.get("finish_reason")}]})
+        )
+    if completion.get("usage") is not None:
+        out.append(Chunk({**base, "choices": [], "usage": completion["usage"]}))
+    return out

@@ -1,0 +1,272 @@
+"""Settings: one TOML file (tomllib), `${ENV}` expanded, validated at start with clear messages.
+
+Each section is a dataclass; `_build` checks every key against the dataclass fields and
+their types, so a typo is an error that names the key, never a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import os
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message says where and why."""
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_body_bytes: int = 4 * 1024 * 1024
+    request_timeout_s: float = 600.0  # each waiter's deadline
+    shutdown_grace_s: float = 30.0
+    log_level: str = "info"
+    log_prompts: bool = False
+
+
+@dataclass
+class AuthConfig:
+    # auto: forward-key upstreams need nothing; an upstream holding its own key needs
+    # client keys (or mode = "open"). keys: always check client keys. open: accept anyone.
+    mode: str = "auto"
+    hash_key: str = ""  # secret for keyed tenant hashes; empty: random per process
+    tenant_header: str = ""  # narrows the tenant further, e.g. "x-tenant-id"
+    keys: list[dict] = field(default_factory=list)  # [{sha256 = "...", tenant = "..."}]
+
+
+@dataclass
+class UpstreamConfig:
+    name: str = ""
+    kind: str = "openai"  # openai | anthropic | vllm
+    base_url: str = ""
+    api_key: str = ""  # empty: forward the client's own key
+    connect_timeout_s: float = 10.0
+    first_byte_timeout_s: float = 120.0
+    idle_timeout_s: float = 60.0
+    total_timeout_s: float = 600.0
+    max_connections: int = 1000
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class RouteConfig:
+    model: str = "*"  # glob on the requested model; first match wins
+    upstream: str = ""
+    model_rewrite: str = ""  # send this model name upstream instead of the client's
+
+    def matches(self, model: str) -> bool:
+        return fnmatch.fnmatchcase(model, self.model)
+
+
+@dataclass
+class CoalesceConfig:
+    mode: str = "exact"  # off | exact | semantic
+    threshold: float = 0.9
+    guards: list[str] = field(default_factory=lambda: ["all"])
+    model_path: str = ""  # ONNX model; empty: the bundled all-MiniLM-L6-v2 int8
+    embed_batch: int = 32
+    embed_cache: int = 10_000
+
+
+@dataclass
+class Settings:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    upstreams: dict[str, UpstreamConfig] = field(default_factory=dict)
+    routes: list[RouteConfig] = field(default_factory=list)
+    coalesce: CoalesceConfig = field(default_factory=CoalesceConfig)
+    source: str = "<defaults>"
+
+    def route_for(self, model: str) -> RouteConfig | None:
+        for route in self.routes:
+            if route.matches(model):
+                return route
+        return None
+
+
+MODES = ("off", "exact", "semantic")
+UPSTREAM_KINDS = ("openai", "anthropic", "vllm")
+AUTH_MODES = ("auto", "keys", "open")
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_env(value: str, env: typing.Mapping[str, str]) -> str:
+    """`${NAME}` becomes the variable's value (empty if unset); `${NAME:-default}` has a fallback."""
+    return _ENV.sub(lambda m: env.get(m.group(1)) or (m.group(2) or ""), value)
+
+
+def _expand(obj: Any, env: typing.Mapping[str, str]) -> Any:
+    if isinstance(obj, str):
+        return expand_env(obj, env)
+    if isinstance(obj, list):
+        return [_expand(v, env) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _expand(v, env) for k, v in obj.items()}
+    return obj
+
+
+def _check_type(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(hint):
+            try:
+                return _check_type(value, option, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if hint is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{where}: expected nothing, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # numbers from ${ENV} arrive as strings
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return int(value)
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(hint) or (Any,)
+        return [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {value!r}")
+        args = typing.get_args(hint)
+        if args:
+            return {k: _check_type(v, args[1], f"{where}.{k}") for k, v in value.items()}
+        return value
+    if hint is Any:
+        return value
+    raise ConfigError(f"{where}: unsupported setting type {hint!r}")
+
+
+def build_section(cls: type, table: Any, where: str) -> Any:
+    """Make dataclass `cls` from a TOML table, rejecting unknown keys and wrong types."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"[{where}] must be a table, got {table!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(table) - names)
+    if unknown:
+        raise ConfigError(f"[{where}] has unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    values = {k: _check_type(v, hints[k], f"{where}.{k}") for k, v in table.items()}
+    return cls(**values)
+
+
+SECTIONS: dict[str, type] = {"server": ServerConfig, "auth": AuthConfig, "coalesce": CoalesceConfig}
+
+
+def parse_settings(data: dict, env: typing.Mapping[str, str] | None = None, source: str = "<dict>") -> Settings:
+    data = _expand(data, os.environ if env is None else env)
+    known = set(SECTIONS) | {"upstreams", "routes"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{source}: unknown section(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    settings = Settings(source=source)
+    for name, cls in SECTIONS.items():
+        if name in data:
+            setattr(settings, name, build_section(cls, data[name], name))
+    upstreams = data.get("upstreams", {})
+    if not isinstance(upstreams, dict):
+        raise ConfigError("[upstreams] must be a table of named upstreams, e.g. [upstreams.openai]")
+    for name, table in upstreams.items():
+        up = build_section(UpstreamConfig, {"name": name, **table}, f"upstreams.{name}")
+        settings.upstreams[name] = up
+    routes = data.get("routes", [])
+    if not isinstance(routes, list):
+        raise ConfigError("routes must be an array of tables: [[routes]]")
+    settings.routes = [build_section(RouteConfig, r, f"routes[{i}]") for i, r in enumerate(routes)]
+    validate(settings)
+    return settings
+
+
+def validate(s: Settings) -> None:
+    if not s.upstreams:
+        raise ConfigError("no upstreams configured: add at least one [upstreams.NAME] table")
+    for name, up in s.upstreams.items():
+        if up.kind not in UPSTREAM_KINDS:
+            raise ConfigError(f"upstreams.{name}.kind must be one of {', '.join(UPSTREAM_KINDS)}, got {up.kind!r}")
+        if not up.base_url.startswith(("http://", "https://")):
+            raise ConfigError(f"upstreams.{name}.base_url must be an http(s) URL, got {up.base_url!r}")
+        up.base_url = up.base_url.rstrip("/")
+        for key in ("connect_timeout_s", "first_byte_timeout_s", "idle_timeout_s", "total_timeout_s"):
+            if getattr(up, key) <= 0:
+                raise ConfigError(f"upstreams.{name}.{key} must be > 0")
+    if not s.routes:
+        first = next(iter(s.upstreams))
+        s.routes = [RouteConfig(model="*", upstream=first)]
+    for i, route in enumerate(s.routes):
+        if route.upstream not in s.upstreams:
+            raise ConfigError(
+                f"routes[{i}].upstream {route.upstream!r} is not a configured upstream ({', '.join(s.upstreams)})"
+            )
+    if s.coalesce.mode not in MODES:
+        raise ConfigError(f"coalesce.mode must be one of {', '.join(MODES)}, got {s.coalesce.mode!r}")
+    if not 0.0 < s.coalesce.threshold <= 1.0:
+        raise ConfigError(f"coalesce.threshold must be in (0, 1], got {s.coalesce.threshold}")
+    if s.auth.mode not in AUTH_MODES:
+        raise ConfigError(f"auth.mode must be one of {', '.join(AUTH_MODES)}, got {s.auth.mode!r}")
+    for i, key in enumerate(s.auth.keys):
+        digest = key.get("sha256", "")
+        if not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
+            raise ConfigError(f"auth.keys[{i}].sha256 must be the hex sha256 of a client key (64 hex digits)")
+        if set(key) - {"sha256", "tenant"}:
+            raise ConfigError(f"auth.keys[{i}] takes only sha256 and tenant")
+    holding = [n for n, u in s.upstreams.items() if u.api_key]
+    if holding and s.auth.mode == "auto" and not s.auth.keys:
+        raise ConfigError(
+            f"upstream(s) {', '.join(holding)} hold a provider key, so herd must authenticate its clients: "
+            'add [[auth.keys]] entries (sha256 of each client key), or set [auth] mode = "open" '
+            "for a sidecar that only listens on localhost"
+        )
+    if s.auth.mode == "keys" and not s.auth.keys:
+        raise ConfigError('auth.mode = "keys" needs at least one [[auth.keys]] entry')
+    if s.server.max_body_bytes <= 0 or s.server.request_timeout_s <= 0:
+        raise ConfigError("server.max_body_bytes and server.request_timeout_s must be > 0")
+
+
+def load_settings(path: str | os.PathLike | None = None, env: typing.Mapping[str, str] | None = None) -> Settings:
+    """Load from `path`, else $HERD_CONFIG, else ./proxy.toml."""
+    env = os.environ if env is None else env
+    path = Path(path or env.get("HERD_CONFIG") or "proxy.toml")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    return parse_settings(data, env, source=str(path))

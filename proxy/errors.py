@@ -1,0 +1,157 @@
+"""herd's one exception hierarchy. Every error a client sees is rendered in OpenAI's shape:
+
+    {"error": {"message": ..., "type": ..., "param": ..., "code": ...}}
+
+with the right HTTP status. Upstream errors keep the upstream's own status and body.
+"""
+
+from __future__ import annotations
+
+import orjson
+
+
+class HerdError(Exception):
+    """Base class: an error that is answered to the client."""
+
+    status: int = 500
+    type: str = "server_error"
+    code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        type: str | None = None,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if status is not None:
+            self.status = status
+        if type is not None:
+            self.type = type
+        if code is not None:
+            self.code = code
+        self.param = param
+        self.headers: dict[str, str] = dict(headers or {})
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def body_bytes(self) -> bytes:
+        return orjson.dumps(self.body())
+
+    @property
+    def content_type(self) -> str:
+        return "application/json"
+
+
+class InvalidRequest(HerdError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class AuthenticationError(HerdError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class NotFound(HerdError):
+    status = 404
+    type = "invalid_request_error"
+
+
+class PayloadTooLarge(HerdError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class Overloaded(HerdError):
+    """herd refuses work to protect an upstream (queue full, rate limited, circuit open)."""
+
+    status = 503
+    type = "server_error"
+    code = "overloaded"
+
+
+class DeadlineExceeded(HerdError):
+    """A waiter's own deadline passed before its answer was complete."""
+
+    status = 504
+    type = "timeout"
+    code = "deadline_exceeded"
+
+
+class UpstreamError(HerdError):
+    """The upstream answered with an error status: the client gets the same status and body."""
+
+    type = "upstream_error"
+
+    def __init__(
+        self,
+        status: int,
+        raw_body: bytes = b"",
+        *,
+        content_type: str = "application/json",
+        headers: dict[str, str] | None = None,
+        message: str | None = None,
+        upstream: str | None = None,
+    ) -> None:
+        super().__init__(message or f"upstream answered HTTP {status}", status=status, headers=headers)
+        self.raw_body = raw_body
+        self._content_type = content_type or "application/json"
+        self.upstream = upstream
+
+    @property
+    def retry_after(self) -> float | None:
+        value = self.headers.get("retry-after")
+        try:
+            return max(0.0, float(value)) if value is not None else None
+        except ValueError:
+            return None
+
+    @property
+    def content_type(self) -> str:
+        return self._content_type
+
+    def body(self) -> dict:
+        try:
+            parsed = orjson.loads(self.raw_body) if self.raw_body else None
+        except orjson.JSONDecodeError:
+            parsed = None
+        if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
+            return parsed
+        return super().body()
+
+    def body_bytes(self) -> bytes:
+        if self.raw_body and self._content_type.startswith("application/json"):
+            return self.raw_body
+        return orjson.dumps(self.body())
+
+
+class UpstreamUnavailable(HerdError):
+    """The upstream could not be reached, or dropped the connection."""
+
+    status = 502
+    type = "upstream_error"
+    code = "upstream_unavailable"
+
+
+class UpstreamTimeout(HerdError):
+    status = 504
+    type = "upstream_error"
+    code = "upstream_timeout"
+
+
+def is_retryable(error: BaseException) -> bool:
+    """Connect errors, resets, timeouts and 408/409/429/5xx may succeed on another try."""
+    if isinstance(error, (UpstreamUnavailable, UpstreamTimeout)):
+        return True
+    if isinstance(error, UpstreamError):
+        return error.status in (408, 409, 429) or error.status >= 500
+    return False

@@ -1,0 +1,172 @@
+"""How each waiter renders its flight: one JSON body, or an SSE stream.
+
+These are ASGI callables rather than Starlette responses because a waiter must watch its
+own client: when the client goes away, only that waiter stops (and releases the flight);
+the upstream call goes on for the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+import orjson
+
+from proxy.chunks import assemble
+from proxy.coalescer import Flight
+from proxy.errors import DeadlineExceeded, HerdError
+from proxy.gateway import Ticket
+
+log = logging.getLogger("herd.responses")
+
+Send = Callable[[dict], Awaitable[None]]
+Receive = Callable[[], Awaitable[dict]]
+
+
+def as_herd_error(error: BaseException) -> HerdError:
+    if isinstance(error, HerdError):
+        return error
+    log.error("internal error in a flight: %s", type(error).__name__, exc_info=error)
+    return HerdError("herd hit an internal error while serving this request", code="internal_error")
+
+
+async def send_error(send: Send, error: HerdError, extra: list[tuple[bytes, bytes]] = ()) -> None:
+    body = error.body_bytes()
+    headers = [(b"content-type", error.content_type.encode()), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), str(v).encode()) for k, v in error.headers.items()]
+    await send({"type": "http.response.start", "status": error.status, "headers": headers + list(extra)})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def until_disconnect(work: Awaitable[None], receive: Receive) -> bool:
+    """Run `work` until it ends or the client disconnects; True if it ended."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_wait_disconnect(receive))
+    try:
+        await asyncio.wait((task, watch), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        watch.cancel()
+    if task.cancelled():
+        return False
+    task.result()
+    return True
+
+
+class FlightResponse:
+    def __init__(
+        self,
+        ticket: Ticket,
+        *,
+        stream: bool,
+        include_usage: bool,
+        deadline: float,
+        release: Callable[[Ticket], None],
+        on_error: Callable[[HerdError], None] | None = None,
+    ) -> None:
+        self.ticket = ticket
+        self.stream = stream
+        self.include_usage = include_usage
+        self.deadline = deadline  # loop.time() by which this waiter must be answered
+        self._release = release
+        self._on_error = on_error or (lambda e: None)
+        self.headers = [
+            (b"x-herd", ticket.role.encode()),
+            (b"x-herd-flight", ticket.flight.id.encode()),
+            (b"x-herd-upstream", ticket.upstream.encode()),
+        ]
+        if ticket.similarity is not None:
+            self.headers.append((b"x-herd-similarity", f"{ticket.similarity:.4f}".encode()))
+
+    async def __call__(self, scope: dict, receive: Receive, send: Send) -> None:
+        try:
+            render = self._stream(send) if self.stream else self._json(send)
+            await until_disconnect(render, receive)
+        finally:
+            self._release(self.ticket)
+
+    async def _error(self, send: Send, error: BaseException) -> None:
+        herd_error = as_herd_error(error)
+        self._on_error(herd_error)
+        await send_error(send, herd_error, self.headers)
+
+    async def _json(self, send: Send) -> None:
+        flight = self.ticket.flight
+        try:
+            async with asyncio.timeout_at(self.deadline):
+                await flight.wait()
+        except TimeoutError:
+            return await self._error(send, DeadlineExceeded("the answer did not arrive before this request's deadline"))
+        if flight.error is not None:
+            return await self._error(send, flight.error)
+        body = json_body(flight)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+                + self.headers,
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    async def _stream(self, send: Send) -> None:
+        flight = self.ticket.flight
+        chunks = aiter(flight.follow())
+        started = False
+        try:
+            async with asyncio.timeout_at(self.deadline):
+                first = await anext(chunks, None)
+                if first is None and flight.error is not None:
+                    return await self._error(send, flight.error)  # nothing sent yet: a plain error
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 200,
+                        "headers": [
+                            (b"content-type", b"text/event-stream; charset=utf-8"),
+                            (b"cache-control", b"no-cache"),
+                            (b"x-accel-buffering", b"no"),
+                        ]
+                        + self.headers,
+                    }
+                )
+                started = True
+                chunk = first
+                while chunk is not None:
+                    if self.include_usage or not chunk.usage_only:
+                        await send({"type": "http.response.body", "body": chunk.sse, "more_body": True})
+                    chunk = await anext(chunks, None)
+        except TimeoutError:
+            error = DeadlineExceeded("the stream did not finish before this request's deadline")
+            if not started:
+                return await self._error(send, error)
+            return await self._end_with_error(send, error)
+        if flight.error is not None:
+            return await self._end_with_error(send, flight.error)
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+
+    async def _end_with_error(self, send: Send, error: BaseException) -> None:
+        """The stream has started: the error goes as a final SSE event, as OpenAI does."""
+        herd_error = as_herd_error(error)
+        self._on_error(herd_error)
+        body = b"data: " + orjson.dumps(herd_error.body()) + b"\n\n"
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def json_body(flight: Flight) -> bytes:
+    """The non-stream body of a finished flight, assembled and serialized once per flight."""
+    body = flight.memo.get("json")
+    if body is None:
+        body = flight.memo["json"] = orjson.dumps(assemble(flight.chunks))
+    return body

@@ -1,0 +1,126 @@
+"""Any OpenAI-compatible server: OpenAI itself, vLLM, and the many that copy its API.
+
+Chat requests always go upstream in streaming mode with usage included, whatever the
+client asked: the flight then serves stream and non-stream waiters alike. The HTTP client
+is aiohttp (see benchmarks/HTTP_CLIENTS.md for the measurement behind that choice).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import aiohttp
+import orjson
+
+from proxy.chunks import Chunk, split
+from proxy.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from proxy.sse import read_events
+from proxy.upstream.base import HOP_BY_HOP, CallOptions, ForwardResponse, Upstream
+
+CLIENT_AUTH_HEADERS = frozenset({"authorization", "api-key", "x-api-key"})
+
+
+class OpenAIUpstream(Upstream):
+    kind = "openai"
+
+    def __init__(self, cfg) -> None:
+        super().__init__(cfg)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=self.cfg.max_connections, ttl_dns_cache=300, keepalive_timeout=30)
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=None),
+            skip_auto_headers=("User-Agent",),
+        )
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError(f"upstream {self.name!r} is not started")
+        return self._session
+
+    def _auth_headers(self, options: CallOptions) -> dict[str, str]:
+        headers = dict(self.cfg.headers)
+        key = self.api_key(options)
+        if key:
+            headers["authorization"] = f"Bearer {key}"
+        return headers
+
+    def _timeout(self) -> aiohttp.ClientTimeout:
+        return aiohttp.ClientTimeout(total=self.cfg.total_timeout_s, connect=self.cfg.connect_timeout_s)
+
+    async def chat(self, body: dict, options: CallOptions) -> AsyncIterator[Chunk]:
+        payload = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        headers = {**self._auth_headers(options), "content-type": "application/json", "accept": "text/event-stream"}
+        url = f"{self.cfg.base_url}/chat/completions"
+        finished = False
+        resp: aiohttp.ClientResponse | None = None
+        try:
+            # Timeouts wrap each wait, never a `yield`: the consumer's own awaits are its business.
+            async with asyncio.timeout(self.cfg.first_byte_timeout_s):
+                resp = await self.session.post(url, data=orjson.dumps(payload), headers=headers, timeout=self._timeout())
+            if resp.status >= 400:
+                raise await self._error(resp)
+            if not resp.content_type.startswith("text/event-stream"):
+                # A server that ignores `stream`: its one JSON body, as chunks.
+                async with asyncio.timeout(self.cfg.first_byte_timeout_s):
+                    completion = orjson.loads(await resp.read())
+                for chunk in split(completion):
+                    yield chunk
+                return
+            events = aiter(read_events(resp.content))
+            wait = self.cfg.first_byte_timeout_s
+            while True:
+                async with asyncio.timeout(wait):
+                    event = await anext(events, None)
+                if event is None:
+                    break
+                wait = self.cfg.idle_timeout_s
+                if event.data == b"[DONE]":
+                    finished = True
+                    break
+                data = orjson.loads(event.data)
+                if "error" in data and "choices" not in data:
+                    raise UpstreamError(502, orjson.dumps(data), upstream=self.name)
+                if any(c.get("finish_reason") for c in data.get("choices") or ()):
+                    finished = True
+                yield Chunk(data, event.data)
+        except TimeoutError:
+            raise UpstreamTimeout(f"upstream {self.name!r} did not answer in time") from None
+        except (aiohttp.ClientError, orjson.JSONDecodeError, ConnectionError) as e:
+            raise UpstreamUnavailable(f"upstream {self.name!r} failed: {type(e).__name__}") from None
+        finally:
+            if resp is not None:
+                resp.release()
+        if not finished:
+            raise UpstreamUnavailable(f"upstream {self.name!r} ended the stream before it was complete")
+
+    async def _error(self, resp: aiohttp.ClientResponse) -> UpstreamError:
+        raw = await resp.read()
+        keep = {k.lower(): v for k, v in resp.headers.items() if k.lower() in ("retry-after", "retry-after-ms")}
+        return UpstreamError(resp.status, raw, content_type=resp.content_type, headers=keep, upstream=self.name)
+
+    async def forward(
+        self, method: str, path: str, query: str, headers: dict[str, str], body: bytes, options: CallOptions
+    ) -> ForwardResponse:
+        url = f"{self.cfg.base_url}/{path}" + (f"?{query}" if query else "")
+        out = {k: v for k, v in headers.items() if k not in HOP_BY_HOP and k not in CLIENT_AUTH_HEADERS}
+        out.update(self._auth_headers(options))
+        try:
+            resp = await self.session.request(method, url, data=body or None, headers=out, timeout=self._timeout())
+        except TimeoutError:
+            raise UpstreamTimeout(f"upstream {self.name!r} did not answer in time") from None
+        except (aiohttp.ClientError, ConnectionError) as e:
+            raise UpstreamUnavailable(f"upstream {self.name!r} failed: {type(e).__name__}") from None
+        back = [
+            (k, v) for k, v in resp.headers.items() if k.lower() not in HOP_BY_HOP and k.lower() != "content-encoding"
+        ]
+        return ForwardResponse(resp.status, back, resp.content.iter_any(), resp.release)
