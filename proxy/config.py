@@ -78,12 +78,31 @@ class CoalesceConfig:
 
 
 @dataclass
+class CacheConfig:
+    enabled: bool = True
+    ttl_seconds: float = 300.0
+    max_entries: int = 10_000  # memory backend: least recently used answers go first
+
+
+@dataclass
+class RedisConfig:
+    url: str = ""  # empty: one machine, in-memory state; redis://host:6379/0 to share
+    cluster: bool = False  # Redis Cluster (keys of one flight share a hash slot)
+    timeout_s: float = 0.25  # per operation; slower counts as Redis trouble
+    lease_s: float = 3.0  # a flight leader's lease, renewed while it runs
+    key_prefix: str = "herd"
+    retry_after_s: float = 2.0  # after trouble, local-only until this much time has passed
+
+
+@dataclass
 class Settings:
     server: ServerConfig = field(default_factory=ServerConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     upstreams: dict[str, UpstreamConfig] = field(default_factory=dict)
     routes: list[RouteConfig] = field(default_factory=list)
     coalesce: CoalesceConfig = field(default_factory=CoalesceConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    redis: RedisConfig = field(default_factory=RedisConfig)
     source: str = "<defaults>"
 
     def route_for(self, model: str) -> RouteConfig | None:
@@ -185,7 +204,13 @@ def build_section(cls: type, table: Any, where: str) -> Any:
     return cls(**values)
 
 
-SECTIONS: dict[str, type] = {"server": ServerConfig, "auth": AuthConfig, "coalesce": CoalesceConfig}
+SECTIONS: dict[str, type] = {
+    "server": ServerConfig,
+    "auth": AuthConfig,
+    "coalesce": CoalesceConfig,
+    "cache": CacheConfig,
+    "redis": RedisConfig,
+}
 
 
 def parse_settings(data: dict, env: typing.Mapping[str, str] | None = None, source: str = "<dict>") -> Settings:

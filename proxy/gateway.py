@@ -9,6 +9,7 @@ lives here, so it can be driven and tested without a server.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from proxy.auth import Authenticator, Identity
 from proxy.canonical import ChatRequest, digest, assign_keys
 from proxy.coalescer import Flight, Group
+from proxy.dispatch import Dispatcher
 from proxy.config import RouteConfig, Settings
 from proxy.errors import InvalidRequest, NotFound
 from proxy.metrics import Metrics
@@ -40,6 +42,7 @@ class Gateway:
         self.metrics = metrics or Metrics()
         self.auth = Authenticator(settings.auth, settings)
         self.upstreams: dict[str, Upstream] = {n: make_upstream(c) for n, c in settings.upstreams.items()}
+        self.dispatcher = Dispatcher(settings, self.upstreams, self.metrics)
         self.matcher = None  # set by start() in semantic mode
         self.group = Group(index_factory=self._new_index)
 
@@ -95,11 +98,10 @@ class Gateway:
         """Join the flight that answers `req`, or lead a new one. Never waits for a window."""
         route, upstream = self.route(req.model)
         assign_keys(req, identity.tenant, route.upstream)
-        body = dict(req.body, model=route.model_rewrite) if route.model_rewrite else req.body
         options = CallOptions(client_key=identity.client_key)
 
         async def work(flight: Flight) -> None:
-            await self._call(upstream, body, options, flight)
+            await self._call(route, req.body, options, flight)
 
         if mode == "off":
             flight = self.group.lead([req.key], work, shared=False)
@@ -134,20 +136,20 @@ class Gateway:
     def release(self, ticket: Ticket) -> None:
         self.group.release(ticket.flight)
 
-    async def _call(self, upstream: Upstream, body: dict, options: CallOptions, flight: Flight) -> None:
+    async def _call(self, route: RouteConfig, body: dict, options: CallOptions, flight: Flight) -> None:
         """The one upstream call of a flight: publish each chunk to its waiters."""
         m = self.metrics
-        m.upstream_calls.labels(upstream.name).inc()
         started = time.perf_counter()
         first = True
         try:
-            async for chunk in upstream.chat(body, options):
+            served_by = functools.partial(flight.memo.__setitem__, "upstream")
+            async for chunk in self.dispatcher.stream(route, body, options, served_by):
                 if first:
-                    m.upstream_ttft.labels(upstream.name).observe(time.perf_counter() - started)
+                    m.upstream_ttft.labels(route.upstream).observe(time.perf_counter() - started)
                     first = False
                 flight.publish(chunk)
         except Exception as e:
-            m.upstream_errors.labels(upstream.name, type(e).__name__).inc()
+            m.upstream_errors.labels(route.upstream, type(e).__name__).inc()
             raise
         finally:
-            m.upstream_latency.labels(upstream.name).observe(time.perf_counter() - started)
+            m.upstream_latency.labels(route.upstream).observe(time.perf_counter() - started)

@@ -80,13 +80,20 @@ class FlightResponse:
         self.deadline = deadline  # loop.time() by which this waiter must be answered
         self._release = release
         self._on_error = on_error or (lambda e: None)
-        self.headers = [
+
+    @property
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """herd's own response headers; the upstream is the one that answered, if known."""
+        ticket = self.ticket
+        upstream = ticket.flight.memo.get("upstream", ticket.upstream)
+        headers = [
             (b"x-herd", ticket.role.encode()),
             (b"x-herd-flight", ticket.flight.id.encode()),
-            (b"x-herd-upstream", ticket.upstream.encode()),
+            (b"x-herd-upstream", upstream.encode()),
         ]
         if ticket.similarity is not None:
-            self.headers.append((b"x-herd-similarity", f"{ticket.similarity:.4f}".encode()))
+            headers.append((b"x-herd-similarity", f"{ticket.similarity:.4f}".encode()))
+        return headers
 
     async def __call__(self, scope: dict, receive: Receive, send: Send) -> None:
         try:
