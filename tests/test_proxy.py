@@ -233,11 +233,12 @@ async def _burst_outcomes(herd, text: str, n: int = 6) -> list:
 
 async def test_upstream_500_reaches_every_waiter(herd, sim):
     sim_reset(sim.url, ttft_ms=300)
-    sim_faults(sim.url, {"kind": "status", "status": 500, "match": "boom"})
+    sim_faults(sim.url, {"kind": "status", "status": 500, "match": "boom", "delay_ms": 500})
     outcomes = await _burst_outcomes(herd, "boom")
     assert chat_calls(sim.url) == 1
     assert all(isinstance(o, openai.InternalServerError) for o in outcomes), outcomes
     assert all(o.status_code == 500 and isinstance(o.body, dict) and "message" in o.body for o in outcomes)
+    assert len({o.response.headers["x-herd-flight"] for o in outcomes}) == 1  # one flight, one error
 
 
 async def test_upstream_reset_reaches_every_waiter(herd, sim):
