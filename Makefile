@@ -1,0 +1,40 @@
+# herd: `make run` serves the proxy on proxy.toml; `make test` runs the test suite.
+# Both set up what they need first (a virtualenv in .venv; redis-server for the tests).
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+CONFIG ?= proxy.toml
+
+.PHONY: run test bench eval redis-server clean
+
+$(VENV)/.run: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.test: pyproject.toml $(VENV)/.run
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+run: $(VENV)/.run
+	$(BIN)/herd serve --config $(CONFIG)
+
+redis-server:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  echo "installing redis-server (the tests start their own on free ports)"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq redis-server; \
+	  else sudo apt-get update -qq && sudo apt-get install -y -qq redis-server; fi; }
+
+test: $(VENV)/.test redis-server
+	$(BIN)/python -m pytest -q
+
+bench: $(VENV)/.test
+	$(BIN)/herd bench
+
+eval: $(VENV)/.test
+	$(BIN)/herd eval
+
+clean:
+	rm -rf $(VENV) benchmarks/out
