@@ -53,7 +53,10 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> Starlette:
         identity = gateway.auth.identify(request.headers)
         req = parse_chat(await read_body(request, limit))
         mode = gateway.mode_for(request.headers.get("x-herd-coalesce"))
-        ticket = await gateway.submit(req, identity, mode)
+        directives = {d.strip().lower() for d in request.headers.get("cache-control", "").split(",")}
+        ticket = await gateway.submit(
+            req, identity, mode, read_cache="no-cache" not in directives, write_cache="no-store" not in directives
+        )
         loop = asyncio.get_running_loop()
         return FlightResponse(
             ticket,

@@ -48,6 +48,15 @@ class Flight:
         self.task: asyncio.Task | None = None
         self._changed = asyncio.Event()
 
+    @classmethod
+    def completed(cls, keys: Iterable[str], chunks: list[Any]) -> "Flight":
+        """A flight that is already done, e.g. an answer from the cache."""
+        flight = cls(keys)
+        flight.chunks = list(chunks)
+        flight.done = True
+        flight.waiters = 1
+        return flight
+
     def publish(self, chunk: Any) -> None:
         if self.done:
             raise RuntimeError(f"flight {self.id} is done; cannot publish")

@@ -9,13 +9,16 @@ lives here, so it can be driven and tested without a server.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
 from dataclasses import dataclass
 
 from proxy.auth import Authenticator, Identity
-from proxy.canonical import ChatRequest, digest, assign_keys
+from proxy.cache import AnswerCache, MemoryCache, SimilarAnswers
+from proxy.canonical import ChatRequest, assign_keys, digest
+from proxy.chunks import Chunk
 from proxy.coalescer import Flight, Group
 from proxy.dispatch import Dispatcher
 from proxy.config import RouteConfig, Settings
@@ -45,6 +48,10 @@ class Gateway:
         self.dispatcher = Dispatcher(settings, self.upstreams, self.metrics)
         self.matcher = None  # set by start() in semantic mode
         self.group = Group(index_factory=self._new_index)
+        cache = settings.cache
+        self.cache: AnswerCache | None = MemoryCache(cache.max_entries) if cache.enabled else None
+        self.similar: SimilarAnswers | None = None  # semantic cache index, with the matcher
+        self._background: set[asyncio.Task] = set()
 
     # -- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -52,9 +59,13 @@ class Gateway:
             await upstream.start()
         if self.settings.coalesce.mode == "semantic":
             self.matcher = self._load_matcher()
+            if self.cache is not None:
+                self.similar = SimilarAnswers(self._new_index, self.settings.cache.max_entries)
 
     async def aclose(self) -> None:
         await self.group.aclose()
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
         for upstream in self.upstreams.values():
             await upstream.aclose()
         if self.matcher is not None and getattr(self.matcher, "embedder", None) is not None:
@@ -94,40 +105,80 @@ class Gateway:
         return mode
 
     # -- the data path -----------------------------------------------------------------
-    async def submit(self, req: ChatRequest, identity: Identity, mode: str) -> Ticket:
-        """Join the flight that answers `req`, or lead a new one. Never waits for a window."""
+    async def submit(
+        self, req: ChatRequest, identity: Identity, mode: str, *, read_cache: bool = True, write_cache: bool = True
+    ) -> Ticket:
+        """Answer `req` from a flight in progress, the cache, or a new flight that it leads.
+
+        Never waits for a window: the first request of a flight starts the upstream call at
+        once (in semantic mode, after its own embedding).
+        """
         route, upstream = self.route(req.model)
         assign_keys(req, identity.tenant, route.upstream)
         options = CallOptions(client_key=identity.client_key)
+        store = write_cache and self.cache is not None and mode != "off"
 
         async def work(flight: Flight) -> None:
             await self._call(route, req.body, options, flight)
+            if store:
+                self._spawn(self._store(flight))
 
         if mode == "off":
-            flight = self.group.lead([req.key], work, shared=False)
-            return self._ticket(flight, "bypass", upstream)
+            return self._ticket(self.group.lead([req.key], work, shared=False), "bypass", upstream)
 
+        semantic = mode == "semantic" and req.final_text is not None
         keys = [req.key]
-        flight = self.group.get(keys)
-        if flight is None and mode == "semantic" and req.final_text is not None:
-            keys.append(digest(b"norm", req.group.encode(), self.matcher.normalize(req.final_text).encode()))
-            flight = self.group.get(keys[1:])
-            if flight is None:
-                probe = await self.matcher.probe(req.final_text)
-                # The embedding took a moment: an equal request may have started meanwhile.
-                flight = self.group.get(keys)
-                if flight is None and probe.vector is not None:
-                    found = self.group.find_similar(req.group, probe)
-                    if found is not None:
-                        flight, score = found
-                        self.metrics.similarity.observe(score)
-                        return self._ticket(self.group.join(flight), "follower", upstream, score)
-                if flight is None:
-                    flight = self.group.lead(keys, work, group=req.group, probe=probe)
-                    return self._ticket(flight, "leader", upstream)
-        if flight is not None:
+        if semantic:
+            normalized = self.matcher.normalize(req.final_text)
+            keys.append(digest(b"norm", req.group.encode(), normalized.encode()))
+        if (flight := self.group.get(keys)) is not None:
             return self._ticket(self.group.join(flight), "follower", upstream)
-        return self._ticket(self.group.lead(keys, work), "leader", upstream)
+        if read_cache and self.cache is not None:
+            for key in keys:
+                if (chunks := await self.cache.get(key)) is not None:
+                    return self._cached(keys, chunks, upstream)
+        probe = None
+        if semantic:
+            probe = await self.matcher.probe(req.final_text)
+            if probe.vector is not None and (flight := self.group.get(keys)) is None:
+                if (found := self.group.find_similar(req.group, probe)) is not None:
+                    flight, score = found
+                    self.metrics.similarity.observe(score)
+                    return self._ticket(self.group.join(flight), "follower", upstream, score)
+                if read_cache and self.similar is not None:
+                    if (hit := self.similar.best(req.group, probe)) is not None:
+                        key, score = hit
+                        if (chunks := await self.cache.get(key)) is not None:
+                            return self._cached(keys, chunks, upstream, score)
+                        self.similar.discard(req.group, key)
+        # Anything above may have awaited: an equal request may have started meanwhile.
+        if (flight := self.group.get(keys)) is not None:
+            return self._ticket(self.group.join(flight), "follower", upstream)
+        flight = self.group.lead(keys, work, group=req.group if probe else None, probe=probe)
+        if probe is not None:
+            flight.memo["probe"] = probe
+        return self._ticket(flight, "leader", upstream)
+
+    def _cached(self, keys: list[str], chunks: list[dict], upstream: Upstream, score: float | None = None) -> Ticket:
+        flight = Flight.completed(keys, [Chunk(c) for c in chunks])
+        flight.memo["upstream"] = "cache"
+        return self._ticket(flight, "cache", upstream, score)
+
+    async def _store(self, flight: Flight) -> None:
+        """Keep a cleanly finished flight's answer for later identical (or similar) requests."""
+        chunks = [c.data for c in flight.chunks]
+        ttl = self.settings.cache.ttl_seconds
+        for key in flight.keys:
+            await self.cache.put(key, chunks, ttl)
+        probe = flight.memo.get("probe")
+        if self.similar is not None and probe is not None and probe.vector is not None:
+            self.similar.add(flight.group, flight.keys[0], probe, ttl)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        task.add_done_callback(_log_failure)
 
     def _ticket(self, flight: Flight, role: str, upstream: Upstream, similarity: float | None = None) -> Ticket:
         self.metrics.requests.labels(role).inc()
@@ -153,3 +204,8 @@ class Gateway:
             raise
         finally:
             m.upstream_latency.labels(route.upstream).observe(time.perf_counter() - started)
+
+
+def _log_failure(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("background task failed: %s", type(task.exception()).__name__, exc_info=task.exception())

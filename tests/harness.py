@@ -20,6 +20,7 @@ def herd_settings(upstream_url: str, **sections: Any) -> Settings:
     data: dict[str, Any] = {
         "upstreams": {"sim": {"kind": "openai", "base_url": upstream_url + "/v1"}},
         "routes": [{"model": "*", "upstream": "sim"}],
+        "cache": {"enabled": False},  # tests of coalescing must not be answered from the cache
     }
     for name, table in sections.items():
         if isinstance(table, dict) and isinstance(data.get(name), dict):

@@ -1,0 +1,109 @@
+"""The result cache (memory backend) through herd, with the official openai SDK."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import openai
+import pytest
+
+from benchmarks.simulator import expected_text
+from proxy.cache import MemoryCache
+from tests.harness import HerdServer, chat_calls, herd_settings, sim_faults, sim_reset
+
+
+def user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+@pytest.fixture(scope="module")
+def cached_herd(sim):
+    with HerdServer(herd_settings(sim.url, cache={"enabled": True, "ttl_seconds": 1.0})) as h:
+        yield h
+
+
+def ask(herd, text: str, key: str = "sk-a", **kw):
+    c = openai.OpenAI(base_url=herd.url + "/v1", api_key=key, max_retries=0)
+    return c.chat.completions.with_raw_response.create(model="m", messages=user(text), **kw)
+
+
+def test_hit_within_ttl_and_miss_after(cached_herd, sim):
+    first = ask(cached_herd, "cache me")
+    second = ask(cached_herd, "cache me")
+    assert first.headers["x-herd"] == "leader" and second.headers["x-herd"] == "cache"
+    assert second.parse().choices[0].message.content == expected_text({"messages": user("cache me")})
+    assert chat_calls(sim.url) == 1
+    time.sleep(1.2)
+    assert ask(cached_herd, "cache me").headers["x-herd"] == "leader"
+    assert chat_calls(sim.url) == 2
+
+
+def test_cache_is_per_tenant(cached_herd, sim):
+    ask(cached_herd, "tenant cache", key="sk-a")
+    other = ask(cached_herd, "tenant cache", key="sk-b")
+    assert other.headers["x-herd"] == "leader"
+    assert chat_calls(sim.url) == 2
+
+
+def test_errors_and_cut_streams_are_not_cached(cached_herd, sim):
+    sim_faults(sim.url, {"kind": "status", "status": 500, "match": "failing"})
+    with pytest.raises(openai.InternalServerError):
+        ask(cached_herd, "failing")
+    assert ask(cached_herd, "failing").headers["x-herd"] == "leader"
+    assert chat_calls(sim.url) == 2
+    sim_reset(sim.url, reply_tokens=8)  # counters start again
+    sim_faults(sim.url, {"kind": "reset", "after_chunks": 3, "match": "cut"})
+    with pytest.raises(openai.APIError):
+        ask(cached_herd, "cut")
+    assert ask(cached_herd, "cut").headers["x-herd"] == "leader"
+    assert chat_calls(sim.url) == 2
+
+
+def test_cached_answer_replays_as_a_stream_of_chunks(cached_herd, sim):
+    sim_reset(sim.url, reply_tokens=12)
+    ask(cached_herd, "replay me")
+    c = openai.OpenAI(base_url=cached_herd.url + "/v1", api_key="sk-a", max_retries=0)
+    raw = c.chat.completions.with_raw_response.create(
+        model="m", messages=user("replay me"), stream=True, stream_options={"include_usage": True}
+    )
+    assert raw.headers["x-herd"] == "cache"
+    chunks = list(raw.parse())
+    text_chunks = [ch for ch in chunks if ch.choices and ch.choices[0].delta.content]
+    assert len(text_chunks) == 12  # one chunk a token, not one blob
+    assert "".join(ch.choices[0].delta.content for ch in text_chunks) == expected_text(
+        {"messages": user("replay me")}, {"reply_tokens": 12}
+    )
+    assert chunks[-1].usage is not None
+    assert chat_calls(sim.url) == 1
+
+
+def test_cache_control_no_cache_and_no_store(cached_herd, sim):
+    ask(cached_herd, "directives")
+    fresh = httpx.post(cached_herd.url + "/v1/chat/completions", json={"model": "m", "messages": user("directives")},
+                       headers={"authorization": "Bearer sk-a", "cache-control": "no-cache"})
+    assert fresh.headers["x-herd"] == "leader"
+    httpx.post(cached_herd.url + "/v1/chat/completions", json={"model": "m", "messages": user("not kept")},
+               headers={"authorization": "Bearer sk-a", "cache-control": "no-store"})
+    assert ask(cached_herd, "not kept").headers["x-herd"] == "leader"
+    assert chat_calls(sim.url) == 4
+
+
+def test_bypass_neither_reads_nor_writes_the_cache(cached_herd, sim):
+    ask(cached_herd, "bypassing")
+    r = httpx.post(cached_herd.url + "/v1/chat/completions", json={"model": "m", "messages": user("bypassing")},
+                   headers={"authorization": "Bearer sk-a", "x-herd-coalesce": "off"})
+    assert r.headers["x-herd"] == "bypass"
+    assert chat_calls(sim.url) == 2
+
+
+async def test_memory_cache_is_a_bounded_lru_with_expiry():
+    now = [0.0]
+    cache = MemoryCache(max_entries=2, clock=lambda: now[0])
+    await cache.put("a", [{"x": 1}], ttl_s=10)
+    await cache.put("b", [{"x": 2}], ttl_s=10)
+    assert await cache.get("a") == [{"x": 1}]  # a is now the most recent
+    await cache.put("c", [{"x": 3}], ttl_s=10)
+    assert await cache.get("b") is None and await cache.get("a") is not None and len(cache) == 2
+    now[0] = 11
+    assert await cache.get("a") is None and await cache.get("c") is None
