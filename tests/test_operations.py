@@ -1,0 +1,114 @@
+"""Running herd like a real service: the `herd` command, SIGTERM, JSON logs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+
+from benchmarks.simulator import expected_text
+from tests.harness import chat_calls, sim_reset
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_herd(tmp_path, sim_url: str, extra: str = "") -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    config = tmp_path / "herd.toml"
+    config.write_text(
+        f"""
+[server]
+port = {port}
+shutdown_grace_s = 10
+[auth]
+mode = "open"
+[upstreams.sim]
+base_url = "{sim_url}/v1"
+[cache]
+enabled = false
+{extra}
+"""
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "serve", "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("herd did not start: " + proc.stderr.read())
+
+
+def test_sigterm_finishes_flights_in_progress_then_exits(tmp_path, sim):
+    sim_reset(sim.url, ttft_ms=1500)
+    proc, url = start_herd(tmp_path, sim.url)
+    body = {"model": "m", "messages": [{"role": "user", "content": "finish me"}]}
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(httpx.post, url + "/v1/chat/completions", json=body, timeout=30) for _ in range(8)]
+        time.sleep(0.7)  # the flight is in progress
+        proc.send_signal(signal.SIGTERM)
+        responses = [f.result() for f in futures]
+    assert [r.status_code for r in responses] == [200] * 8
+    assert {r.json()["choices"][0]["message"]["content"] for r in responses} == {
+        expected_text({"messages": body["messages"]})
+    }
+    # uvicorn re-raises the signal once it has shut down cleanly, as a process killed by it would
+    assert proc.wait(timeout=15) in (0, -signal.SIGTERM)
+    assert "Finished server process" in proc.stderr.read()
+    assert chat_calls(sim.url) == 1
+    # after SIGTERM, no new connections are accepted
+    try:
+        httpx.get(url + "/healthz", timeout=1)
+        accepted = True
+    except httpx.HTTPError:
+        accepted = False
+    assert not accepted
+
+
+def test_logs_are_json_lines_without_secrets(tmp_path, sim):
+    proc, url = start_herd(tmp_path, sim.url, extra='[upstreams.broken]\nbase_url = "http://127.0.0.1:9/v1"\n'
+                           '[[routes]]\nmodel = "broken-*"\nupstream = "broken"\n[[routes]]\nmodel = "*"\nupstream = "sim"\n')
+    secret = "sk-very-secret-key-123"
+    headers = {"authorization": f"Bearer {secret}"}
+    httpx.post(url + "/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+               headers=headers, timeout=10)
+    r = httpx.post(url + "/v1/chat/completions",
+                   json={"model": "broken-1", "messages": [{"role": "user", "content": "hi"}]}, headers=headers,
+                   timeout=30)
+    assert r.status_code == 502 and secret not in r.text
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=15)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines, "herd logged nothing"
+    entries = [json.loads(line) for line in lines]  # every line is one JSON object
+    assert all({"ts", "level", "logger", "msg"} <= set(e) for e in entries)
+    assert secret not in err
+
+
+def test_bad_config_exits_with_a_clear_message(tmp_path):
+    config = tmp_path / "bad.toml"
+    config.write_text('[upstreams.x]\nbase_url = "http://x/v1"\n[coalesce]\nmode = "maybe"\n')
+    result = subprocess.run([sys.executable, "-m", "proxy", "serve", "--config", str(config)],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "coalesce.mode" in result.stderr and "Traceback" not in result.stderr
