@@ -8,7 +8,6 @@ the upstream call goes on for the others.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -46,20 +45,30 @@ async def _wait_disconnect(receive: Receive) -> None:
 
 
 async def until_disconnect(work: Awaitable[None], receive: Receive) -> bool:
-    """Run `work` until it ends or the client disconnects; True if it ended."""
-    task = asyncio.ensure_future(work)
-    watch = asyncio.ensure_future(_wait_disconnect(receive))
+    """Run `work` in this task until it ends or the client disconnects; True if it ended.
+
+    A watcher task waits for the disconnect and cancels this task; `work` itself runs
+    here, so a request costs one extra task, not two.
+    """
+    this = asyncio.current_task()
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        await _wait_disconnect(receive)
+        gone = True
+        this.cancel()
+
+    watcher = asyncio.ensure_future(watch())
     try:
-        await asyncio.wait((task, watch), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        watch.cancel()
-    if task.cancelled():
+        await work
+    except asyncio.CancelledError:
+        if not gone:
+            raise
+        this.uncancel()
         return False
-    task.result()
+    finally:
+        watcher.cancel()
     return True
 
 
