@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from typing import Any
@@ -102,3 +105,46 @@ def sim_faults(sim_url: str, *faults: dict) -> None:
 
 def chat_calls(sim_url: str) -> int:
     return sim_stats(sim_url)["by_path"].get("/v1/chat/completions", 0)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_herd(tmp_path, sim_url: str, extra: str = "") -> tuple[subprocess.Popen, str]:
+    """herd as a real process (`python -m proxy serve`) on a free port; returns (process, url)."""
+    port = free_port()
+    config = tmp_path / "herd.toml"
+    config.write_text(
+        f"""
+[server]
+port = {port}
+shutdown_grace_s = 10
+[auth]
+mode = "open"
+[upstreams.sim]
+base_url = "{sim_url}/v1"
+[cache]
+enabled = false
+{extra}
+"""
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "serve", "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("herd did not start: " + proc.stderr.read())

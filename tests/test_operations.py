@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,49 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 
 from benchmarks.simulator import expected_text
-from tests.harness import chat_calls, sim_reset
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_herd(tmp_path, sim_url: str, extra: str = "") -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    config = tmp_path / "herd.toml"
-    config.write_text(
-        f"""
-[server]
-port = {port}
-shutdown_grace_s = 10
-[auth]
-mode = "open"
-[upstreams.sim]
-base_url = "{sim_url}/v1"
-[cache]
-enabled = false
-{extra}
-"""
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "serve", "--config", str(config)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("herd did not start: " + proc.stderr.read())
+from tests.harness import chat_calls, sim_reset, start_herd
 
 
 def test_sigterm_finishes_flights_in_progress_then_exits(tmp_path, sim):
