@@ -47,14 +47,35 @@ class AuthConfig:
 class UpstreamConfig:
     name: str = ""
     kind: str = "openai"  # openai | anthropic | vllm
-    base_url: str = ""
-    api_key: str = ""  # empty: forward the client's own key
+    base_url: str = ""  # openai, vllm: ends in /v1; anthropic: no /v1 (the SDK adds it)
+    api_key: str = field(default="", repr=False)  # empty: forward the client's own key
     connect_timeout_s: float = 10.0
     first_byte_timeout_s: float = 120.0
     idle_timeout_s: float = 60.0
     total_timeout_s: float = 600.0
     max_connections: int = 1000
     headers: dict[str, str] = field(default_factory=dict)
+    # resilience (proxy.resilience): every call of a flight goes through these
+    retries: int = 2  # extra tries of a retryable failure (connect, 408/409/429/5xx), never mid-stream
+    backoff_base_s: float = 0.5  # try k waits uniform(0, min(backoff_max_s, backoff_base_s * 2**k))
+    backoff_max_s: float = 8.0  # also the longest Retry-After herd waits for; longer: fail over at once
+    circuit_failures: int = 5  # consecutive failed calls that open the circuit; 0: no breaker
+    circuit_reset_s: float = 30.0  # open this long, then one trial call (half-open)
+    requests_per_minute: float = 0.0  # token bucket shared by all flights; 0: unlimited
+    tokens_per_minute: float = 0.0  # prompt + max_tokens reserved, settled with the usage; 0: unlimited
+    rate_limit_burst_s: float = 10.0  # a bucket holds this many seconds' worth of its rate
+    rate_limit_wait_s: float = 10.0  # longest wait for the bucket; longer: 429 with Retry-After
+    # anthropic
+    default_max_tokens: int = 4096  # Anthropic needs max_tokens; used when the client sends none
+    # vllm: adaptive concurrency from the backend's own /metrics, with a bounded queue in herd
+    metrics_url: str = ""  # empty: base_url without /v1, plus /metrics
+    max_concurrency: int = 64
+    min_concurrency: int = 1
+    kv_cache_high: float = 0.9  # at or above this KV-cache usage the limit halves
+    waiting_high: int = 1  # this many requests waiting inside vLLM also halves it
+    queue_size: int = 100  # calls waiting in herd for a slot; more get 503 + Retry-After
+    queue_timeout_s: float = 30.0  # longest wait in that queue; longer gets 503 + Retry-After
+    poll_interval_s: float = 1.0  # how often /metrics is read
 
 
 @dataclass
@@ -62,9 +83,21 @@ class RouteConfig:
     model: str = "*"  # glob on the requested model; first match wins
     upstream: str = ""
     model_rewrite: str = ""  # send this model name upstream instead of the client's
+    fallbacks: list[str] = field(default_factory=list)  # upstreams tried in order when this one fails
+    fallback_models: dict[str, str] = field(default_factory=dict)  # model name sent to each fallback
 
     def matches(self, model: str) -> bool:
         return fnmatch.fnmatchcase(model, self.model)
+
+
+@dataclass
+class TokensConfig:
+    """Pre-flight prompt token counting (proxy.tokens)."""
+
+    check_context: bool = True  # refuse a prompt over its model's context window before any call
+    context_windows: dict[str, int] = field(default_factory=dict)  # model glob -> tokens; added to the built-in table
+    default_context_window: int = 0  # models in no table; 0: not checked
+    encoding: str = "cl100k_base"  # counts models whose own encoding is not available locally (an estimate)
 
 
 @dataclass
@@ -82,6 +115,7 @@ class CacheConfig:
     enabled: bool = True
     ttl_seconds: float = 300.0
     max_entries: int = 10_000  # memory backend: least recently used answers go first
+    backend: str = "auto"  # auto: redis when [redis] url is set, else memory | memory | redis
 
 
 @dataclass
@@ -92,6 +126,38 @@ class RedisConfig:
     lease_s: float = 3.0  # a flight leader's lease, renewed while it runs
     key_prefix: str = "herd"
     retry_after_s: float = 2.0  # after trouble, local-only until this much time has passed
+    share_flights: bool = True  # coalesce across replicas (false: share only the result cache)
+
+
+def _validate_redis(s: "Settings") -> None:
+    """[redis] and the cache backend (proxy.shared, proxy.redis_cache)."""
+    r, c = s.redis, s.cache
+    if c.backend not in ("auto", "memory", "redis"):
+        raise ConfigError(f"cache.backend must be auto, memory or redis, got {c.backend!r}")
+    if c.backend == "redis" and not r.url:
+        raise ConfigError('cache.backend = "redis" needs [redis] url')
+    if c.ttl_seconds <= 0 or c.max_entries < 1:
+        raise ConfigError("cache.ttl_seconds must be > 0 and cache.max_entries >= 1")
+    if r.url and not r.url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError("redis.url must start with redis://, rediss:// or unix://")
+    if r.cluster and r.url.startswith("unix://"):
+        raise ConfigError("redis.cluster needs a redis:// or rediss:// url")
+    for key in ("timeout_s", "lease_s", "retry_after_s"):
+        if getattr(r, key) <= 0:
+            raise ConfigError(f"redis.{key} must be > 0")
+    if r.lease_s < 3 * r.timeout_s:
+        raise ConfigError(f"redis.lease_s must be at least 3 x redis.timeout_s ({3 * r.timeout_s:g}s): "
+                          "the lease is renewed every lease_s / 3")
+    if not r.key_prefix or any(ch in r.key_prefix for ch in "{} "):
+        raise ConfigError("redis.key_prefix must be non-empty, without braces or spaces")
+
+
+@dataclass
+class MetricsConfig:
+    # USD per million tokens, by model glob: {"gpt-4o-mini*" = {input = 0.15, output = 0.60}}
+    prices: dict[str, dict[str, float]] = field(default_factory=dict)
+    tenant_labels: bool = False  # spend/savings per tenant (hashed ids), capped below
+    max_tenant_labels: int = 50  # tenants past this count are labelled "other"
 
 
 @dataclass
@@ -100,9 +166,11 @@ class Settings:
     auth: AuthConfig = field(default_factory=AuthConfig)
     upstreams: dict[str, UpstreamConfig] = field(default_factory=dict)
     routes: list[RouteConfig] = field(default_factory=list)
+    tokens: TokensConfig = field(default_factory=TokensConfig)
     coalesce: CoalesceConfig = field(default_factory=CoalesceConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     source: str = "<defaults>"
 
     def route_for(self, model: str) -> RouteConfig | None:
@@ -210,6 +278,8 @@ SECTIONS: dict[str, type] = {
     "coalesce": CoalesceConfig,
     "cache": CacheConfig,
     "redis": RedisConfig,
+    "metrics": MetricsConfig,
+    "tokens": TokensConfig,
 }
 
 
@@ -235,6 +305,41 @@ def parse_settings(data: dict, env: typing.Mapping[str, str] | None = None, sour
     settings.routes = [build_section(RouteConfig, r, f"routes[{i}]") for i, r in enumerate(routes)]
     validate(settings)
     return settings
+
+
+def _validate_resilience(s: Settings) -> None:
+    """Retries, circuit, rate limits and capacity per upstream; fallbacks per route; [tokens]."""
+
+    def check(ok: bool, where: str, rule: str) -> None:
+        if not ok:
+            raise ConfigError(f"{where} {rule}")
+
+    for name, up in s.upstreams.items():
+        at = f"upstreams.{name}."
+        for key in ("retries", "circuit_failures", "queue_size"):
+            check(getattr(up, key) >= 0, at + key, "must be >= 0")
+        for key in ("backoff_base_s", "backoff_max_s", "requests_per_minute", "tokens_per_minute", "rate_limit_wait_s"):
+            check(getattr(up, key) >= 0, at + key, "must be >= 0")
+        for key in ("circuit_reset_s", "rate_limit_burst_s", "queue_timeout_s", "poll_interval_s"):
+            check(getattr(up, key) > 0, at + key, "must be > 0")
+        check(up.default_max_tokens >= 1, at + "default_max_tokens", "must be >= 1")
+        check(1 <= up.min_concurrency <= up.max_concurrency, at + "min_concurrency",
+              f"must be between 1 and max_concurrency ({up.max_concurrency})")
+        check(0 < up.kv_cache_high <= 1, at + "kv_cache_high", "must be in (0, 1]")
+        check(up.waiting_high >= 1, at + "waiting_high", "must be >= 1")
+        check(not up.metrics_url or up.metrics_url.startswith(("http://", "https://")), at + "metrics_url",
+              "must be an http(s) URL")
+    for i, route in enumerate(s.routes):
+        at = f"routes[{i}]."
+        for fb in route.fallbacks:
+            check(fb in s.upstreams, at + "fallbacks", f"names {fb!r}, which is not a configured upstream")
+            check(fb != route.upstream, at + "fallbacks", f"names the route's own upstream {fb!r}")
+        check(len(set(route.fallbacks)) == len(route.fallbacks), at + "fallbacks", "names an upstream twice")
+        for fb in route.fallback_models:
+            check(fb in route.fallbacks, at + "fallback_models", f"has {fb!r}, which is not in this route's fallbacks")
+    for pattern, window in s.tokens.context_windows.items():
+        check(window >= 0, f"tokens.context_windows.{pattern}", "must be >= 0")
+    check(s.tokens.default_context_window >= 0, "tokens.default_context_window", "must be >= 0")
 
 
 def validate(s: Settings) -> None:
@@ -280,6 +385,8 @@ def validate(s: Settings) -> None:
         raise ConfigError('auth.mode = "keys" needs at least one [[auth.keys]] entry')
     if s.server.max_body_bytes <= 0 or s.server.request_timeout_s <= 0:
         raise ConfigError("server.max_body_bytes and server.request_timeout_s must be > 0")
+    _validate_resilience(s)
+    _validate_redis(s)
 
 
 def load_settings(path: str | os.PathLike | None = None, env: typing.Mapping[str, str] | None = None) -> Settings:

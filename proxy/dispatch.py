@@ -1,18 +1,53 @@
-"""Dispatch: the one upstream call of a flight, through its route.
+"""Dispatch: the one upstream call of a flight, and everything that protects it.
 
-The gateway hands a flight's request to `Dispatcher.stream`, which picks the route's
-upstream and yields OpenAI chunks. `served_by` is told the name of the upstream that
-actually answers, before its first chunk.
+Every waiter of a flight depends on this call, so `Dispatcher.stream` gives it every chance:
+
+    pre-flight   count the prompt's tokens; over the model's context window -> 400 at once
+    per try      rate limits (wait, or 429) -> circuit breaker (or 503) -> the adapter's call
+                 (its own timeouts; a vLLM backend's capacity queue)
+    retries      retryable failures only, with backoff and full jitter, honouring Retry-After,
+                 and never once a chunk has gone to the flight
+    fallbacks    the route's `fallbacks`, in order, each with its own model name and its own
+                 retries, when the primary still fails or is shut off (circuit, rate, capacity)
+
+`served_by` is told the name of the upstream that answers, just before its first chunk.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 from collections.abc import AsyncIterator, Callable
 
 from proxy.chunks import Chunk
 from proxy.config import RouteConfig, Settings
+from proxy.errors import (
+    HerdError,
+    InvalidRequest,
+    Overloaded,
+    UpstreamError,
+    is_retryable,
+)
 from proxy.metrics import Metrics
+from proxy.resilience import CircuitBreaker, Guard, RateLimited
+from proxy.tokens import TokenCount, TokenCounter
 from proxy.upstream import CallOptions, Upstream
+
+log = logging.getLogger("herd.dispatch")
+
+# Prompts with more text than this are counted in a thread, off the event loop.
+COUNT_INLINE_MAX_CHARS = 50_000
+CIRCUIT_GAUGE = {
+    CircuitBreaker.CLOSED: 0,
+    CircuitBreaker.HALF_OPEN: 1,
+    CircuitBreaker.OPEN: 2,
+}
+
+
+def may_fall_back(error: HerdError) -> bool:
+    """A failure another upstream might not have: it failed after its retries, or herd shut it off."""
+    return isinstance(error, (Overloaded, RateLimited)) or is_retryable(error)
 
 
 class Dispatcher:
@@ -20,17 +55,142 @@ class Dispatcher:
         self.settings = settings
         self.upstreams = upstreams
         self.metrics = metrics
+        self.guards = {name: Guard(upstream.cfg) for name, upstream in upstreams.items()}
+        self.tokens = TokenCounter(settings.tokens)
+        self._watch_gauges()
+
+    def _watch_gauges(self) -> None:
+        m = self.metrics
+        for name, guard in self.guards.items():
+            m.circuit_state.labels(name).set_function(lambda c=guard.circuit: CIRCUIT_GAUGE[c.state])
+            capacity = getattr(self.upstreams[name], "capacity", None)
+            if capacity is not None:
+                m.concurrency_limit.labels(name).set_function(lambda c=capacity: c.limit)
+                m.concurrency.labels(name).set_function(lambda c=capacity: c.active)
+                m.queue_depth.labels(name).set_function(lambda c=capacity: c.queued)
+
+    def plan(self, route: RouteConfig, model: str) -> list[tuple[str, str]]:
+        """(upstream, model sent to it) for the primary, then each fallback."""
+        primary = route.model_rewrite or model
+        return [(route.upstream, primary)] + [(fb, route.fallback_models.get(fb, primary)) for fb in route.fallbacks]
 
     async def stream(
-        self, route: RouteConfig, body: dict, options: CallOptions, served_by: Callable[[str], None]
+        self,
+        route: RouteConfig,
+        body: dict,
+        options: CallOptions,
+        served_by: Callable[[str], None],
     ) -> AsyncIterator[Chunk]:
-        upstream = self.upstreams[route.upstream]
-        if route.model_rewrite:
-            body = dict(body, model=route.model_rewrite)
-        self.metrics.upstream_calls.labels(upstream.name).inc()
-        first = True
-        async for chunk in upstream.chat(body, options):
-            if first:
-                served_by(upstream.name)
-                first = False
-            yield chunk
+        failure: HerdError | None = None  # why the last upstream tried could not answer
+        plan = self.plan(route, body["model"])
+        for position, (name, model) in enumerate(plan):
+            target = body if model == body["model"] else dict(body, model=model)
+            if position:
+                self.metrics.upstream_fallbacks.labels(plan[0][0], name).inc()
+                log.warning("falling back to upstream %s (%s)", name, type(failure).__name__)
+            started = False
+            try:
+                count = await self._preflight(name, target)
+                async with contextlib.aclosing(self._tries(name, target, options, count)) as chunks:
+                    async for chunk in chunks:
+                        if not started:
+                            served_by(name)
+                            started = True
+                        yield chunk
+                return
+            except HerdError as error:
+                if started:
+                    raise  # waiters may have the first chunks: no other answer can follow them
+                if position == 0:
+                    if not (route.fallbacks and may_fall_back(error)):
+                        raise
+                    failure = error
+                elif not isinstance(error, InvalidRequest):
+                    failure = error  # a fallback that cannot take the request keeps the earlier error
+        assert failure is not None
+        raise failure
+
+    async def _preflight(self, name: str, body: dict) -> TokenCount | None:
+        """The prompt's token count when a check or a limit needs it; 400 if over the context window."""
+        model = body["model"]
+        window = self.tokens.context_window(model) if self.settings.tokens.check_context else 0
+        if not self.guards[name].limits.counts_tokens and not (window and self.tokens.may_exceed(body, window)):
+            return None
+        if _text_size(body) > COUNT_INLINE_MAX_CHARS:
+            count = await asyncio.to_thread(self.tokens.count, body, model)
+        else:
+            count = self.tokens.count(body, model)
+        if window:
+            self.tokens.check(count, model)
+        return count
+
+    async def _tries(
+        self, name: str, body: dict, options: CallOptions, count: TokenCount | None
+    ) -> AsyncIterator[Chunk]:
+        """One upstream's answer, tried again on retryable failures until a chunk has gone out."""
+        upstream, guard, m = self.upstreams[name], self.guards[name], self.metrics
+        want = 0
+        if count is not None:
+            want = count.tokens + (body.get("max_completion_tokens") or body.get("max_tokens") or 0)
+        attempt = 0
+        while True:
+            try:
+                permit = await guard.limits.acquire(want)
+            except RateLimited:
+                m.rate_limited.labels(name).inc()
+                raise
+            if permit.waited_s:
+                m.rate_limit_wait.labels(name).observe(permit.waited_s)
+            try:
+                guard.circuit.enter(name)
+            except HerdError:
+                guard.limits.settle(permit, 0)
+                raise
+            m.upstream_calls.labels(name).inc()
+            started, usage = False, None
+            try:
+                async with contextlib.aclosing(upstream.chat(body, options)) as chunks:
+                    async for chunk in chunks:
+                        started = True
+                        usage = chunk.data.get("usage") or usage
+                        yield chunk
+            except HerdError as error:
+                guard.circuit.record(error)
+                guard.limits.settle(permit, 0 if not started else None)
+                delay = None if started else guard.retry.delay(attempt, error)
+                if delay is None:
+                    raise
+                m.upstream_retries.labels(name).inc()
+                log.info(
+                    "retrying upstream %s in %.2fs after %s",
+                    name,
+                    delay,
+                    _describe(error),
+                )
+                await asyncio.sleep(delay)
+                attempt += 1
+                continue
+            except BaseException:
+                guard.circuit.release()  # cancelled, or closed by the flight: no verdict
+                guard.limits.settle(permit, None)
+                raise
+            guard.circuit.success()
+            guard.limits.settle(permit, usage.get("total_tokens") if usage else None)
+            return
+
+
+def _text_size(body: dict) -> int:
+    size = 0
+    for message in body["messages"]:
+        content = message.get("content")
+        if isinstance(content, str):
+            size += len(content)
+        elif isinstance(content, list):
+            size += sum(len(part.get("text") or "") for part in content if isinstance(part, dict))
+    return size
+
+
+def _describe(error: HerdError) -> str:
+    if isinstance(error, UpstreamError):
+        return f"HTTP {error.status}"
+    return type(error).__name__

@@ -32,8 +32,57 @@ class Metrics:
             buckets=(0.8, 0.85, 0.9, 0.92, 0.94, 0.96, 0.98, 0.99, 1.0),
             registry=r,
         )
+        self.tokens = Counter(
+            "herd_tokens", "Tokens by model, kind (prompt|completion) and whether herd spent or saved them",
+            ["model", "kind", "outcome"], registry=r,
+        )
+        self.dollars = Counter(
+            "herd_dollars", "Estimated USD by model, spent upstream or saved by herd ([metrics] prices)",
+            ["model", "outcome"], registry=r,
+        )
+        self.tenant_dollars = Counter(
+            "herd_tenant_dollars", "Estimated USD by hashed tenant ([metrics] tenant_labels)",
+            ["tenant", "outcome"], registry=r,
+        )
+        self.coalesce_ratio_gauge = Gauge(
+            "herd_coalesce_ratio", "Share of served requests that needed no upstream call of their own", registry=r
+        )
         for outcome in OUTCOMES:
             self.requests.labels(outcome)
+        # resilience and capacity (proxy.dispatch, proxy.resilience, proxy.upstream.vllm)
+        self.upstream_retries = Counter(
+            "herd_upstream_retries", "Upstream calls tried again after a retryable failure", ["upstream"], registry=r
+        )
+        self.upstream_fallbacks = Counter(
+            "herd_upstream_fallbacks", "Flights handed to a fallback upstream", ["upstream", "fallback"], registry=r
+        )
+        self.circuit_state = Gauge(
+            "herd_circuit_state", "Circuit breaker per upstream: 0 closed, 1 half-open, 2 open", ["upstream"], registry=r
+        )
+        self.rate_limit_wait = Histogram(
+            "herd_rate_limit_wait_seconds", "Time calls waited for herd's own rate limits", ["upstream"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.rate_limited = Counter(
+            "herd_rate_limited", "Calls refused by herd's own rate limits (429)", ["upstream"], registry=r
+        )
+        self.concurrency_limit = Gauge(
+            "herd_upstream_concurrency_limit", "Adaptive concurrency limit of a GPU backend", ["upstream"], registry=r
+        )
+        self.concurrency = Gauge("herd_upstream_concurrency", "Calls running on a GPU backend", ["upstream"], registry=r)
+        self.queue_depth = Gauge(
+            "herd_upstream_queue_depth", "Calls queued in herd for a GPU backend's slot", ["upstream"], registry=r
+        )
+        # Redis (proxy.shared, proxy.redis_cache): present only with [redis] url
+        self.redis_up = Gauge(
+            "herd_redis_up", "1 while Redis answers; 0 while herd serves local-only", ["backend"], registry=r
+        )
+        self.redis_errors = Counter(
+            "herd_redis_errors", "Redis operations that failed or timed out, by kind", ["kind"], registry=r
+        )
+        self.shared_flights = Counter(
+            "herd_shared_flights", "Cross-replica flights by role (lead, follow, takeover)", ["role"], registry=r
+        )
 
     def coalesce_ratio(self) -> float:
         served = sum(self.requests.labels(o)._value.get() for o in ("leader", "follower", "cache", "bypass"))
@@ -41,4 +90,5 @@ class Metrics:
         return 1.0 - calls / served if served else 0.0
 
     def render(self) -> bytes:
+        self.coalesce_ratio_gauge.set(self.coalesce_ratio())
         return generate_latest(self.registry)

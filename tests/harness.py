@@ -21,7 +21,8 @@ from proxy.config import Settings, parse_settings
 def herd_settings(upstream_url: str, **sections: Any) -> Settings:
     """Settings for one OpenAI-compatible upstream at `upstream_url` (+ any sections to merge)."""
     data: dict[str, Any] = {
-        "upstreams": {"sim": {"kind": "openai", "base_url": upstream_url + "/v1"}},
+        # no retries by default: a test of the core sees each upstream failure as it happens
+        "upstreams": {"sim": {"kind": "openai", "base_url": upstream_url + "/v1", "retries": 0}},
         "routes": [{"model": "*", "upstream": "sim"}],
         "cache": {"enabled": False},  # tests of coalescing must not be answered from the cache
     }

@@ -10,8 +10,12 @@ __all__ = ["CallOptions", "ForwardResponse", "Upstream", "make_upstream"]
 
 
 def make_upstream(cfg: UpstreamConfig) -> Upstream:
-    if cfg.kind in ("openai", "vllm"):
+    if cfg.kind == "openai":
         return OpenAIUpstream(cfg)
+    if cfg.kind == "vllm":
+        from proxy.upstream.vllm import VLLMUpstream
+
+        return VLLMUpstream(cfg)
     if cfg.kind == "anthropic":
         from proxy.upstream.anthropic import AnthropicUpstream
 
