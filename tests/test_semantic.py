@@ -1,0 +1,170 @@
+"""Semantic coalescing end to end: paraphrases share a flight, near-misses never do."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.harness import HerdServer, chat_calls, herd_settings, sim_reset, start_herd
+
+
+@pytest.fixture(scope="module")
+def semantic_herd(sim):
+    settings = herd_settings(sim.url, coalesce={"mode": "semantic"}, server={"request_timeout_s": 30})
+    with HerdServer(settings) as h:
+        yield h
+
+
+def client(herd) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=herd.url + "/v1", api_key="sk-sem", max_retries=0, timeout=60)
+
+
+async def pair(herd, first: list[dict], second: list[dict], **kw):
+    """Send `first`, then `second` while the first is in flight; return both raw responses."""
+    c = client(herd)
+    a = asyncio.create_task(c.chat.completions.with_raw_response.create(model="m", messages=first, **kw))
+    await asyncio.sleep(0.3)
+    b = await c.chat.completions.with_raw_response.create(model="m", messages=second, **kw)
+    return await a, b
+
+
+def user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+PARAPHRASES = [
+    ("How do I reset my password?", "how can I reset my password"),
+    ("How can I change my email address?", "How do I update my email address?"),
+    ("Can I get a refund for my order?", "Is it possible to get my money back for my order?"),
+    ("How do I cancel my subscription?", "How can I cancel my subscription?"),
+]
+
+
+@pytest.mark.parametrize("a, b", PARAPHRASES)
+async def test_paraphrases_share_one_upstream_call(semantic_herd, sim, a, b):
+    sim_reset(sim.url, ttft_ms=1500)
+    first, second = await pair(semantic_herd, user(a), user(b))
+    assert chat_calls(sim.url) == 1
+    assert second.headers["x-herd"] == "follower"
+    assert float(second.headers["x-herd-similarity"]) > 0.5
+    assert second.parse().choices[0].message.content == first.parse().choices[0].message.content
+
+
+async def test_normalized_equal_prompts_merge_without_an_embedding(semantic_herd, sim):
+    sim_reset(sim.url, ttft_ms=1500)
+    batcher = semantic_herd.gateway.matcher.embedder
+    await pair(semantic_herd, user("Warm-up text that gets embedded"), user("Warm-up text that gets embedded"))
+
+    def embed_calls() -> int:
+        stats = semantic_herd.call(batcher.stats)
+        return stats["items"] + stats["cache_hits"] + stats["joined"]
+
+    before = embed_calls()
+    sim_reset(sim.url, ttft_ms=1500)
+    c = client(semantic_herd)
+    first = asyncio.create_task(c.chat.completions.create(model="m", messages=user("  What TIME is it in Tokyo?? ")))
+    await asyncio.sleep(0.3)
+    raw = await c.chat.completions.with_raw_response.create(model="m", messages=user("what time is it in tokyo"))
+    await first
+    assert raw.headers["x-herd"] == "follower" and chat_calls(sim.url) == 1
+    # the leader needed its embedding; the normalized-equal follower did not ask for one
+    assert embed_calls() - before == 1
+
+
+NEAR_MISSES = {
+    "dates": ("What's the weather in Paris today?", "What's the weather in Paris tomorrow?"),
+    "numbers": ("List the top 5 programming languages", "List the top 10 programming languages"),
+    "negation": ("Cancel my subscription", "Don't cancel my subscription"),
+    "polarity": ("Is the pharmacy open on Sundays?", "Is the pharmacy closed on Sundays?"),
+    "entities": ("What is the population of Germany?", "What is the population of Austria?"),
+    "format": ("Give me the list of planets as JSON", "Give me the list of planets as a table"),
+    "language": ("Translate 'good morning' into French", "Translate 'good morning' into Spanish"),
+    "identifiers": ("What is the status of order A-1234?", "What is the status of order A-1243?"),
+}
+
+
+@pytest.mark.parametrize("guard", sorted(NEAR_MISSES))
+async def test_near_misses_of_each_guard_class_make_two_calls(semantic_herd, sim, guard):
+    sim_reset(sim.url, ttft_ms=1000)
+    a, b = NEAR_MISSES[guard]
+    first, second = await pair(semantic_herd, user(a), user(b))
+    assert chat_calls(sim.url) == 2, guard
+    assert first.headers["x-herd"] == second.headers["x-herd"] == "leader"
+
+
+async def test_same_final_message_after_a_different_system_prompt_makes_two_calls(semantic_herd, sim):
+    sim_reset(sim.url, ttft_ms=1000)
+    q = user("How do I reset my password?")
+    await pair(semantic_herd, [{"role": "system", "content": "You support Acme Bank."}] + q,
+               [{"role": "system", "content": "You support Globex Telecom."}] + q)
+    assert chat_calls(sim.url) == 2
+
+
+async def test_same_final_message_after_different_history_makes_two_calls(semantic_herd, sim):
+    sim_reset(sim.url, ttft_ms=1000)
+    h1 = [{"role": "user", "content": "I have a Flixora plan."}, {"role": "assistant", "content": "OK."}]
+    h2 = [{"role": "user", "content": "I have a PulseFit membership."}, {"role": "assistant", "content": "OK."}]
+    await pair(semantic_herd, h1 + user("cancel it"), h2 + user("Cancel it."))
+    assert chat_calls(sim.url) == 2
+
+
+async def test_long_prompts_differing_only_at_the_end_make_two_calls(semantic_herd, sim):
+    sim_reset(sim.url, ttft_ms=1000)
+    body = " ".join(f"paragraph {i} says the same long thing about the report." for i in range(80))
+    await pair(semantic_herd, user(body + " Summarise it in English."), user(body + " Summarise it in English!"))
+    assert chat_calls(sim.url) == 2
+
+
+async def test_other_parameters_still_split_semantic_flights(semantic_herd, sim):
+    sim_reset(sim.url, ttft_ms=1000)
+    await pair(semantic_herd, user("How do I reset my password?"), user("how can I reset my password"))
+    assert chat_calls(sim.url) == 1
+    sim_reset(sim.url, ttft_ms=1000)
+    c = client(semantic_herd)
+    await asyncio.gather(
+        c.chat.completions.create(model="m", messages=user("How do I reset my password?"), temperature=0),
+        c.chat.completions.create(model="m", messages=user("how can I reset my password"), temperature=1),
+    )
+    assert chat_calls(sim.url) == 2
+
+
+def test_event_loop_stays_responsive_while_the_embedder_is_saturated(tmp_path, sim):
+    """herd runs as its own process here, so only its event loop is measured."""
+    sim_reset(sim.url, ttft_ms=50)
+    proc, url = start_herd(tmp_path, sim.url, extra='[coalesce]\nmode = "semantic"\n')
+    try:
+        texts = [f"Unique question number {i} about topic {i * 7919 % 1000} and item {i}" for i in range(300)]
+
+        async def load() -> list[int]:
+            async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=300)) as http:
+                rs = await asyncio.gather(*[
+                    http.post(url + "/v1/chat/completions", json={"model": "m", "messages": user(t)}) for t in texts
+                ])
+            return [r.status_code for r in rs]
+
+        timings: list[float] = []
+
+        def probe() -> None:
+            with httpx.Client(timeout=5) as http:
+                time.sleep(0.3)  # the embedder is busy by now
+                for _ in range(15):
+                    started = time.perf_counter()
+                    assert http.get(url + "/healthz").status_code == 200
+                    timings.append(time.perf_counter() - started)
+                    time.sleep(0.05)
+
+        prober = threading.Thread(target=probe)
+        prober.start()
+        statuses = asyncio.run(load())
+        prober.join()
+        assert statuses == [200] * len(texts)
+        assert len(timings) == 15
+        assert max(timings) < 0.05, f"a health check took {max(timings) * 1000:.1f} ms"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
