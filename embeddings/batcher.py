@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from embeddings.embedder import lower_thread_priority
+
 if TYPE_CHECKING:  # pragma: no cover
     from embeddings.embedder import Embedder
 
@@ -53,7 +55,9 @@ class BatchingEmbedder:
         self.max_batch = int(max_batch)
         self.cache_size = max(0, int(cache_size))
         self.workers = int(workers)
-        self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="herd-embed")
+        self._pool = ThreadPoolExecutor(
+            max_workers=self.workers, thread_name_prefix="herd-embed", initializer=lower_thread_priority
+        )
         self._cache: collections.OrderedDict[bytes, np.ndarray] = collections.OrderedDict()
         self._queue: collections.OrderedDict[bytes, _Pending] = collections.OrderedDict()
         self._inflight: dict[bytes, _Pending] = {}

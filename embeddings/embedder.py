@@ -132,10 +132,16 @@ class Embedder:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = max(0, int(intra_op_threads))
         opts.inter_op_num_threads = 1
+        # Idle ORT threads sleep instead of spinning on the CPU the event loop needs.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
-        self._session = ort.InferenceSession(self.model_path, sess_options=opts, providers=["CPUExecutionProvider"])
+        # ORT's worker threads inherit the niceness of the thread that creates the session:
+        # create it in a lowered thread, so inference yields the CPU to the event loop.
+        self._session = in_background_thread(
+            lambda: ort.InferenceSession(self.model_path, sess_options=opts, providers=["CPUExecutionProvider"])
+        )
         self._input_names = {i.name for i in self._session.get_inputs()}
         missing = {"input_ids", "attention_mask"} - self._input_names
         if missing:
@@ -198,3 +204,38 @@ class Embedder:
 
     def __repr__(self) -> str:
         return f"Embedder(model={self.model_path!r}, dim={self.dim}, max_tokens={self.max_tokens})"
+
+
+BACKGROUND_NICENESS = 10
+
+
+def lower_thread_priority(niceness: int = BACKGROUND_NICENESS) -> None:
+    """Make the calling thread (and the threads it starts) yield the CPU to others (Linux).
+
+    The event loop and the embedder share few cores; at a lower priority, inference
+    uses what the loop leaves, instead of delaying its callbacks. Elsewhere: a no-op.
+    """
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
+    except (AttributeError, OSError):
+        pass
+
+
+def in_background_thread(build):
+    """Run `build()` in a short-lived thread of lowered priority and return its result."""
+    box: list = []
+
+    def run() -> None:
+        lower_thread_priority()
+        try:
+            box.append((True, build()))
+        except BaseException as e:  # re-raised in the caller
+            box.append((False, e))
+
+    thread = threading.Thread(target=run, name="herd-embed-init")
+    thread.start()
+    thread.join()
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value

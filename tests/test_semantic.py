@@ -6,6 +6,7 @@ import asyncio
 import threading
 import time
 
+import aiohttp
 import httpx
 import openai
 import pytest
@@ -138,20 +139,25 @@ def test_event_loop_stays_responsive_while_the_embedder_is_saturated(tmp_path, s
     sim_reset(sim.url, ttft_ms=50)
     proc, url = start_herd(tmp_path, sim.url, extra='[coalesce]\nmode = "semantic"\n')
     try:
-        texts = [f"Unique question number {i} about topic {i * 7919 % 1000} and item {i}" for i in range(300)]
+        texts = [f"Unique question number {i} about topic {i * 7919 % 1000} and item {i}" for i in range(600)]
 
         async def load() -> list[int]:
-            async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=300)) as http:
-                rs = await asyncio.gather(*[
-                    http.post(url + "/v1/chat/completions", json={"model": "m", "messages": user(t)}) for t in texts
-                ])
-            return [r.status_code for r in rs]
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=200)) as http:
+
+                async def one(text: str) -> int:
+                    body = {"model": "m", "messages": user(text)}
+                    async with http.post(url + "/v1/chat/completions", json=body) as r:
+                        await r.read()
+                        return r.status
+
+                return await asyncio.gather(*[one(t) for t in texts])
 
         timings: list[float] = []
 
         def probe() -> None:
             with httpx.Client(timeout=5) as http:
-                time.sleep(0.3)  # the embedder is busy by now
+                http.get(url + "/healthz")  # connect first: only the answer is timed
+                time.sleep(0.5)  # the requests have arrived and the embedder is busy by now
                 for _ in range(15):
                     started = time.perf_counter()
                     assert http.get(url + "/healthz").status_code == 200
