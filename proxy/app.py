@@ -126,9 +126,13 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> Starlette:
         return JSONResponse({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
-        return JSONResponse(
-            {"status": "ready", "flights": len(gateway.group), "mode": settings.coalesce.mode}
-        )
+        body = {"status": "ready", "flights": len(gateway.group), "mode": settings.coalesce.mode}
+        if gateway.redis is not None:
+            # Still 200 while Redis is down: herd serves every request local-only meanwhile.
+            body["redis"] = "up" if gateway.redis.up else "down"
+            if not gateway.redis.up:
+                body["status"] = "degraded"
+        return JSONResponse(body)
 
     async def metrics(request: Request) -> Response:
         gateway.metrics.flights.set(len(gateway.group))

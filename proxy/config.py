@@ -142,6 +142,9 @@ def _validate_redis(s: "Settings") -> None:
         raise ConfigError("redis.url must start with redis://, rediss:// or unix://")
     if r.cluster and r.url.startswith("unix://"):
         raise ConfigError("redis.cluster needs a redis:// or rediss:// url")
+    if r.url and not s.auth.hash_key:
+        raise ConfigError("[redis] url needs [auth] hash_key, the same secret on every replica: "
+                          "tenant hashes (and so flight keys) must match across replicas")
     for key in ("timeout_s", "lease_s", "retry_after_s"):
         if getattr(r, key) <= 0:
             raise ConfigError(f"redis.{key} must be > 0")

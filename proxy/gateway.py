@@ -2,6 +2,8 @@
 
     request -> route -> scope and keys -> join a flight (exact, normalized, similar)
             -> or lead one: the upstream call runs in the flight's own task
+               (with [redis] url, that task first claims the flight across replicas:
+               it calls the upstream, or mirrors the flight another replica leads)
 
 The route layer (proxy.app) parses, authenticates and renders; everything in between
 lives here, so it can be driven and tested without a server.
@@ -24,6 +26,8 @@ from proxy.dispatch import Dispatcher
 from proxy.config import RouteConfig, Settings
 from proxy.errors import InvalidRequest, NotFound
 from proxy.metrics import Metrics
+from proxy.redis_cache import RedisCache
+from proxy.shared import Claim, RedisLink, SharedFlights
 from proxy.upstream import CallOptions, Upstream, make_upstream
 
 log = logging.getLogger("herd.gateway")
@@ -49,7 +53,16 @@ class Gateway:
         self.matcher = None  # set by start() in semantic mode
         self.group = Group(index_factory=self._new_index)
         cache = settings.cache
-        self.cache: AnswerCache | None = MemoryCache(cache.max_entries) if cache.enabled else None
+        # [redis] url: replicas share flights and (by default) the result cache through Redis
+        self.redis: RedisLink | None = RedisLink(settings.redis, self.metrics) if settings.redis.url else None
+        self.shared: SharedFlights | None = None
+        if self.redis is not None and settings.redis.share_flights:
+            self.shared = SharedFlights(self.redis, self.group, self.metrics)
+        self.cache: AnswerCache | None = None
+        if cache.enabled:
+            memory = MemoryCache(cache.max_entries)
+            backend = cache.backend if cache.backend != "auto" else ("redis" if self.redis else "memory")
+            self.cache = RedisCache(self.redis, memory) if backend == "redis" and self.redis else memory
         self.similar: SimilarAnswers | None = None  # semantic cache index, with the matcher
         self._background: set[asyncio.Task] = set()
 
@@ -57,6 +70,8 @@ class Gateway:
     async def start(self) -> None:
         for upstream in self.upstreams.values():
             await upstream.start()
+        if self.redis is not None:
+            await self.redis.start()  # down at start is fine: local-only until it answers
         if self.settings.coalesce.mode == "semantic":
             self.matcher = self._load_matcher()
             if self.cache is not None:
@@ -66,6 +81,10 @@ class Gateway:
         await self.group.aclose()
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+        if self.shared is not None:
+            await self.shared.aclose()
+        if self.redis is not None:
+            await self.redis.aclose()
         for upstream in self.upstreams.values():
             await upstream.aclose()
         if self.matcher is not None and getattr(self.matcher, "embedder", None) is not None:
@@ -154,10 +173,42 @@ class Gateway:
         # Anything above may have awaited: an equal request may have started meanwhile.
         if (flight := self.group.get(keys)) is not None:
             return self._ticket(self.group.join(flight), "follower", upstream)
-        flight = self.group.lead(keys, work, group=req.group if probe else None, probe=probe)
+        if self.shared is not None and self.shared.usable:
+            # The local flight exists before the claim's round trip, so equal requests that
+            # arrive meanwhile join it; its work decides who calls the upstream.
+            ticket = Ticket(None, "leader", upstream.name)  # type: ignore[arg-type]
+            shared_work = functools.partial(self._shared_work, req, route, options, work, store, ticket)
+            flight = self.group.lead(keys, shared_work, group=req.group if probe else None, probe=probe)
+            ticket.flight = flight
+        else:
+            flight = self.group.lead(keys, work, group=req.group if probe else None, probe=probe)
+            ticket = self._ticket(flight, "leader", upstream)
         if probe is not None:
             flight.memo["probe"] = probe
-        return self._ticket(flight, "leader", upstream)
+        return ticket
+
+    async def _shared_work(self, req: ChatRequest, route: RouteConfig, options: CallOptions, work, store: bool,
+                           ticket: Ticket, flight: Flight) -> None:
+        """Claim the flight across replicas: lead it (and publish it), or mirror the one that leads."""
+        claim = await self.shared.claim(req.key, flight.id)
+        secrets = (options.client_key or "", *(u.cfg.api_key for u in self.upstreams.values()))
+        if claim is None or claim.lead:  # None: Redis just failed, so lead locally
+            self.metrics.requests.labels("leader").inc()
+            if claim is not None:
+                self.shared.lead(req.key, flight, claim, redact=secrets)
+            await work(flight)
+            return
+        ticket.role = "follower"  # read when its response starts, after this point
+        self.metrics.requests.labels("follower").inc()
+
+        def on_lead(new: Claim) -> None:
+            self.shared.lead(req.key, flight, new, redact=secrets)
+
+        called = await self.shared.mirror(
+            req.key, claim, flight, functools.partial(self._call, route, req.body, options), on_lead
+        )
+        if called and store:
+            self._spawn(self._store(flight))
 
     def _cached(self, keys: list[str], chunks: list[dict], upstream: Upstream, score: float | None = None) -> Ticket:
         flight = Flight.completed(keys, [Chunk(c) for c in chunks])

@@ -1,0 +1,64 @@
+"""The result cache in Redis, shared by every replica, with a memory cache in front.
+
+An entry is `{prefix}:{<key>}:answer`: the JSON list of the chunks a flight published,
+stored with the cache TTL (`SET ... PX`), so it expires on its own. The key is the
+gateway's keyed digest (tenant hash included); the value is the response body in chunks.
+
+The memory cache in front serves repeated hits without a round trip and keeps the cache
+working while Redis is down (it is the whole cache then); an entry copied from Redis keeps
+the TTL Redis has left for it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from proxy.cache import MemoryCache
+from proxy.shared import RedisLink, RedisUnavailable
+
+
+class RedisCache:
+    def __init__(self, link: RedisLink, memory: MemoryCache) -> None:
+        self.link = link
+        self.memory = memory
+
+    def _key(self, key: str) -> str:
+        return self.link.key(key, "answer")
+
+    async def get(self, key: str) -> list[dict[str, Any]] | None:
+        chunks = await self.memory.get(key)
+        if chunks is not None or not self.link.up:
+            return chunks
+        name = self._key(key)
+
+        async def fetch(r):
+            pipe = r.pipeline(transaction=False)
+            pipe.get(name)
+            pipe.pttl(name)
+            return await pipe.execute()
+
+        try:
+            raw, ttl_ms = await self.link.run(fetch)
+        except RedisUnavailable:
+            return None
+        if raw is None:
+            return None
+        try:
+            chunks = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return None  # not ours to trust: a miss
+        if ttl_ms and ttl_ms > 0:
+            await self.memory.put(key, chunks, ttl_ms / 1000)
+        return chunks
+
+    async def put(self, key: str, chunks: list[dict[str, Any]], ttl_s: float) -> None:
+        await self.memory.put(key, chunks, ttl_s)
+        if not self.link.up:
+            return
+        value = orjson.dumps(chunks)
+        try:
+            await self.link.run(lambda r: r.set(self._key(key), value, px=max(1, int(ttl_s * 1000))))
+        except RedisUnavailable:
+            pass

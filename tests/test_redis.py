@@ -1,0 +1,498 @@
+"""Replicas sharing flights and answers over one real redis-server.
+
+herd replicas run as real processes (`python -m proxy serve`) against one upstream
+simulator; the tests start redis-server themselves on free loopback ports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import openai
+import orjson
+import pytest
+
+from benchmarks.simulator import expected_text
+from proxy.chunks import Chunk
+from proxy.coalescer import Flight
+from proxy.config import ConfigError, parse_settings
+from proxy.shared import LeaderLost, Splice
+from tests.harness import (
+    HerdServer,
+    chat_calls,
+    herd_settings,
+    sim_faults,
+    sim_reset,
+    sim_stats,
+)
+from tests.redis_servers import RedisServer, herd_keys, start_replicas
+
+HASH_KEY = "replicas-share-this-hash-key"
+KEYS = ("sk-replica-tenant-a", "sk-replica-tenant-b")
+
+
+def user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def replica_sections(sim_url: str, redis_url: str, *, cluster: bool = False, cache: bool = False, **redis) -> dict:
+    return {
+        "server": {"host": "127.0.0.1", "request_timeout_s": 30.0, "log_level": "warning"},
+        "auth": {"hash_key": HASH_KEY},
+        "upstreams": {"sim": {"kind": "openai", "base_url": sim_url + "/v1"}},
+        "routes": [{"model": "*", "upstream": "sim"}],
+        "cache": {"enabled": cache},  # the coalescing tests must not be answered from the cache
+        "redis": {"url": redis_url, "cluster": cluster, "timeout_s": 0.5, "lease_s": 3.0, "retry_after_s": 0.5,
+                  **redis},
+    }
+
+
+@dataclass
+class Answer:
+    status: int = 0
+    role: str = ""
+    flight: str = ""
+    text: str = ""
+    chunks: int = 0
+    done: bool = False  # a stream ended with [DONE]
+    error: str | None = None
+    progress: list = field(default_factory=list)
+
+
+async def ask(http: aiohttp.ClientSession, url: str, text: str, *, stream: bool, key: str = KEYS[0],
+              answer: Answer | None = None, stop_after: int | None = None) -> Answer:
+    """One chat request over raw HTTP; a stream is read chunk by chunk (and may be left early)."""
+    out = answer or Answer()
+    body = {"model": "m", "messages": user(text), "stream": stream}
+    try:
+        async with http.post(url + "/v1/chat/completions", json=body,
+                             headers={"authorization": f"Bearer {key}"}) as resp:
+            out.status = resp.status
+            out.role = resp.headers.get("x-herd", "")
+            out.flight = resp.headers.get("x-herd-flight", "")
+            if not stream or resp.status != 200:
+                data = await resp.json(content_type=None)
+                if resp.status == 200:
+                    out.text = data["choices"][0]["message"]["content"]
+                else:
+                    out.error = orjson.dumps(data).decode()
+                return out
+            async for line in resp.content:
+                line = line.strip()
+                if not line.startswith(b"data:"):
+                    continue
+                payload = line[5:].strip()
+                if payload == b"[DONE]":
+                    out.done = True
+                    break
+                chunk = orjson.loads(payload)
+                if "error" in chunk:
+                    out.error = orjson.dumps(chunk).decode()
+                    break
+                for choice in chunk.get("choices") or ():
+                    out.text += choice.get("delta", {}).get("content") or ""
+                out.chunks += 1
+                if stop_after is not None and out.chunks >= stop_after:
+                    return out
+    except (aiohttp.ClientError, TimeoutError) as e:
+        out.error = f"{type(e).__name__}: {e}"
+    return out
+
+
+def session(timeout: float = 60) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                 timeout=aiohttp.ClientTimeout(total=timeout))
+
+
+def is_stream(i: int, replicas) -> bool:
+    return (i // len(replicas)) % 2 == 0  # every replica gets streams and non-streams
+
+
+async def burst(replicas, text: str, n: int = 300) -> list[Answer]:
+    """`n` identical requests at once, spread round-robin over the replicas, half of them streams."""
+    async with session() as http:
+        return await asyncio.gather(
+            *[ask(http, replicas[i % len(replicas)].url, text, stream=is_stream(i, replicas)) for i in range(n)]
+        )
+
+
+def check_burst(answers: list[Answer], replicas, text: str, **sim_settings) -> None:
+    expected = expected_text({"messages": user(text)}, sim_settings)
+    failed = [a for a in answers if a.status != 200 or a.error or a.text != expected]
+    assert not failed, failed[:3]
+    streams = [(i % len(replicas), a) for i, a in enumerate(answers) if is_stream(i, replicas)]
+    assert all(a.done for _, a in streams)  # every stream client got the complete stream
+    assert {i for i, _ in streams} == set(range(len(replicas)))  # ... on every replica
+    roles = [a.role for a in answers]
+    assert roles.count("leader") == 1 and roles.count("follower") == len(answers) - 1
+
+
+def check_keys(server, secrets: tuple[str, ...] = KEYS) -> dict:
+    """Every herd key has a TTL; no key or value holds a client key."""
+    keys = herd_keys(server)
+    for name, info in keys.items():
+        assert info["pttl"] > 0, (name, info["pttl"])
+        for secret in secrets:
+            assert secret not in name and secret.encode() not in info["content"], name
+        assert re.fullmatch(r"herd:\{[0-9a-f]{32}\}:(lease|w|answer|s:[0-9a-f]{16})", name), name
+    return keys
+
+
+@pytest.fixture(scope="module")
+def redis_server():
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture()
+def workdir():
+    with tempfile.TemporaryDirectory(prefix="herd-replicas-") as d:
+        yield Path(d)
+
+
+@pytest.fixture()
+def replicas(sim, redis_server, workdir):
+    started = start_replicas(3, replica_sections(sim.url, redis_server.url), workdir)
+    yield started
+    for r in started:
+        r.stop()
+
+
+# -- coalescing across replicas ----------------------------------------------------------
+
+
+async def test_300_requests_across_three_replicas_make_one_upstream_call(replicas, redis_server, sim):
+    sim_reset(sim.url, ttft_ms=2500, tokens_per_s=40, reply_tokens=20)
+    answers = await burst(replicas, "one question, three replicas")
+    check_burst(answers, replicas, "one question, three replicas", reply_tokens=20)
+    assert chat_calls(sim.url) == 1
+    assert all(r.ready() == {"status": "ready", "flights": 0, "mode": "exact", "redis": "up"} for r in replicas)
+    check_keys(redis_server)
+
+
+async def leader_killed_mid_stream(replicas, sim, text: str) -> None:
+    """The leader's process dies mid-stream: the followers on the other replicas finish by takeover."""
+    sim_reset(sim.url, ttft_ms=100, tokens_per_s=12, reply_tokens=36)  # a 3 s stream
+    leader, others = replicas[0], replicas[1:]
+    expected = expected_text({"messages": user(text)}, {"reply_tokens": 36})
+    async with session(timeout=40) as http:
+        first = asyncio.create_task(ask(http, leader.url, text, stream=True))
+        await asyncio.sleep(0.3)
+        watched = [Answer() for _ in others]
+        followers = [asyncio.create_task(ask(http, r.url, text, stream=True, answer=w)) for r, w in zip(others, watched)]
+        followers += [asyncio.create_task(ask(http, r.url, text, stream=s)) for r in others for s in (True, False) * 3]
+        for _ in range(200):  # until the followers have streamed part of the answer
+            if all(w.chunks >= 6 for w in watched):
+                break
+            await asyncio.sleep(0.02)
+        assert all(0 < w.chunks < 30 for w in watched), [w.chunks for w in watched]
+        leader.kill()
+        _, pending = await asyncio.wait(followers, timeout=30)
+        assert not pending, "a follower hung after its leader died"
+        answers = [t.result() for t in followers]
+        await first
+    assert [(a.status, a.error, a.text) for a in answers] == [(200, None, expected)] * len(answers)
+    assert all(a.done for a in watched)
+    # the dead leader's call, then exactly one takeover call (the other replica follows it)
+    assert chat_calls(sim.url) == 2
+
+
+async def test_leader_killed_mid_stream_followers_take_over(sim, redis_server, workdir):
+    replicas = start_replicas(3, replica_sections(sim.url, redis_server.url, lease_s=2.0), workdir)
+    try:
+        await leader_killed_mid_stream(replicas, sim, "who leads when the leader dies")
+        assert all(r.ready()["redis"] == "up" for r in replicas[1:])
+    finally:
+        for r in replicas:
+            r.kill()
+    check_keys(redis_server)
+
+
+async def test_leader_clients_leaving_does_not_cancel_remote_followers(replicas, sim):
+    sim_reset(sim.url, ttft_ms=100, tokens_per_s=15, reply_tokens=30)
+    text = "the leader's client leaves early"
+    expected = expected_text({"messages": user(text)}, {"reply_tokens": 30})
+    async with session() as http:
+        leaving = asyncio.create_task(ask(http, replicas[0].url, text, stream=True, stop_after=10))
+        await asyncio.sleep(0.15)
+        followers = [ask(http, r.url, text, stream=s) for r in replicas[1:] for s in (True, False)]
+        answers = await asyncio.gather(*followers)
+        assert (await leaving).chunks == 10
+    assert [(a.status, a.error, a.text) for a in answers] == [(200, None, expected)] * 4
+    stats = sim_stats(sim.url)
+    assert stats["calls"] == 1 and stats["disconnects"] == 0
+
+
+async def test_everyone_leaving_on_every_replica_cancels_the_upstream_call(replicas, sim):
+    sim_reset(sim.url, ttft_ms=50, tokens_per_s=10, reply_tokens=100)
+    text = "everyone everywhere leaves"
+    async with session() as http:
+        leaving = [ask(http, replicas[0].url, text, stream=True, stop_after=8)]
+        await asyncio.sleep(0.15)
+        leaving += [ask(http, r.url, text, stream=True, stop_after=12) for r in replicas[1:]]
+        await asyncio.gather(*leaving)
+    for _ in range(150):
+        stats = sim_stats(sim.url)
+        if stats["active"] == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert stats["calls"] == 1 and stats["active"] == 0 and stats["disconnects"] == 1
+
+
+async def test_upstream_error_reaches_followers_on_every_replica_without_the_key(replicas, redis_server, sim):
+    secret = KEYS[1]
+    body = {"error": {"message": f"Incorrect API key provided: {secret}", "type": "invalid_request_error",
+                      "param": None, "code": "invalid_api_key"}}
+    sim_reset(sim.url, ttft_ms=300)
+    sim_faults(sim.url, {"kind": "status", "status": 401, "body": body, "delay_ms": 600, "match": "bad key"})
+    async with session() as http:
+        first = asyncio.create_task(ask(http, replicas[0].url, "bad key", stream=False, key=secret))
+        await asyncio.sleep(0.2)
+        rest = await asyncio.gather(*[ask(http, r.url, "bad key", stream=s, key=secret)
+                                      for r in replicas[1:] for s in (True, False)])
+        answers = [await first, *rest]
+    assert chat_calls(sim.url) == 1
+    assert [a.status for a in answers] == [401] * 5
+    assert all("invalid_api_key" in a.error for a in answers)
+    assert all(secret not in a.error for a in rest)  # what crossed Redis was redacted
+    check_keys(redis_server)
+
+
+# -- Redis trouble -----------------------------------------------------------------------
+
+
+async def steady_load(replicas, stop: asyncio.Event, answers: list[Answer]) -> None:
+    """Requests over and over (20 prompts, streams and not, every replica) until `stop`."""
+    async with session() as http:
+        counter = iter(range(10**9))
+
+        async def worker() -> None:
+            while not stop.is_set():
+                i = next(counter)
+                answers.append(await ask(http, replicas[i % len(replicas)].url, f"steady {i % 20}",
+                                         stream=i % 3 == 0))
+
+        await asyncio.gather(*[worker() for _ in range(12)])
+
+
+def up_gauge(replica) -> float:
+    m = re.search(r'^herd_redis_up\{backend="standalone"\} (\S+)$', replica.metrics(), re.MULTILINE)
+    return float(m.group(1))
+
+
+async def wait_for(predicate, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.1)
+
+
+async def test_redis_stopped_under_load_degrades_then_sharing_resumes(sim, workdir):
+    with RedisServer() as server:
+        replicas = start_replicas(2, replica_sections(sim.url, server.url), workdir)
+        try:
+            sim_reset(sim.url, ttft_ms=30, tokens_per_s=200, reply_tokens=10)
+            stop, answers = asyncio.Event(), []
+            load = asyncio.create_task(steady_load(replicas, stop, answers))
+            await asyncio.sleep(1.0)
+            server.stop()
+            await wait_for(lambda: all(r.ready()["status"] == "degraded" for r in replicas))
+            assert all(r.ready() | {"flights": 0} == {"status": "degraded", "redis": "down", "flights": 0,
+                                                       "mode": "exact"} for r in replicas)
+            assert all(up_gauge(r) == 0 for r in replicas)
+            assert all(re.search(r"^herd_redis_errors_total\{kind=\"\w+\"\} [1-9]", r.metrics(), re.MULTILINE)
+                       for r in replicas)
+            await asyncio.sleep(1.0)  # serving local-only
+            server.start()
+            await wait_for(lambda: all(r.ready()["status"] == "ready" for r in replicas))
+            assert all(r.ready()["redis"] == "up" and up_gauge(r) == 1 for r in replicas)
+            await asyncio.sleep(0.5)
+            stop.set()
+            await load
+            assert len(answers) > 50
+            bad = [a for a in answers if a.status != 200 or a.error or not a.text.startswith("echo: steady")]
+            assert not bad, bad[:3]
+            # sharing resumed: a burst across both replicas makes one call again
+            sim_reset(sim.url, ttft_ms=1500, tokens_per_s=50, reply_tokens=10)
+            answers = await burst(replicas, "after the outage", n=40)
+            check_burst(answers, replicas, "after the outage", reply_tokens=10)
+            assert chat_calls(sim.url) == 1
+        finally:
+            for r in replicas:
+                r.stop()
+        check_keys(server)
+
+
+async def test_frozen_redis_mid_flight_times_out_and_every_waiter_is_served(sim, workdir):
+    with RedisServer() as server:
+        replicas = start_replicas(2, replica_sections(sim.url, server.url), workdir)
+        try:
+            sim_reset(sim.url, ttft_ms=100, tokens_per_s=15, reply_tokens=30)
+            text = "redis freezes mid-flight"
+            expected = expected_text({"messages": user(text)}, {"reply_tokens": 30})
+            async with session() as http:
+                first = asyncio.create_task(ask(http, replicas[0].url, text, stream=True))
+                await asyncio.sleep(0.3)
+                watched = Answer()
+                followers = [asyncio.create_task(ask(http, replicas[1].url, text, stream=True, answer=watched))]
+                followers += [asyncio.create_task(ask(http, replicas[1].url, text, stream=False))]
+                await wait_for(lambda: watched.chunks >= 4)
+                server.freeze()  # a Redis that answers nothing: every call runs into timeout_s
+                try:
+                    late = await ask(http, replicas[1].url, "asked while redis is frozen", stream=False)
+                    await wait_for(lambda: all(r.ready()["status"] == "degraded" for r in replicas))
+                    answers = await asyncio.wait_for(asyncio.gather(first, *followers), 20)
+                finally:
+                    server.thaw()
+            assert [(a.status, a.error, a.text) for a in answers] == [(200, None, expected)] * 3
+            assert late.status == 200 and late.text == expected_text({"messages": user("asked while redis is frozen")}, {"reply_tokens": 30})
+            await wait_for(lambda: all(r.ready()["status"] == "ready" for r in replicas))
+        finally:
+            for r in replicas:
+                r.stop()
+
+
+async def test_redis_down_at_start_serves_local_only_and_joins_when_it_comes_up(sim, workdir):
+    server = RedisServer()  # not started yet
+    replicas = start_replicas(2, replica_sections(sim.url, server.url), workdir)
+    try:
+        assert all(r.ready()["status"] == "degraded" for r in replicas)
+        sim_reset(sim.url, ttft_ms=800)
+        answers = await burst(replicas, "no redis yet", n=10)
+        assert all(a.status == 200 and a.error is None for a in answers)
+        assert chat_calls(sim.url) == 2  # one flight per replica: local-only
+        server.start()
+        await wait_for(lambda: all(r.ready()["status"] == "ready" for r in replicas))
+        sim_reset(sim.url, ttft_ms=1000)
+        answers = await burst(replicas, "redis is here now", n=10)
+        check_burst(answers, replicas, "redis is here now")
+        assert chat_calls(sim.url) == 1
+    finally:
+        for r in replicas:
+            r.stop()
+        server.close()
+
+
+# -- the result cache in Redis -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cache_pair(sim, redis_server):
+    """Two in-process herds sharing the Redis cache (an answer stored by one is a hit on the other)."""
+    def settings():
+        return herd_settings(sim.url, auth={"hash_key": HASH_KEY}, cache={"enabled": True, "ttl_seconds": 1.0},
+                             redis={"url": redis_server.url, "timeout_s": 0.5})
+    with HerdServer(settings()) as a, HerdServer(settings()) as b:
+        yield a, b
+
+
+def sdk(herd, key: str = KEYS[0]) -> openai.OpenAI:
+    return openai.OpenAI(base_url=herd.url + "/v1", api_key=key, max_retries=0, timeout=30)
+
+
+def test_redis_cache_hits_within_ttl_on_another_replica_and_misses_after(cache_pair, sim, redis_server):
+    a, b = cache_pair
+    first = sdk(a).chat.completions.with_raw_response.create(model="m", messages=user("cache across"))
+    second = sdk(b).chat.completions.with_raw_response.create(model="m", messages=user("cache across"))
+    assert first.headers["x-herd"] == "leader" and second.headers["x-herd"] == "cache"
+    assert second.parse().choices[0].message.content == expected_text({"messages": user("cache across")})
+    assert chat_calls(sim.url) == 1
+    keys = check_keys(redis_server)
+    answers = [k for k, v in keys.items() if k.endswith(":answer")]
+    assert len(answers) == 1 and 0 < keys[answers[0]]["pttl"] <= 1000
+    time.sleep(1.2)
+    assert sdk(b).chat.completions.with_raw_response.create(
+        model="m", messages=user("cache across")).headers["x-herd"] == "leader"
+    assert chat_calls(sim.url) == 2
+
+
+def test_redis_cache_is_per_tenant(cache_pair, sim):
+    a, b = cache_pair
+    sdk(a, KEYS[0]).chat.completions.create(model="m", messages=user("tenant cache"))
+    other = sdk(b, KEYS[1]).chat.completions.with_raw_response.create(model="m", messages=user("tenant cache"))
+    assert other.headers["x-herd"] == "leader"
+    same = sdk(b, KEYS[0]).chat.completions.with_raw_response.create(model="m", messages=user("tenant cache"))
+    assert same.headers["x-herd"] == "cache"
+    assert chat_calls(sim.url) == 2
+
+
+def test_redis_cache_keeps_no_errors(cache_pair, sim, redis_server):
+    a, b = cache_pair
+    sim_faults(sim.url, {"kind": "status", "status": 400, "match": "failing"})  # the first call fails
+    before = set(herd_keys(redis_server))
+    with pytest.raises(openai.BadRequestError):
+        sdk(a).chat.completions.create(model="m", messages=user("failing"))
+    time.sleep(0.1)
+    assert not [k for k in set(herd_keys(redis_server)) - before if k.endswith(":answer")]
+    retry = sdk(b).chat.completions.with_raw_response.create(model="m", messages=user("failing"))
+    assert retry.headers["x-herd"] == "leader"  # not an error from the cache
+    assert chat_calls(sim.url) == 2
+
+
+def test_redis_cached_answer_replays_as_a_stream(cache_pair, sim):
+    a, b = cache_pair
+    sim_reset(sim.url, reply_tokens=12)
+    sdk(a).chat.completions.create(model="m", messages=user("replay from redis"))
+    raw = sdk(b).chat.completions.with_raw_response.create(
+        model="m", messages=user("replay from redis"), stream=True, stream_options={"include_usage": True}
+    )
+    assert raw.headers["x-herd"] == "cache"
+    chunks = list(raw.parse())
+    text_chunks = [ch for ch in chunks if ch.choices and ch.choices[0].delta.content]
+    assert len(text_chunks) == 12
+    assert "".join(ch.choices[0].delta.content for ch in text_chunks) == expected_text(
+        {"messages": user("replay from redis")}, {"reply_tokens": 12})
+    assert chunks[-1].usage is not None
+    assert chat_calls(sim.url) == 1
+
+
+# -- pieces --------------------------------------------------------------------------------
+
+
+def _chunk(content: str, id: str = "chatcmpl-a") -> Chunk:
+    return Chunk({"id": id, "created": 1, "object": "chat.completion.chunk", "model": "m",
+                  "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": None}]})
+
+
+async def test_takeover_splices_only_an_identical_prefix():
+    flight = Flight(["k"])
+    first = Splice(flight)
+    for word in ("a ", "b "):
+        first.publish(_chunk(word))
+    same = Splice(flight)  # a new source replays from its first chunk
+    for word in ("a ", "b ", "c "):
+        same.publish(_chunk(word, id="chatcmpl-other"))
+    same.complete()
+    assert [c.data["choices"][0]["delta"]["content"] for c in flight.chunks] == ["a ", "b ", "c "]
+    assert {c.data["id"] for c in flight.chunks} == {"chatcmpl-a"}  # one stream to the client
+    different = Splice(flight)
+    different.publish(_chunk("a "))
+    with pytest.raises(LeaderLost) as e:
+        different.publish(_chunk("x "))
+    assert e.value.status == 502 and "lost mid-stream" in e.value.message
+    shorter = Splice(flight)
+    shorter.publish(_chunk("a "))
+    with pytest.raises(LeaderLost):
+        shorter.complete()
+
+
+def test_redis_settings_are_checked():
+    base = {"upstreams": {"sim": {"base_url": "http://x/v1"}}, "auth": {"hash_key": "k"}}
+    assert parse_settings(base, env={}).cache.backend == "auto"
+    assert parse_settings({**base, "redis": {"url": "redis://x"}}, env={}).redis.lease_s == 3.0
+    for bad in (
+        {"cache": {"backend": "redis"}},
+        {"cache": {"backend": "disk"}},
+        {"redis": {"url": "http://x"}},
+        {"redis": {"url": "redis://x"}, "auth": {}},  # replicas need one hash key
+        {"redis": {"url": "redis://x", "lease_s": 0.5}},
+        {"redis": {"url": "redis://x", "key_prefix": "{x}"}},
+    ):
+        with pytest.raises(ConfigError):
+            parse_settings({**base, **bad}, env={})
