@@ -21,6 +21,7 @@ import collections
 import hashlib
 import time
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -46,7 +47,15 @@ class _Pending:
 class BatchingEmbedder:
     """``await embed(text)`` -> one L2-normalised float32 vector (read-only)."""
 
-    def __init__(self, embedder: Embedder, max_batch: int = 32, cache_size: int = 10_000, workers: int = 1) -> None:
+    def __init__(
+        self,
+        embedder: Embedder,
+        max_batch: int = 32,
+        cache_size: int = 10_000,
+        workers: int = 1,
+        on_batch: Callable[[int, float], None] | None = None,
+    ) -> None:
+        """`on_batch(size, seconds)` is told of every run (for metrics)."""
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         if workers < 1:
@@ -55,6 +64,7 @@ class BatchingEmbedder:
         self.max_batch = int(max_batch)
         self.cache_size = max(0, int(cache_size))
         self.workers = int(workers)
+        self._on_batch = on_batch
         self._pool = ThreadPoolExecutor(
             max_workers=self.workers, thread_name_prefix="herd-embed", initializer=lower_thread_priority
         )
@@ -178,7 +188,10 @@ class BatchingEmbedder:
             if not isinstance(exc, Exception):
                 raise
             return
-        self._busy_s += time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0
+        self._busy_s += elapsed
+        if self._on_batch is not None:
+            self._on_batch(len(batch), elapsed)
         self._batches += 1
         self._items += len(batch)
         self._last_sizes.append(len(batch))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
+import secrets
 from collections.abc import AsyncIterator
 
 import orjson
@@ -14,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from proxy.accounting import usage_of
 from proxy.canonical import parse_chat
 from proxy.config import Settings
 from proxy.errors import HerdError, InvalidRequest, NotFound, PayloadTooLarge, UpstreamError
@@ -23,6 +26,14 @@ from proxy.responses import FlightResponse
 from proxy.upstream import CallOptions
 
 log = logging.getLogger("herd.app")
+access = logging.getLogger("herd.access")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def request_id_of(request: Request) -> str:
+    """The client's x-request-id when it is a plain token, else a new one."""
+    given = request.headers.get("x-request-id", "")
+    return given if _REQUEST_ID.fullmatch(given) else secrets.token_hex(8)
 
 
 def error_response(error: HerdError) -> Response:
@@ -46,8 +57,13 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> Starlette:
     gateway = gateway or Gateway(settings, Metrics())
     limit = settings.server.max_body_bytes
 
-    def count_error(error: HerdError) -> None:
-        gateway.metrics.errors.labels(str(error.status)).inc()
+    metrics = gateway.metrics
+    access_log = settings.server.access_log
+
+    def count_error(error: HerdError, chat: bool = True) -> None:
+        metrics.errors.labels(str(error.status)).inc()
+        if chat:
+            metrics.requests.labels("error").inc()
 
     async def chat_completions(request: Request) -> Response | FlightResponse:
         identity = gateway.auth.identify(request.headers)
@@ -58,13 +74,43 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> Starlette:
             req, identity, mode, read_cache="no-cache" not in directives, write_cache="no-store" not in directives
         )
         loop = asyncio.get_running_loop()
+        started = loop.time()
+        request_id = request_id_of(request)
+
+        def done(response: FlightResponse) -> None:
+            ticket = response.ticket
+            if response.error is not None:
+                count_error(response.error)
+            elif response.disconnected:
+                metrics.disconnects.labels(ticket.role).inc()
+            else:
+                metrics.requests.labels(ticket.role).inc()
+                gateway.accountant.record(ticket.role, req.model, identity.tenant, usage_of(ticket.flight.chunks))
+            if access_log:
+                extra = {
+                    "request_id": request_id,
+                    "flight": ticket.flight.id,
+                    "role": ticket.role,
+                    "status": response.error.status if response.error is not None else 200,
+                    "disconnected": response.disconnected,
+                    "stream": req.stream,
+                    "model": req.model,
+                    "tenant": identity.tenant,
+                    "upstream": ticket.flight.memo.get("upstream", ticket.upstream),
+                    "ms": round((loop.time() - started) * 1000, 2),
+                }
+                if settings.server.log_prompts and req.final_text is not None:
+                    extra["prompt"] = req.final_text
+                access.info("chat", extra=extra)
+
         return FlightResponse(
             ticket,
             stream=req.stream,
             include_usage=req.include_usage,
-            deadline=loop.time() + settings.server.request_timeout_s,
+            deadline=started + settings.server.request_timeout_s,
             release=gateway.release,
-            on_error=count_error,
+            on_done=done,
+            request_id=request_id,
         )
 
     async def list_models(request: Request) -> Response:
@@ -134,13 +180,13 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> Starlette:
                 body["status"] = "degraded"
         return JSONResponse(body)
 
-    async def metrics(request: Request) -> Response:
+    async def prometheus(request: Request) -> Response:
         gateway.metrics.flights.set(len(gateway.group))
         gateway.metrics.waiters.set(gateway.group.waiters)
         return Response(gateway.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     async def on_herd_error(request: Request, exc: HerdError) -> Response:
-        count_error(exc)
+        count_error(exc, chat=request.url.path == "/v1/chat/completions")
         return error_response(exc)
 
     async def on_http_exception(request: Request, exc: HTTPException) -> Response:
@@ -170,7 +216,7 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> Starlette:
             Route("/v1/{path:path}", forward, methods=methods),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
-            Route("/metrics", metrics, methods=["GET"]),
+            Route("/metrics", prometheus, methods=["GET"]),
         ],
         exception_handlers={HerdError: on_herd_error, HTTPException: on_http_exception, Exception: on_exception},
         lifespan=lifespan,

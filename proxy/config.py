@@ -30,7 +30,8 @@ class ServerConfig:
     request_timeout_s: float = 600.0  # each waiter's deadline
     shutdown_grace_s: float = 30.0
     log_level: str = "info"
-    log_prompts: bool = False
+    access_log: bool = True  # one JSON line per chat request: ids, role, status, timing
+    log_prompts: bool = False  # add the final user message to access log lines
 
 
 @dataclass

@@ -17,6 +17,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+from proxy.accounting import Accountant
 from proxy.auth import Authenticator, Identity
 from proxy.cache import AnswerCache, MemoryCache, SimilarAnswers
 from proxy.canonical import ChatRequest, assign_keys, digest
@@ -50,6 +51,7 @@ class Gateway:
         self.auth = Authenticator(settings.auth, settings)
         self.upstreams: dict[str, Upstream] = {n: make_upstream(c) for n, c in settings.upstreams.items()}
         self.dispatcher = Dispatcher(settings, self.upstreams, self.metrics)
+        self.accountant = Accountant(settings.metrics, self.metrics)
         self.matcher = None  # set by start() in semantic mode
         self.group = Group(index_factory=self._new_index)
         cache = settings.cache
@@ -97,7 +99,9 @@ class Gateway:
 
         cfg = self.settings.coalesce
         embedder = Embedder(model_path=cfg.model_path or None)
-        batcher = BatchingEmbedder(embedder, max_batch=cfg.embed_batch, cache_size=cfg.embed_cache)
+        batcher = BatchingEmbedder(
+            embedder, max_batch=cfg.embed_batch, cache_size=cfg.embed_cache, on_batch=self.metrics.observe_embedding
+        )
         return Matcher(batcher, MatchConfig.from_settings(cfg, max_tokens=embedder.max_tokens))
 
     def _new_index(self):
@@ -193,13 +197,11 @@ class Gateway:
         claim = await self.shared.claim(req.key, flight.id)
         secrets = (options.client_key or "", *(u.cfg.api_key for u in self.upstreams.values()))
         if claim is None or claim.lead:  # None: Redis just failed, so lead locally
-            self.metrics.requests.labels("leader").inc()
             if claim is not None:
                 self.shared.lead(req.key, flight, claim, redact=secrets)
             await work(flight)
             return
         ticket.role = "follower"  # read when its response starts, after this point
-        self.metrics.requests.labels("follower").inc()
 
         def on_lead(new: Claim) -> None:
             self.shared.lead(req.key, flight, new, redact=secrets)
@@ -232,7 +234,6 @@ class Gateway:
         task.add_done_callback(_log_failure)
 
     def _ticket(self, flight: Flight, role: str, upstream: Upstream, similarity: float | None = None) -> Ticket:
-        self.metrics.requests.labels(role).inc()
         return Ticket(flight, role, upstream.name, similarity)
 
     def release(self, ticket: Ticket) -> None:

@@ -12,7 +12,10 @@ OUTCOMES = ("leader", "follower", "cache", "bypass", "error")
 class Metrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry(auto_describe=True)
-        self.requests = Counter("herd_requests", "Chat requests by how they were served", ["outcome"], registry=r)
+        self.requests = Counter(
+            "herd_requests", "Chat requests, counted when answered, by how: leader, follower, cache, bypass or error",
+            ["outcome"], registry=r,
+        )
         self.errors = Counter("herd_errors", "Error answers by HTTP status", ["status"], registry=r)
         self.upstream_calls = Counter("herd_upstream_calls", "Calls made to upstreams", ["upstream"], registry=r)
         self.upstream_errors = Counter(
@@ -46,6 +49,17 @@ class Metrics:
         )
         self.coalesce_ratio_gauge = Gauge(
             "herd_coalesce_ratio", "Share of served requests that needed no upstream call of their own", registry=r
+        )
+        self.embedding_seconds = Histogram(
+            "herd_embedding_seconds", "Duration of one embedding run (a micro-batch)",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1), registry=r,
+        )
+        self.embedding_batch_size = Histogram(
+            "herd_embedding_batch_size", "Texts embedded together in one run",
+            buckets=(1, 2, 4, 8, 16, 32, 64), registry=r,
+        )
+        self.disconnects = Counter(
+            "herd_client_disconnects", "Requests whose client went away before its answer", ["role"], registry=r
         )
         for outcome in OUTCOMES:
             self.requests.labels(outcome)
@@ -83,6 +97,10 @@ class Metrics:
         self.shared_flights = Counter(
             "herd_shared_flights", "Cross-replica flights by role (lead, follow, takeover)", ["role"], registry=r
         )
+
+    def observe_embedding(self, size: int, seconds: float) -> None:
+        self.embedding_batch_size.observe(size)
+        self.embedding_seconds.observe(seconds)
 
     def coalesce_ratio(self) -> float:
         served = sum(self.requests.labels(o)._value.get() for o in ("leader", "follower", "cache", "bypass"))

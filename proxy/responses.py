@@ -81,14 +81,18 @@ class FlightResponse:
         include_usage: bool,
         deadline: float,
         release: Callable[[Ticket], None],
-        on_error: Callable[[HerdError], None] | None = None,
+        on_done: Callable[["FlightResponse"], None] | None = None,
+        request_id: str = "",
     ) -> None:
         self.ticket = ticket
+        self.request_id = request_id
         self.stream = stream
         self.include_usage = include_usage
         self.deadline = deadline  # loop.time() by which this waiter must be answered
         self._release = release
-        self._on_error = on_error or (lambda e: None)
+        self._on_done = on_done or (lambda response: None)
+        self.error: HerdError | None = None  # the error this waiter was answered with
+        self.disconnected = False  # the client went away first
 
     @property
     def headers(self) -> list[tuple[bytes, bytes]]:
@@ -100,6 +104,8 @@ class FlightResponse:
             (b"x-herd-flight", ticket.flight.id.encode()),
             (b"x-herd-upstream", upstream.encode()),
         ]
+        if self.request_id:
+            headers.append((b"x-request-id", self.request_id.encode()))
         if ticket.similarity is not None:
             headers.append((b"x-herd-similarity", f"{ticket.similarity:.4f}".encode()))
         return headers
@@ -107,14 +113,17 @@ class FlightResponse:
     async def __call__(self, scope: dict, receive: Receive, send: Send) -> None:
         try:
             render = self._stream(send) if self.stream else self._json(send)
-            await until_disconnect(render, receive)
+            self.disconnected = not await until_disconnect(render, receive)
         finally:
             self._release(self.ticket)
+            try:
+                self._on_done(self)
+            except Exception:  # accounting must never break an answer
+                log.exception("on_done failed for flight %s", self.ticket.flight.id)
 
     async def _error(self, send: Send, error: BaseException) -> None:
-        herd_error = as_herd_error(error)
-        self._on_error(herd_error)
-        await send_error(send, herd_error, self.headers)
+        self.error = as_herd_error(error)
+        await send_error(send, self.error, self.headers)
 
     async def _json(self, send: Send) -> None:
         flight = self.ticket.flight
@@ -174,9 +183,8 @@ class FlightResponse:
 
     async def _end_with_error(self, send: Send, error: BaseException) -> None:
         """The stream has started: the error goes as a final SSE event, as OpenAI does."""
-        herd_error = as_herd_error(error)
-        self._on_error(herd_error)
-        body = b"data: " + orjson.dumps(herd_error.body()) + b"\n\n"
+        self.error = as_herd_error(error)
+        body = b"data: " + orjson.dumps(self.error.body()) + b"\n\n"
         await send({"type": "http.response.body", "body": body, "more_body": False})
 
 

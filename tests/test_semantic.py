@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 import time
 
@@ -75,6 +76,13 @@ async def test_normalized_equal_prompts_merge_without_an_embedding(semantic_herd
     assert raw.headers["x-herd"] == "follower" and chat_calls(sim.url) == 1
     # the leader needed its embedding; the normalized-equal follower did not ask for one
     assert embed_calls() - before == 1
+
+
+def test_embedding_runs_are_measured(semantic_herd, sim):
+    text = httpx.get(semantic_herd.url + "/metrics").text
+    count = re.search(r"^herd_embedding_batch_size_count (\S+)$", text, re.M)
+    assert count and float(count.group(1)) > 0
+    assert re.search(r"^herd_embedding_seconds_bucket", text, re.M)
 
 
 NEAR_MISSES = {
