@@ -692,6 +692,18 @@ class Simulator:
 
     # ---------------------------------------------------------------- delivery
 
+    async def _fault_at_start(
+        self, request: web.BaseRequest, fault: dict[str, Any] | None, call: _Call
+    ) -> tuple[dict[str, Any] | None, web.StreamResponse | None]:
+        """Apply a fault due before the first chunk: a reset ends the call (its response is
+        returned); a stall waits, then the answer goes on. Returns the fault still pending."""
+        if fault is None or fault["after_chunks"] != 0:
+            return fault, None
+        if fault["kind"] == "reset":
+            return None, await self._abort(request, call)
+        await asyncio.sleep(fault["stall_s"])
+        return None, None
+
     async def _deliver_stream(
         self,
         request: web.BaseRequest,
@@ -701,11 +713,9 @@ class Simulator:
         headers: Mapping[str, str],
     ) -> web.StreamResponse:
         """Send SSE ``steps`` (a step = the events sent together, one token apart)."""
-        if fault is not None and fault["after_chunks"] == 0:
-            if fault["kind"] == "reset":
-                return await self._abort(request, call)
-            await asyncio.sleep(fault["stall_s"])
-            fault = None
+        fault, aborted = await self._fault_at_start(request, fault, call)
+        if aborted is not None:
+            return aborted
         s = self.settings
         ttft = s["ttft_ms"] / 1000.0
         tps = s["tokens_per_s"]
@@ -755,11 +765,9 @@ class Simulator:
         call: _Call,
         headers: Mapping[str, str] | None = None,
     ) -> web.StreamResponse:
-        if fault is not None and fault["after_chunks"] == 0:
-            if fault["kind"] == "reset":
-                return await self._abort(request, call)
-            await asyncio.sleep(fault["stall_s"])
-            fault = None
+        fault, aborted = await self._fault_at_start(request, fault, call)
+        if aborted is not None:
+            return aborted
         s = self.settings
         tps = s["tokens_per_s"]
         delay = s["ttft_ms"] / 1000.0
