@@ -109,3 +109,28 @@ def test_client_keys_are_checked_when_herd_holds_the_provider_key():
         auth.identify({"authorization": "Bearer wrong"})
     with pytest.raises(AuthenticationError):
         auth.identify({})
+
+
+def test_readme_configuration_block_is_valid():
+    """The reference block in README.md loads as written, so the docs cannot drift."""
+    import re
+    import tomllib
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = [tomllib.loads(b) for b in re.findall(r"```toml\n(.*?)```", readme, re.S)]
+    full = [b for b in blocks if "upstreams" in b]
+    assert full, "README has no full configuration block"
+    for block in full:
+        settings = parse_settings(block, env={})
+        assert settings.upstreams and settings.routes
+
+
+def test_example_configs_load():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {"HERD_HASH_KEY": "k", "OPENAI_API_KEY": "", "ANTHROPIC_API_KEY": ""}
+    for path in [root / "proxy.toml", *sorted((root / "config").glob("*.toml"))]:
+        settings = load_settings(path, env=env)
+        assert settings.upstreams, path
