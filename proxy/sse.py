@@ -16,19 +16,44 @@ class Event:
     event: str | None = None
 
 
-async def read_events(lines: AsyncIterable[bytes]) -> AsyncIterator[Event]:
-    """Parse SSE from an iterable of lines (each ending in a newline, or not)."""
+async def read_events(chunks: AsyncIterable[bytes]) -> AsyncIterator[Event]:
+    """Parse SSE from byte chunks of any size (whole network reads, or lines).
+
+    Events are split on blank lines; a read that holds several events costs one await.
+    """
+    buffer = b""
+    async for chunk in chunks:
+        buffer += chunk
+        if b"\r" in buffer:
+            # CRLF or CR line ends become LF; a CR at the very end may be half of a CRLF
+            keep = b"\r" if buffer.endswith(b"\r") else b""
+            buffer = _lf(buffer[: len(buffer) - len(keep)]) + keep
+        while True:
+            end = buffer.find(b"\n\n")
+            if end < 0:
+                break
+            event = _parse(buffer[:end])
+            buffer = buffer[end + 2 :]
+            if event is not None:
+                yield event
+    buffer = _lf(buffer)
+    if buffer.strip():
+        event = _parse(buffer)
+        if event is not None:
+            yield event
+
+
+def _lf(data: bytes) -> bytes:
+    return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+
+
+def _parse(block: bytes) -> Event | None:
+    """One event's lines: `data:` lines joined by newlines, `event:` names it, `:` comments."""
     data: list[bytes] = []
     event: str | None = None
-    async for line in lines:
-        line = line.rstrip(b"\r\n")
-        if not line:
-            if data:
-                yield Event(b"\n".join(data), event)
-            data, event = [], None
+    for line in block.split(b"\n"):
+        if not line or line.startswith(b":"):
             continue
-        if line.startswith(b":"):
-            continue  # comment / keep-alive
         name, _, value = line.partition(b":")
         if value.startswith(b" "):
             value = value[1:]
@@ -36,8 +61,7 @@ async def read_events(lines: AsyncIterable[bytes]) -> AsyncIterator[Event]:
             data.append(value)
         elif name == b"event":
             event = value.decode("utf-8", "replace")
-    if data:
-        yield Event(b"\n".join(data), event)
+    return Event(b"\n".join(data), event) if data else None
 
 
 def encode(obj: dict) -> bytes:

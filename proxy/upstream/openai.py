@@ -76,7 +76,7 @@ class OpenAIUpstream(Upstream):
                 for chunk in split(completion):
                     yield chunk
                 return
-            events = aiter(read_events(resp.content))
+            events = aiter(read_events(resp.content.iter_any()))
             wait = self.cfg.first_byte_timeout_s
             while True:
                 async with asyncio.timeout(wait):
