@@ -29,7 +29,8 @@ def serve(args: argparse.Namespace) -> int:
         port=settings.server.port,
         loop="uvloop",
         http="httptools",
-        access_log=False,
+        access_log=False,  # herd writes its own (JSON, with flight ids)
+        proxy_headers=False,
         log_config=None,
         timeout_graceful_shutdown=settings.server.shutdown_grace_s,
         backlog=4096,

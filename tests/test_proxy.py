@@ -384,3 +384,21 @@ async def test_no_flight_is_left_after_10000_requests(herd, sim):
     group = herd.gateway.group
     assert herd.call(lambda: (len(group._flights), len(group._by_id), len(group._indexes))) == (0, 0, 0)
     assert chat_calls(sim.url) <= 10_000
+
+
+async def test_upstream_first_byte_and_idle_timeouts(sim):
+    settings = herd_settings(sim.url, upstreams={"sim": {"first_byte_timeout_s": 0.5, "idle_timeout_s": 0.3}})
+    with HerdServer(settings) as herd:
+        c = aclient(herd)
+        sim_reset(sim.url, ttft_ms=1500)  # no first byte in time
+        with pytest.raises(openai.APIStatusError) as slow:
+            await c.chat.completions.create(model="m", messages=user("slow start"))
+        assert slow.value.status_code == 504 and slow.value.body["code"] == "upstream_timeout"
+        sim_reset(sim.url, ttft_ms=0, tokens_per_s=20, reply_tokens=10)  # 50 ms between chunks: fine
+        ok = await c.chat.completions.create(model="m", messages=user("steady stream"))
+        assert ok.choices[0].finish_reason == "stop"
+        sim_faults(sim.url, {"kind": "stall", "after_chunks": 3, "stall_s": 5, "match": "goes quiet"})
+        with pytest.raises(openai.APIError) as quiet:
+            await collect_stream(c, "goes quiet")
+        assert "did not answer in time" in str(quiet.value.message) or "upstream_timeout" in str(quiet.value.body)
+        assert herd.flights == 0

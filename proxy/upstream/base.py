@@ -8,12 +8,16 @@ as proxy.errors types: UpstreamError (the upstream's status and body), UpstreamU
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from proxy.chunks import Chunk
 from proxy.config import UpstreamConfig
-from proxy.errors import NotFound
+from proxy.errors import NotFound, UpstreamTimeout
+
+T = TypeVar("T")
 
 # Headers that belong to one hop and are never forwarded.
 HOP_BY_HOP = frozenset(
@@ -74,3 +78,53 @@ class Upstream:
 
     def api_key(self, options: CallOptions) -> str | None:
         return self.cfg.api_key or options.client_key
+
+
+class Watchdog:
+    """First-byte and idle timeouts for one streaming call, with one timer for the whole call.
+
+    `wait(aw)` awaits something from the upstream; if the current limit passes meanwhile,
+    the wait is cancelled and raises UpstreamTimeout. `progress(limit)` moves the limit
+    after each chunk (a float assignment, not a new timer: chunks are the hot path). Only
+    waits are ever cancelled: between them, the caller's own code runs undisturbed.
+    """
+
+    def __init__(self, limit_s: float, what: str) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        self._what = what
+        self.deadline = self._loop.time() + limit_s
+        self._waiting = False
+        self._fired = False
+        self._handle = self._loop.call_at(self.deadline, self._check)
+
+    def progress(self, limit_s: float) -> None:
+        self.deadline = self._loop.time() + limit_s
+
+    def _check(self) -> None:
+        now = self._loop.time()
+        if now < self.deadline:
+            self._handle = self._loop.call_at(self.deadline, self._check)
+        elif not self._waiting:
+            self._handle = self._loop.call_at(now + 0.01, self._check)  # look again once it waits
+        else:
+            self._fired = True
+            self._task.cancel()
+
+    async def wait(self, aw: Awaitable[T]) -> T:
+        if self._loop.time() >= self.deadline:
+            raise UpstreamTimeout(f"{self._what} did not answer in time")
+        self._waiting = True
+        try:
+            return await aw
+        except asyncio.CancelledError:
+            if not self._fired:
+                raise
+            self._fired = False
+            self._task.uncancel()
+            raise UpstreamTimeout(f"{self._what} did not answer in time") from None
+        finally:
+            self._waiting = False
+
+    def stop(self) -> None:
+        self._handle.cancel()

@@ -7,7 +7,6 @@ is aiohttp (see benchmarks/HTTP_CLIENTS.md for the measurement behind that choic
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -16,7 +15,7 @@ import orjson
 from proxy.chunks import Chunk, split
 from proxy.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from proxy.sse import read_events
-from proxy.upstream.base import HOP_BY_HOP, CallOptions, ForwardResponse, Upstream
+from proxy.upstream.base import HOP_BY_HOP, CallOptions, ForwardResponse, Upstream, Watchdog
 
 CLIENT_AUTH_HEADERS = frozenset({"authorization", "api-key", "x-api-key"})
 
@@ -27,6 +26,7 @@ class OpenAIUpstream(Upstream):
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
         self._session: aiohttp.ClientSession | None = None
+        self._client_timeout: aiohttp.ClientTimeout | None = None
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=self.cfg.max_connections, ttl_dns_cache=300, keepalive_timeout=30)
@@ -55,7 +55,11 @@ class OpenAIUpstream(Upstream):
         return headers
 
     def _timeout(self) -> aiohttp.ClientTimeout:
-        return aiohttp.ClientTimeout(total=self.cfg.total_timeout_s, connect=self.cfg.connect_timeout_s)
+        if self._client_timeout is None:
+            self._client_timeout = aiohttp.ClientTimeout(
+                total=self.cfg.total_timeout_s, connect=self.cfg.connect_timeout_s
+            )
+        return self._client_timeout
 
     async def chat(self, body: dict, options: CallOptions) -> AsyncIterator[Chunk]:
         payload = {**body, "stream": True, "stream_options": {"include_usage": True}}
@@ -63,27 +67,21 @@ class OpenAIUpstream(Upstream):
         url = f"{self.cfg.base_url}/chat/completions"
         finished = False
         resp: aiohttp.ClientResponse | None = None
+        watchdog = Watchdog(self.cfg.first_byte_timeout_s, f"upstream {self.name!r}")
         try:
-            # Timeouts wrap each wait, never a `yield`: the consumer's own awaits are its business.
-            async with asyncio.timeout(self.cfg.first_byte_timeout_s):
-                resp = await self.session.post(url, data=orjson.dumps(payload), headers=headers, timeout=self._timeout())
+            resp = await watchdog.wait(
+                self.session.post(url, data=orjson.dumps(payload), headers=headers, timeout=self._timeout())
+            )
             if resp.status >= 400:
-                raise await self._error(resp)
+                raise await watchdog.wait(self._error(resp))
             if not resp.content_type.startswith("text/event-stream"):
                 # A server that ignores `stream`: its one JSON body, as chunks.
-                async with asyncio.timeout(self.cfg.first_byte_timeout_s):
-                    completion = orjson.loads(await resp.read())
-                for chunk in split(completion):
+                for chunk in split(orjson.loads(await watchdog.wait(resp.read()))):
                     yield chunk
                 return
             events = aiter(read_events(resp.content.iter_any()))
-            wait = self.cfg.first_byte_timeout_s
-            while True:
-                async with asyncio.timeout(wait):
-                    event = await anext(events, None)
-                if event is None:
-                    break
-                wait = self.cfg.idle_timeout_s
+            while (event := await watchdog.wait(anext(events, None))) is not None:
+                watchdog.progress(self.cfg.idle_timeout_s)
                 if event.data == b"[DONE]":
                     finished = True
                     break
@@ -93,11 +91,12 @@ class OpenAIUpstream(Upstream):
                 if any(c.get("finish_reason") for c in data.get("choices") or ()):
                     finished = True
                 yield Chunk(data, event.data)
-        except TimeoutError:
+        except TimeoutError:  # aiohttp's own connect or total timeout
             raise UpstreamTimeout(f"upstream {self.name!r} did not answer in time") from None
         except (aiohttp.ClientError, orjson.JSONDecodeError, ConnectionError) as e:
             raise UpstreamUnavailable(f"upstream {self.name!r} failed: {type(e).__name__}") from None
         finally:
+            watchdog.stop()
             if resp is not None:
                 resp.release()
         if not finished:
