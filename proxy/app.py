@@ -21,6 +21,7 @@ from proxy.canonical import parse_chat
 from proxy.config import Settings
 from proxy.errors import HerdError, InvalidRequest, NotFound, PayloadTooLarge, UpstreamError
 from proxy.gateway import Gateway
+from proxy.logs import flush_logs
 from proxy.metrics import CONTENT_TYPE_LATEST, Metrics
 from proxy.responses import FlightResponse
 from proxy.upstream import CallOptions
@@ -203,10 +204,13 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await gateway.start()
+        log.info("herd ready", extra={"mode": settings.coalesce.mode, "upstreams": list(gateway.upstreams)})
         try:
             yield
         finally:
             await gateway.aclose()
+            log.info("herd stopped: every flight finished")
+            flush_logs()  # the process may end by the re-raised SIGTERM, before atexit runs
 
     methods = ["GET", "POST", "PUT", "PATCH", "DELETE"]
     app = Starlette(

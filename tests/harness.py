@@ -115,7 +115,9 @@ def free_port() -> int:
 
 
 def start_herd(tmp_path, sim_url: str, extra: str = "") -> tuple[subprocess.Popen, str]:
-    """herd as a real process (`python -m proxy serve`) on a free port; returns (process, url)."""
+    """herd as a real process (`python -m proxy serve`) on a free port; returns (process, url).
+
+    Its logs go to tmp_path / "herd.log"."""
     port = free_port()
     config = tmp_path / "herd.toml"
     config.write_text(
@@ -134,9 +136,8 @@ enabled = false
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "proxy", "serve", "--config", str(config)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+        stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / "herd.log").open("w"),  # a file: a pipe nobody reads would fill up
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     url = f"http://127.0.0.1:{port}"
@@ -148,4 +149,4 @@ enabled = false
         except httpx.HTTPError:
             time.sleep(0.1)
     proc.kill()
-    raise RuntimeError("herd did not start: " + proc.stderr.read())
+    raise RuntimeError("herd did not start: " + (tmp_path / "herd.log").read_text())

@@ -30,7 +30,7 @@ def test_sigterm_finishes_flights_in_progress_then_exits(tmp_path, sim):
     }
     # uvicorn re-raises the signal once it has shut down cleanly, as a process killed by it would
     assert proc.wait(timeout=15) in (0, -signal.SIGTERM)
-    assert "Finished server process" in proc.stderr.read()
+    assert "herd stopped: every flight finished" in (tmp_path / "herd.log").read_text()
     assert chat_calls(sim.url) == 1
     # after SIGTERM, no new connections are accepted
     try:
@@ -53,7 +53,8 @@ def test_logs_are_json_lines_without_secrets(tmp_path, sim):
                    timeout=30)
     assert r.status_code == 502 and secret not in r.text
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=15)
+    proc.wait(timeout=15)
+    err = (tmp_path / "herd.log").read_text()
     lines = [line for line in err.splitlines() if line.strip()]
     assert lines, "herd logged nothing"
     entries = [json.loads(line) for line in lines]  # every line is one JSON object

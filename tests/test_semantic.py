@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import re
-import threading
+import subprocess
+import sys
 import time
 
-import aiohttp
 import httpx
 import openai
 import pytest
 
-from tests.harness import HerdServer, chat_calls, herd_settings, sim_reset, start_herd
+from tests.harness import HerdServer, chat_calls, free_port, herd_settings, sim_reset, start_herd
 
 
 @pytest.fixture(scope="module")
@@ -142,43 +142,47 @@ async def test_other_parameters_still_split_semantic_flights(semantic_herd, sim)
     assert chat_calls(sim.url) == 2
 
 
-def test_event_loop_stays_responsive_while_the_embedder_is_saturated(tmp_path, sim):
-    """herd runs as its own process here, so only its event loop is measured."""
-    sim_reset(sim.url, ttft_ms=50)
-    proc, url = start_herd(tmp_path, sim.url, extra='[coalesce]\nmode = "semantic"\n')
+LOAD_SCRIPT = """
+import asyncio, sys, aiohttp
+url, n = sys.argv[1], int(sys.argv[2])
+async def main():
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=200)) as http:
+        async def one(i):
+            text = f"Unique question number {i} about topic {i * 7919 % 1000} and item {i}"
+            async with http.post(url, json={"model": "m", "messages": [{"role": "user", "content": text}]}) as r:
+                await r.read()
+                return r.status
+        statuses = await asyncio.gather(*[one(i) for i in range(n)])
+    print(sum(s == 200 for s in statuses))
+asyncio.run(main())
+"""
+
+
+def test_event_loop_stays_responsive_while_the_embedder_is_saturated(tmp_path):
+    """herd, the simulator and the load each run in a process of their own, so the health
+    checks measure herd's event loop and nothing else."""
+    sim_port = free_port()
+    sim = subprocess.Popen([sys.executable, "-m", "benchmarks.simulator", "--port", str(sim_port), "--ttft-ms", "50"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = None
     try:
-        texts = [f"Unique question number {i} about topic {i * 7919 % 1000} and item {i}" for i in range(600)]
-
-        async def load() -> list[int]:
-            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=200)) as http:
-
-                async def one(text: str) -> int:
-                    body = {"model": "m", "messages": user(text)}
-                    async with http.post(url + "/v1/chat/completions", json=body) as r:
-                        await r.read()
-                        return r.status
-
-                return await asyncio.gather(*[one(t) for t in texts])
-
-        timings: list[float] = []
-
-        def probe() -> None:
-            with httpx.Client(timeout=5) as http:
-                http.get(url + "/healthz")  # connect first: only the answer is timed
-                time.sleep(0.5)  # the requests have arrived and the embedder is busy by now
-                for _ in range(15):
-                    started = time.perf_counter()
-                    assert http.get(url + "/healthz").status_code == 200
-                    timings.append(time.perf_counter() - started)
-                    time.sleep(0.05)
-
-        prober = threading.Thread(target=probe)
-        prober.start()
-        statuses = asyncio.run(load())
-        prober.join()
-        assert statuses == [200] * len(texts)
-        assert len(timings) == 15
+        proc, url = start_herd(tmp_path, f"http://127.0.0.1:{sim_port}", extra='[coalesce]\nmode = "semantic"\n')
+        with httpx.Client(timeout=5) as http:
+            http.get(url + "/healthz")  # connect first: only the answers are timed
+            load = subprocess.Popen([sys.executable, "-c", LOAD_SCRIPT, url + "/v1/chat/completions", "600"],
+                                    stdout=subprocess.PIPE, text=True)
+            time.sleep(0.5)  # the requests have arrived and the embedder is busy by now
+            timings = []
+            for _ in range(15):
+                started = time.perf_counter()
+                assert http.get(url + "/healthz").status_code == 200
+                timings.append(time.perf_counter() - started)
+                time.sleep(0.05)
+            out, _ = load.communicate(timeout=60)
+        assert out.strip() == "600", "every request of the load must succeed"
         assert max(timings) < 0.05, f"a health check took {max(timings) * 1000:.1f} ms"
     finally:
-        proc.terminate()
-        proc.wait(timeout=15)
+        for p in (proc, sim):
+            if p is not None:
+                p.terminate()
+                p.wait(timeout=15)
