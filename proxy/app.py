@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 import re
-import secrets
 from collections.abc import AsyncIterator
 
 import orjson
@@ -19,8 +18,15 @@ from starlette.routing import Route
 from proxy.accounting import usage_of
 from proxy.canonical import parse_chat
 from proxy.config import Settings
-from proxy.errors import HerdError, InvalidRequest, NotFound, PayloadTooLarge, UpstreamError
+from proxy.errors import (
+    HerdError,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    UpstreamError,
+)
 from proxy.gateway import Gateway
+from proxy.ids import unique_id
 from proxy.logs import flush_logs
 from proxy.metrics import CONTENT_TYPE_LATEST, Metrics
 from proxy.responses import FlightResponse
@@ -34,7 +40,7 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 def request_id_of(request: Request) -> str:
     """The client's x-request-id when it is a plain token, else a new one."""
     given = request.headers.get("x-request-id", "")
-    return given if _REQUEST_ID.fullmatch(given) else secrets.token_hex(8)
+    return given if _REQUEST_ID.fullmatch(given) else unique_id()
 
 
 def error_response(error: HerdError) -> Response:

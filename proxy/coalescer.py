@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, Protocol
+
+from proxy.ids import unique_id
 
 log = logging.getLogger("herd.coalescer")
 
@@ -35,7 +36,7 @@ class FlightCancelled(Exception):
 
 class Flight:
     def __init__(self, keys: Iterable[str]) -> None:
-        self.id = secrets.token_hex(8)
+        self.id = unique_id()
         self.keys = tuple(keys)
         self.chunks: list[Any] = []
         self.done = False

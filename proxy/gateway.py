@@ -23,8 +23,8 @@ from proxy.cache import AnswerCache, MemoryCache, SimilarAnswers
 from proxy.canonical import ChatRequest, assign_keys, digest
 from proxy.chunks import Chunk
 from proxy.coalescer import Flight, Group
-from proxy.dispatch import Dispatcher
 from proxy.config import RouteConfig, Settings
+from proxy.dispatch import Dispatcher
 from proxy.errors import InvalidRequest, NotFound
 from proxy.metrics import Metrics
 from proxy.redis_cache import RedisCache

@@ -15,7 +15,13 @@ import orjson
 from proxy.chunks import Chunk, split
 from proxy.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from proxy.sse import read_events
-from proxy.upstream.base import HOP_BY_HOP, CallOptions, ForwardResponse, Upstream, Watchdog
+from proxy.upstream.base import (
+    HOP_BY_HOP,
+    CallOptions,
+    ForwardResponse,
+    Upstream,
+    Watchdog,
+)
 
 CLIENT_AUTH_HEADERS = frozenset({"authorization", "api-key", "x-api-key"})
 
