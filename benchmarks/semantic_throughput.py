@@ -48,50 +48,41 @@ def embedder_best(texts: list[str]) -> dict:
     return {"rates": rates, "best_batch": best, "best_per_s": rates[best]}
 
 
+async def ask(http: aiohttp.ClientSession, url: str, text: str) -> tuple[float, bool]:
+    """One chat request: (seconds to the whole answer, whether it was a 200)."""
+    body = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": text}]})
+    started = time.perf_counter()
+    async with http.post(url, data=body, headers={"content-type": "application/json"}) as r:
+        await r.read()
+        return time.perf_counter() - started, r.status == 200
+
+
 async def closed_loop(url: str, texts: list[str], concurrency: int) -> tuple[float, list[float], int]:
     queue = iter(texts)
-    latencies: list[float] = []
-    errors = 0
+    results: list[tuple[float, bool]] = []
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as http:
 
         async def worker() -> None:
-            nonlocal errors
             for text in queue:
-                body = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": text}]})
-                started = time.perf_counter()
-                async with http.post(url, data=body, headers={"content-type": "application/json"}) as r:
-                    await r.read()
-                    errors += r.status != 200
-                latencies.append(time.perf_counter() - started)
+                results.append(await ask(http, url, text))
 
         started = time.perf_counter()
         await asyncio.gather(*[worker() for _ in range(concurrency)])
-        return len(texts) / (time.perf_counter() - started), latencies, errors
+        rate = len(texts) / (time.perf_counter() - started)
+    return rate, [t for t, _ in results], sum(not ok for _, ok in results)
 
 
 async def open_loop(url: str, texts: list[str], rate: float) -> tuple[list[float], int]:
-    latencies: list[float] = []
-    errors = 0
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
-
-        async def one(text: str) -> None:
-            nonlocal errors
-            body = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": text}]})
-            started = time.perf_counter()
-            async with http.post(url, data=body, headers={"content-type": "application/json"}) as r:
-                await r.read()
-                errors += r.status != 200
-            latencies.append(time.perf_counter() - started)
-
         tasks = []
         start = time.perf_counter()
         for i, text in enumerate(texts):
             delay = start + i / rate - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(text)))
-        await asyncio.gather(*tasks)
-    return latencies, errors
+            tasks.append(asyncio.create_task(ask(http, url, text)))
+        results = await asyncio.gather(*tasks)
+    return [t for t, _ in results], sum(not ok for _, ok in results)
 
 
 def pct(values: list[float], q: float) -> float:
