@@ -152,8 +152,9 @@ class Gateway:
         semantic = mode == "semantic" and req.final_text is not None
         keys = [req.key]
         if semantic:
-            normalized = self.matcher.normalize(req.final_text)
-            keys.append(digest(b"norm", req.group.encode(), normalized.encode()))
+            # normalized text, or the text itself when it is over the embedder's window
+            merge_key = self.matcher.key(req.final_text)
+            keys.append(digest(b"norm", req.group.encode(), merge_key.encode()))
         if (flight := self.group.get(keys)) is not None:
             return self._ticket(self.group.join(flight), "follower", upstream)
         if read_cache and self.cache is not None:

@@ -11,7 +11,7 @@ import time
 
 import orjson
 
-_RESERVED = set(vars(logging.makeLogRecord({})))
+_RESERVED = set(vars(logging.makeLogRecord({}))) | {"color_message"}  # uvicorn's ANSI copy of msg
 
 
 class JsonFormatter(logging.Formatter):
