@@ -116,8 +116,12 @@ class UpstreamError(HerdError):
             return None
 
     @property
+    def _raw_is_json(self) -> bool:
+        return bool(self.raw_body) and self._content_type.startswith("application/json")
+
+    @property
     def content_type(self) -> str:
-        return self._content_type
+        return self._content_type if self._raw_is_json else "application/json"
 
     def body(self) -> dict:
         try:
@@ -129,7 +133,8 @@ class UpstreamError(HerdError):
         return super().body()
 
     def body_bytes(self) -> bytes:
-        if self.raw_body and self._content_type.startswith("application/json"):
+        """The upstream's own JSON body as it came, else an OpenAI-format one."""
+        if self._raw_is_json:
             return self.raw_body
         return orjson.dumps(self.body())
 

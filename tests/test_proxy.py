@@ -402,3 +402,12 @@ async def test_upstream_first_byte_and_idle_timeouts(sim):
             await collect_stream(c, "goes quiet")
         assert "did not answer in time" in str(quiet.value.message) or "upstream_timeout" in str(quiet.value.body)
         assert herd.flights == 0
+
+
+def test_a_non_json_upstream_error_becomes_an_openai_error_body(herd, sim):
+    sim_faults(sim.url, {"kind": "status", "status": 502, "body": "<html>bad gateway</html>",
+                         "headers": {"Content-Type": "text/html"}})
+    r = httpx.post(herd.url + "/v1/chat/completions", json={"model": "m", "messages": user("html error")})
+    assert r.status_code == 502
+    assert r.headers["content-type"].startswith("application/json")
+    assert r.json()["error"]["message"]
