@@ -39,7 +39,7 @@ class AuthConfig:
     # auto: forward-key upstreams need nothing; an upstream holding its own key needs
     # client keys (or mode = "open"). keys: always check client keys. open: accept anyone.
     mode: str = "auto"
-    hash_key: str = ""  # secret for keyed tenant hashes; empty: random per process
+    hash_key: str = field(default="", repr=False)  # secret for keyed tenant hashes; empty: random per process
     tenant_header: str = ""  # narrows the tenant further, e.g. "x-tenant-id"
     keys: list[dict] = field(default_factory=list)  # [{sha256 = "...", tenant = "..."}]
 
@@ -121,7 +121,7 @@ class CacheConfig:
 
 @dataclass
 class RedisConfig:
-    url: str = ""  # empty: one machine, in-memory state; redis://host:6379/0 to share
+    url: str = field(default="", repr=False)  # may hold a password; empty: one machine, in-memory state; redis://host:6379/0 to share
     cluster: bool = False  # Redis Cluster (keys of one flight share a hash slot)
     timeout_s: float = 0.25  # per operation; slower counts as Redis trouble
     lease_s: float = 3.0  # a flight leader's lease, renewed while it runs

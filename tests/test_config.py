@@ -134,3 +134,15 @@ def test_example_configs_load():
     for path in [root / "proxy.toml", *sorted((root / "config").glob("*.toml"))]:
         settings = load_settings(path, env=env)
         assert settings.upstreams, path
+
+
+def test_settings_repr_holds_no_secret():
+    s = parse_settings(
+        {
+            "upstreams": {"a": {"base_url": "http://x/v1", "api_key": "sk-SECRET-1"}},
+            "auth": {"mode": "open", "hash_key": "HASH-SECRET-2"},
+            "redis": {"url": "redis://:PW-SECRET-3@h:6379/0"},
+        },
+        env={},
+    )
+    assert "SECRET" not in repr(s)
