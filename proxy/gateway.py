@@ -249,14 +249,17 @@ class Gateway:
             served_by = functools.partial(flight.memo.__setitem__, "upstream")
             async for chunk in self.dispatcher.stream(route, body, options, served_by):
                 if first:
-                    m.upstream_ttft.labels(route.upstream).observe(time.perf_counter() - started)
+                    # after a fallback, the upstream that answered is not the route's primary
+                    answered = flight.memo.get("upstream", route.upstream)
+                    m.upstream_ttft.labels(answered).observe(time.perf_counter() - started)
                     first = False
                 flight.publish(chunk)
         except Exception as e:
             m.upstream_errors.labels(route.upstream, type(e).__name__).inc()
             raise
         finally:
-            m.upstream_latency.labels(route.upstream).observe(time.perf_counter() - started)
+            answered = flight.memo.get("upstream", route.upstream)
+            m.upstream_latency.labels(answered).observe(time.perf_counter() - started)
 
 
 def _log_failure(task: asyncio.Task) -> None:

@@ -241,6 +241,10 @@ async def test_failing_primary_retries_with_backoff_then_falls_back_for_every_wa
         metrics = herd.gateway.metrics
         assert metrics.upstream_retries.labels("primary")._value.get() == 2
         assert metrics.upstream_fallbacks.labels("primary", "backup")._value.get() == 1
+        # the flight's latency counts for the upstream that answered it
+        latency = metrics.registry.get_sample_value
+        assert latency("herd_upstream_seconds_count", {"upstream": "backup"}) == 1
+        assert not latency("herd_upstream_seconds_count", {"upstream": "primary"})
     expected = expected_text({"messages": user("please survive")})
     assert outcomes == [("backup", expected)] * 40
     tries = arrivals(sim, CHAT)
