@@ -12,14 +12,19 @@ import orjson
 
 
 class Chunk:
-    """One `chat.completion.chunk`: the parsed object and its JSON bytes, serialized once."""
+    """One `chat.completion.chunk`: the parsed object and its JSON bytes, serialized once.
 
-    __slots__ = ("data", "_raw", "_sse")
+    `whole` is set on the first chunk of an answer the upstream sent in one piece (a
+    non-stream call): its own `chat.completion` body, which non-stream waiters get as it is.
+    """
+
+    __slots__ = ("data", "_raw", "_sse", "whole")
 
     def __init__(self, data: dict[str, Any], raw: bytes | None = None) -> None:
         self.data = data
         self._raw = raw
         self._sse: bytes | None = None
+        self.whole: bytes | None = None
 
     @property
     def raw(self) -> bytes:
@@ -121,8 +126,11 @@ def assemble(chunks: list[Chunk]) -> dict[str, Any]:
     return result
 
 
-def split(completion: dict[str, Any]) -> list[Chunk]:
-    """The chunks a non-stream `chat.completion` would have been streamed as."""
+def split(completion: dict[str, Any], whole: bytes | None = None) -> list[Chunk]:
+    """The chunks a non-stream `chat.completion` would have been streamed as.
+
+    `whole`: the completion's own JSON bytes, kept on the first chunk (see Chunk.whole).
+    """
     base = {k: completion[k] for k in ("id", "created", "model", "system_fingerprint") if k in completion}
     base["object"] = "chat.completion.chunk"
     out = []
@@ -140,4 +148,6 @@ def split(completion: dict[str, Any]) -> list[Chunk]:
         )
     if completion.get("usage") is not None:
         out.append(Chunk({**base, "choices": [], "usage": completion["usage"]}))
+    if out and whole is not None:
+        out[0].whole = whole
     return out

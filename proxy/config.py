@@ -109,6 +109,9 @@ class CoalesceConfig:
     model_path: str = ""  # ONNX model; empty: the bundled all-MiniLM-L6-v2 int8
     embed_batch: int = 32
     embed_cache: int = 10_000
+    # auto: a flight calls the upstream the way its first request asked (stream or not);
+    # always: always streaming, so stream requests joining a non-stream flight get live chunks
+    upstream_stream: str = "auto"
 
 
 @dataclass
@@ -368,6 +371,8 @@ def validate(s: Settings) -> None:
             )
     if s.coalesce.mode not in MODES:
         raise ConfigError(f"coalesce.mode must be one of {', '.join(MODES)}, got {s.coalesce.mode!r}")
+    if s.coalesce.upstream_stream not in ("auto", "always"):
+        raise ConfigError(f"coalesce.upstream_stream must be auto or always, got {s.coalesce.upstream_stream!r}")
     if not 0.0 < s.coalesce.threshold <= 1.0:
         raise ConfigError(f"coalesce.threshold must be in (0, 1], got {s.coalesce.threshold}")
     if s.auth.mode not in AUTH_MODES:

@@ -11,6 +11,7 @@ Every waiter of a flight depends on this call, so `Dispatcher.stream` gives it e
                  retries, when the primary still fails or is shut off (circuit, rate, capacity)
 
 `served_by` is told the name of the upstream that answers, just before its first chunk.
+`stream=False` lets the adapter make a non-stream call (see Upstream.chat).
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ class Dispatcher:
         body: dict,
         options: CallOptions,
         served_by: Callable[[str], None],
+        stream: bool = True,
     ) -> AsyncIterator[Chunk]:
         failure: HerdError | None = None  # why the last upstream tried could not answer
         plan = self.plan(route, body["model"])
@@ -91,7 +93,7 @@ class Dispatcher:
             started = False
             try:
                 count = await self._preflight(name, target)
-                async with contextlib.aclosing(self._tries(name, target, options, count)) as chunks:
+                async with contextlib.aclosing(self._tries(name, target, options, count, stream)) as chunks:
                     async for chunk in chunks:
                         if not started:
                             served_by(name)
@@ -125,7 +127,7 @@ class Dispatcher:
         return count
 
     async def _tries(
-        self, name: str, body: dict, options: CallOptions, count: TokenCount | None
+        self, name: str, body: dict, options: CallOptions, count: TokenCount | None, stream: bool
     ) -> AsyncIterator[Chunk]:
         """One upstream's answer, tried again on retryable failures until a chunk has gone out."""
         upstream, guard, m = self.upstreams[name], self.guards[name], self.metrics
@@ -149,7 +151,7 @@ class Dispatcher:
             m.upstream_calls.labels(name).inc()
             started, usage = False, None
             try:
-                async with contextlib.aclosing(upstream.chat(body, options)) as chunks:
+                async with contextlib.aclosing(upstream.chat(body, options, stream)) as chunks:
                     async for chunk in chunks:
                         started = True
                         usage = chunk.data.get("usage") or usage

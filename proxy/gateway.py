@@ -140,9 +140,12 @@ class Gateway:
         assign_keys(req, identity.tenant, route.upstream)
         options = CallOptions(client_key=identity.client_key)
         store = write_cache and self.cache is not None and mode != "off"
+        # A flight led by a non-stream request calls the upstream non-stream ([coalesce]
+        # upstream_stream = "auto"); stream requests that join it get the answer when it is done.
+        stream = req.stream or self.settings.coalesce.upstream_stream == "always"
 
         async def work(flight: Flight) -> None:
-            await self._call(route, req.body, options, flight)
+            await self._call(route, req.body, options, flight, stream)
             if store:
                 self._spawn(self._store(flight))
 
@@ -240,14 +243,16 @@ class Gateway:
     def release(self, ticket: Ticket) -> None:
         self.group.release(ticket.flight)
 
-    async def _call(self, route: RouteConfig, body: dict, options: CallOptions, flight: Flight) -> None:
+    async def _call(
+        self, route: RouteConfig, body: dict, options: CallOptions, flight: Flight, stream: bool = True
+    ) -> None:
         """The one upstream call of a flight: publish each chunk to its waiters."""
         m = self.metrics
         started = time.perf_counter()
         first = True
         try:
             served_by = functools.partial(flight.memo.__setitem__, "upstream")
-            async for chunk in self.dispatcher.stream(route, body, options, served_by):
+            async for chunk in self.dispatcher.stream(route, body, options, served_by, stream):
                 if first:
                     # after a fallback, the upstream that answered is not the route's primary
                     answered = flight.memo.get("upstream", route.upstream)

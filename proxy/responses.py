@@ -189,8 +189,10 @@ class FlightResponse:
 
 
 def json_body(flight: Flight) -> bytes:
-    """The non-stream body of a finished flight, assembled and serialized once per flight."""
+    """The non-stream body of a finished flight: the upstream's own, when it sent one, else
+    assembled from the chunks; made once per flight."""
     body = flight.memo.get("json")
     if body is None:
-        body = flight.memo["json"] = orjson.dumps(assemble(flight.chunks))
+        whole = flight.chunks[0].whole if flight.chunks else None
+        body = flight.memo["json"] = whole if whole is not None else orjson.dumps(assemble(flight.chunks))
     return body

@@ -62,8 +62,8 @@ def test_errors_and_cut_streams_are_not_cached(cached_herd, sim):
 
 def test_cached_answer_replays_as_a_stream_of_chunks(cached_herd, sim):
     sim_reset(sim.url, reply_tokens=12)
-    ask(cached_herd, "replay me")
     c = openai.OpenAI(base_url=cached_herd.url + "/v1", api_key="sk-a", max_retries=0)
+    list(c.chat.completions.create(model="m", messages=user("replay me"), stream=True))  # a streamed answer
     raw = c.chat.completions.with_raw_response.create(
         model="m", messages=user("replay me"), stream=True, stream_options={"include_usage": True}
     )
@@ -75,6 +75,24 @@ def test_cached_answer_replays_as_a_stream_of_chunks(cached_herd, sim):
         {"messages": user("replay me")}, {"reply_tokens": 12}
     )
     assert chunks[-1].usage is not None
+    assert chat_calls(sim.url) == 1
+
+
+def test_answer_of_a_non_stream_call_replays_to_a_stream_client(cached_herd, sim):
+    sim_reset(sim.url, reply_tokens=12)
+    first = ask(cached_herd, "one piece")  # a non-stream flight: one non-stream upstream call
+    c = openai.OpenAI(base_url=cached_herd.url + "/v1", api_key="sk-a", max_retries=0)
+    raw = c.chat.completions.with_raw_response.create(
+        model="m", messages=user("one piece"), stream=True, stream_options={"include_usage": True}
+    )
+    assert raw.headers["x-herd"] == "cache"
+    chunks = list(raw.parse())
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == first.parse().choices[0].message.content == expected_text(
+        {"messages": user("one piece")}, {"reply_tokens": 12}
+    )
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "stop"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 12
     assert chat_calls(sim.url) == 1
 
 

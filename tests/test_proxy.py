@@ -158,6 +158,46 @@ async def test_late_stream_joiner_gets_the_whole_stream_in_order(herd, sim):
     assert chat_calls(sim.url) == 1
 
 
+def _upstream_calls(sim_url: str) -> list[dict]:
+    return [e for e in sim_stats(sim_url)["log"] if e["path"].endswith("/chat/completions")]
+
+
+async def test_the_upstream_is_called_the_way_the_flight_leader_asked(herd, sim):
+    sim_reset(sim.url, ttft_ms=300, reply_tokens=10)
+    c = aclient(herd)
+    expected = expected_text({"messages": user("one piece")}, {"reply_tokens": 10})
+    leader = asyncio.create_task(c.chat.completions.with_raw_response.create(model="m", messages=user("one piece")))
+    await asyncio.sleep(0.1)
+    # A stream request that joins a non-stream flight gets the whole answer as a stream.
+    raw = await c.chat.completions.with_raw_response.create(
+        model="m", messages=user("one piece"), stream=True, stream_options={"include_usage": True})
+    assert raw.headers["x-herd"] == "follower"
+    chunks = [ch async for ch in raw.parse()]
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == expected
+    assert chunks[-1].usage.completion_tokens == 10
+    answer = (await leader).parse()
+    assert answer.choices[0].message.content == expected and answer.usage.completion_tokens == 10
+    assert answer.system_fingerprint == "fp_herdsim"  # the upstream's own body
+    (call,) = _upstream_calls(sim.url)
+    assert call["stream"] is False and "stream_options" not in call["body"]
+
+    sim_reset(sim.url, ttft_ms=0, reply_tokens=10)
+    assert await collect_stream(c, "streamed") == expected_text({"messages": user("streamed")}, {"reply_tokens": 10})
+    (call,) = _upstream_calls(sim.url)
+    assert call["stream"] is True and call["body"]["stream_options"] == {"include_usage": True}
+
+
+async def test_upstream_stream_always_streams_every_flight(sim):
+    settings = herd_settings(sim.url, coalesce={"upstream_stream": "always"})
+    with HerdServer(settings) as herd:
+        sim_reset(sim.url, reply_tokens=5)
+        answer = await aclient(herd).chat.completions.create(model="m", messages=user("streamed anyway"))
+        assert answer.choices[0].message.content == expected_text({"messages": user("streamed anyway")},
+                                                                  {"reply_tokens": 5})
+        (call,) = _upstream_calls(sim.url)
+        assert call["stream"] is True
+
+
 async def _read_some_then_disconnect(url: str, text: str, chunks: int = 2) -> None:
     async with httpx.AsyncClient(timeout=30) as http:
         body = {"model": "m", "messages": user(text), "stream": True}
@@ -387,16 +427,25 @@ async def test_no_flight_is_left_after_10000_requests(herd, sim):
 
 
 async def test_upstream_first_byte_and_idle_timeouts(sim):
-    settings = herd_settings(sim.url, upstreams={"sim": {"first_byte_timeout_s": 0.5, "idle_timeout_s": 0.3}})
+    limits = {"first_byte_timeout_s": 0.5, "idle_timeout_s": 0.3, "total_timeout_s": 2.0}
+    settings = herd_settings(sim.url, upstreams={"sim": limits})
     with HerdServer(settings) as herd:
         c = aclient(herd)
         sim_reset(sim.url, ttft_ms=1500)  # no first byte in time
         with pytest.raises(openai.APIStatusError) as slow:
-            await c.chat.completions.create(model="m", messages=user("slow start"))
+            await collect_stream(c, "slow start")
         assert slow.value.status_code == 504 and slow.value.body["code"] == "upstream_timeout"
+        # A non-stream flight makes a non-stream call: its first byte is the whole answer, so
+        # only the total timeout bounds it.
+        one_piece = await c.chat.completions.create(model="m", messages=user("slow but whole"))
+        assert one_piece.choices[0].finish_reason == "stop"
+        sim_reset(sim.url, ttft_ms=2500)
+        with pytest.raises(openai.APIStatusError) as too_slow:
+            await c.chat.completions.create(model="m", messages=user("over the total"))
+        assert too_slow.value.status_code == 504 and too_slow.value.body["code"] == "upstream_timeout"
         sim_reset(sim.url, ttft_ms=0, tokens_per_s=20, reply_tokens=10)  # 50 ms between chunks: fine
-        ok = await c.chat.completions.create(model="m", messages=user("steady stream"))
-        assert ok.choices[0].finish_reason == "stop"
+        ok = await c.chat.completions.create(model="m", messages=user("steady stream"), stream=True)
+        assert [chunk async for chunk in ok][-1].choices[0].finish_reason == "stop"
         sim_faults(sim.url, {"kind": "stall", "after_chunks": 3, "stall_s": 5, "match": "goes quiet"})
         with pytest.raises(openai.APIError) as quiet:
             await collect_stream(c, "goes quiet")

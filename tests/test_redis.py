@@ -438,7 +438,7 @@ def test_redis_cache_keeps_no_errors(cache_pair, sim, redis_server):
 def test_redis_cached_answer_replays_as_a_stream(cache_pair, sim):
     a, b = cache_pair
     sim_reset(sim.url, reply_tokens=12)
-    sdk(a).chat.completions.create(model="m", messages=user("replay from redis"))
+    list(sdk(a).chat.completions.create(model="m", messages=user("replay from redis"), stream=True))
     raw = sdk(b).chat.completions.with_raw_response.create(
         model="m", messages=user("replay from redis"), stream=True, stream_options={"include_usage": True}
     )

@@ -585,7 +585,9 @@ class AnthropicUpstream(Upstream):
             )
         return self._client.with_options(api_key=options.client_key)
 
-    async def chat(self, body: dict, options: CallOptions) -> AsyncIterator[Chunk]:
+    async def chat(self, body: dict, options: CallOptions, stream: bool = True) -> AsyncIterator[Chunk]:
+        # Always a streaming Messages call: the translation is one code path, and `stream`
+        # (a hint that every waiter so far wants one JSON body) costs little here.
         request = to_messages_request(body, self.cfg.default_max_tokens)
         client = self._client_for(options)
         cfg = self.cfg

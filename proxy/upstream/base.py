@@ -66,8 +66,12 @@ class Upstream:
     async def aclose(self) -> None:
         """Close connection pools."""
 
-    def chat(self, body: dict, options: CallOptions) -> AsyncIterator[Chunk]:
-        """Stream the answer to an OpenAI chat request as OpenAI chunks."""
+    def chat(self, body: dict, options: CallOptions, stream: bool = True) -> AsyncIterator[Chunk]:
+        """The answer to an OpenAI chat request, as OpenAI chunks.
+
+        stream=False: the flight's waiters so far want one JSON body, so the adapter may make
+        a non-stream call (cheaper for both sides) and yield its answer split into chunks.
+        """
         raise NotImplementedError
 
     async def forward(

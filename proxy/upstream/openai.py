@@ -1,8 +1,9 @@
 """Any OpenAI-compatible server: OpenAI itself, vLLM, and the many that copy its API.
 
-Chat requests always go upstream in streaming mode with usage included, whatever the
-client asked: the flight then serves stream and non-stream waiters alike. The HTTP client
-is aiohttp (see benchmarks/HTTP_CLIENTS.md for the measurement behind that choice).
+A streaming call asks for usage in the last chunk; a non-stream call's JSON body is split
+into the chunks it would have been streamed as (and kept whole for non-stream waiters), so
+either kind of flight serves stream and non-stream waiters alike. The HTTP client is
+aiohttp (see benchmarks/HTTP_CLIENTS.md for the measurement behind that choice).
 """
 
 from __future__ import annotations
@@ -67,13 +68,20 @@ class OpenAIUpstream(Upstream):
             )
         return self._client_timeout
 
-    async def chat(self, body: dict, options: CallOptions) -> AsyncIterator[Chunk]:
-        payload = {**body, "stream": True, "stream_options": {"include_usage": True}}
-        headers = {**self._auth_headers(options), "content-type": "application/json", "accept": "text/event-stream"}
+    async def chat(self, body: dict, options: CallOptions, stream: bool = True) -> AsyncIterator[Chunk]:
+        if stream:
+            payload = {**body, "stream": True, "stream_options": {"include_usage": True}}
+            limit_s, accept = self.cfg.first_byte_timeout_s, "text/event-stream"
+        else:
+            payload = {k: v for k, v in body.items() if k != "stream_options"}
+            payload["stream"] = False
+            # the whole answer is the first byte: only the call's total timeout applies
+            limit_s, accept = self.cfg.total_timeout_s, "application/json"
+        headers = {**self._auth_headers(options), "content-type": "application/json", "accept": accept}
         url = f"{self.cfg.base_url}/chat/completions"
         finished = False
         resp: aiohttp.ClientResponse | None = None
-        watchdog = Watchdog(self.cfg.first_byte_timeout_s, f"upstream {self.name!r}")
+        watchdog = Watchdog(limit_s, f"upstream {self.name!r}")
         try:
             resp = await watchdog.wait(
                 self.session.post(url, data=orjson.dumps(payload), headers=headers, timeout=self._timeout())
@@ -81,8 +89,9 @@ class OpenAIUpstream(Upstream):
             if resp.status >= 400:
                 raise await watchdog.wait(self._error(resp))
             if not resp.content_type.startswith("text/event-stream"):
-                # A server that ignores `stream`: its one JSON body, as chunks.
-                for chunk in split(orjson.loads(await watchdog.wait(resp.read()))):
+                # A non-stream call, or a server that ignores `stream`: one JSON body, as chunks.
+                raw = await watchdog.wait(resp.read())
+                for chunk in split(_completion(raw, self.name), raw):
                     yield chunk
                 return
             events = aiter(read_events(resp.content.iter_any()))
@@ -129,3 +138,13 @@ class OpenAIUpstream(Upstream):
             (k, v) for k, v in resp.headers.items() if k.lower() not in HOP_BY_HOP and k.lower() != "content-encoding"
         ]
         return ForwardResponse(resp.status, back, resp.content.iter_any(), resp.release)
+
+
+def _completion(raw: bytes, upstream: str) -> dict:
+    """A non-stream answer's `chat.completion` object; anything else is the upstream's fault."""
+    data = orjson.loads(raw)
+    if isinstance(data, dict) and isinstance(data.get("choices"), list):
+        return data
+    if isinstance(data, dict) and "error" in data:
+        raise UpstreamError(502, raw, upstream=upstream)  # an error object with a 200 status
+    raise UpstreamUnavailable(f"upstream {upstream!r} answered with something that is not a chat completion")

@@ -78,10 +78,10 @@ class VLLMUpstream(OpenAIUpstream):
             self._poller = None
         await super().aclose()
 
-    async def chat(self, body: dict, options: CallOptions) -> AsyncIterator[Chunk]:
+    async def chat(self, body: dict, options: CallOptions, stream: bool = True) -> AsyncIterator[Chunk]:
         async with (
             self.capacity.slot(),
-            contextlib.aclosing(super().chat(body, options)) as chunks,
+            contextlib.aclosing(super().chat(body, options, stream)) as chunks,
         ):
             async for chunk in chunks:
                 yield chunk
