@@ -104,7 +104,7 @@ class TokensConfig:
 @dataclass
 class CoalesceConfig:
     mode: str = "exact"  # off | exact | semantic
-    threshold: float = 0.70  # calibrated on fow-cache with all guards on: see benchmarks/SEMANTIC.md
+    threshold: float = 0.62  # calibrated on fow-cache with all guards on: see benchmarks/SEMANTIC.md
     guards: list[str] = field(default_factory=lambda: ["all"])
     model_path: str = ""  # ONNX model; empty: the bundled all-MiniLM-L6-v2 int8
     embed_batch: int = 32

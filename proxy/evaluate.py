@@ -217,8 +217,12 @@ def _label(item: dict, ambiguous: str) -> bool | None:
     return bool(item["same_answer"])
 
 
-def load_items(name: str, ambiguous: str = "different", limit: int | None = None) -> list[dict[str, Any]]:
-    """[{id, group, should_merge, a, b}] where a/b are strings (questions, herd) or message lists."""
+def load_items(name: str, ambiguous: str = "different", limit: int | None = None,
+               split: str | None = None) -> list[dict[str, Any]]:
+    """[{id, group, should_merge, a, b}] where a/b are strings (questions, herd) or message lists.
+
+    `split` "even" / "odd" keeps the pairs at even / odd positions of the dataset (0-based,
+    before `limit`): calibrate on one half, report the other."""
     items: list[dict[str, Any]] = []
     if name == "questions":
         for q in _fow().load_questions():
@@ -237,6 +241,10 @@ def load_items(name: str, ambiguous: str = "different", limit: int | None = None
             items.append({"id": f"herd-{i:03d}", "group": cat, "should_merge": lab, "a": a, "b": b})
     else:
         raise ValueError(f"unknown dataset {name!r}")
+    if split:
+        if split not in ("even", "odd"):
+            raise ValueError(f"split must be even or odd, not {split!r}")
+        items = items[(split == "odd"):: 2]
     if limit:
         per: dict[str, int] = {}
         kept = []
@@ -392,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ambiguous", choices=("different", "same", "skip"), default="different",
                     help="how to count fow-cache's ambiguous pairs (default: as traps)")
     ap.add_argument("--limit", type=int, default=None, help="at most N pairs per category (quick runs)")
+    ap.add_argument("--split", choices=("even", "odd"), default=None,
+                    help="only the pairs at even / odd positions of each dataset (held-out checks)")
     ap.add_argument("--items", action="store_true", help="include every pair's result in the JSON")
     ap.add_argument("--show", type=int, default=0, metavar="N", help="print up to N merged traps and N missed pairs")
     ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: default)")
@@ -424,10 +434,11 @@ def main(argv: list[str] | None = None) -> int:
         "guards": sorted(guards),
         "ambiguous": args.ambiguous,
         "limit": args.limit,
+        "split": args.split,
         "datasets": {},
     }
     for name in [d.strip() for d in args.datasets.split(",") if d.strip()]:
-        items = load_items(name, args.ambiguous, args.limit)
+        items = load_items(name, args.ambiguous, args.limit, args.split)
         ds = Dataset(name, score_items(items, matcher, embedder))
         res = report(ds, args.threshold, guards, sweep)
         if name == "questions":

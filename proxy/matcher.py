@@ -36,7 +36,8 @@ wording        a near-copy (same words, same order) that swaps or adds a content
                that is not a spelling variant, an inflection or a listed synonym, unless
                the similarity clears the stricter near-copy threshold (0.93)
 intent         below the confident threshold (0.75), both must ask the same kind of
-               question: who / where / when / why / how much
+               question (who / where / when / why / how much / how to), and what an
+               existence question asks about ("is there a shuttle") must be named in both
 =============  ===========================================================================
 
 Everything here is pure Python + numpy; no HTTP, no model. The embedder is reached
@@ -75,7 +76,7 @@ GUARDS: tuple[str, ...] = (
 )
 
 #: Calibrated on the evaluation in benchmarks/SEMANTIC.md (python -m proxy.evaluate).
-DEFAULT_THRESHOLD = 0.70
+DEFAULT_THRESHOLD = 0.62
 DEFAULT_MAX_TOKENS = 256
 #: A near-copy (this share of words the same, in order) that changes a content word needs
 #: this similarity instead of the threshold.
@@ -296,6 +297,8 @@ DURATIONS = {
     **dict.fromkeys(["decade", "decades"], 3650 * 86400),
 }
 
+_YEARS = _words("year years yr yrs")
+
 DATE_WORDS = _groups({
     "monday": "monday mon mondays", "tuesday": "tuesday tue tues tuesdays",
     "wednesday": "wednesday wed weds wednesdays", "thursday": "thursday thu thur thurs thursdays",
@@ -344,7 +347,7 @@ _AXES: dict[str, dict[str, str]] = {
     "enable": {"+": "enable enables enabled enabling activate activates activated turn-on switch-on",
                "-": "disable disables disabled disabling deactivate deactivates deactivated turn-off switch-off"},
     "switch": {"+": "on", "-": "off"},
-    "inout": {"+": "in into inside", "-": "out outside"},
+    "inout": {"+": "in into inside internal", "-": "out outside external"},
     "updown": {"+": "up", "-": "down"},
     "login": {"+": "login log-in sign-in signin", "-": "logout log-out sign-out signout"},
     "optin": {"+": "opt-in", "-": "opt-out"},
@@ -352,7 +355,8 @@ _AXES: dict[str, dict[str, str]] = {
     "start": {"+": "start starts started starting begin begins began beginning resume resumes resumed continue continues",
               "-": """stop stops stopped stopping end ends ended ending pause paused pausing halt halted quit
                       quitting finish finished terminate terminated suspend suspended cease ceased
-                      discontinue discontinued"""},
+                      discontinue discontinued cancel cancels cancelled canceled cancelling canceling
+                      cancellation"""},
     "add": {"+": "add adds added adding insert inserted create creates created install installed attach attached",
             "-": """remove removes removed removing delete deletes deleted deleting uninstall uninstalled
                     detach detached erase erased clear cleared drop dropped"""},
@@ -441,6 +445,10 @@ _AXES: dict[str, dict[str, str]] = {
 MARKED = frozenset(
     ["open", "include", "permit", "enable", "switch", "inout", "updown", "login", "optin", "check", "start", "add", "amount", "safety", "law", "health", "quality", "function", "truth", "outcome", "validity", "availability", "possibility", "merit", "avoid", "feeling", "visibility", "punctual", "most", "effect"]
 )
+#: Axes whose "-" poles all end or take away something: "close my account" asks what
+#: "delete my account" asks, "kick someone out" what "remove someone" asks. A "-" pole on one
+#: of them is not silence to a "-" pole on another (opposite poles of one axis still clash).
+_ENDING_AXES = frozenset(["open", "start", "add", "enable", "join", "login", "switch", "optin", "inout"])
 POLARITY: dict[str, tuple[str, str]] = {}
 for _axis, _poles in _AXES.items():
     for _pole, _ws in _poles.items():
@@ -449,6 +457,7 @@ for _axis, _poles in _AXES.items():
 # Words with other common senses ("in", "like", "back"): they clash with an opposite pole
 # but never count against silence.
 _POLARITY_WEAK = _words("own in into up on over under back hot most more less top after before like likes "
+                        "cancel cancels cancelled canceled cancelling canceling cancellation "
                         "within during until till working works properly light left right front")
 #: Word-building prefixes written with a hyphen: self-employed, non-members, ex-partner.
 _PREFIX_PARTICLE = re.compile(r"\b(self|anti|ex|semi|pre|post|co|multi|sub|super|over|under|re|un|dis|mis)-(?=[^\W\d_])", re.IGNORECASE)
@@ -528,6 +537,8 @@ _LANG_MARKERS = {
 #: word is a stopword ("get") makes its words stopwords too.
 SYNONYMS = _groups({
     "get": "get obtain receive acquire request",
+    "be": "be stay stays remain remains",
+    "do": "do offer offers provide provides",
     "change": "change update modify edit amend alter adjust switch",
     "start": "start begin commence",
     "buy": "buy purchase",
@@ -567,6 +578,18 @@ SYNONYMS = _groups({
     "previous": "previous prior earlier",
     "create": "create set-up setup",
     "include": "include come-with",
+    "mute": "mute silence",
+    "atm": "atm atms cashpoint cashpoints cash-machine",
+    "dispute": "dispute challenge contest",
+    "choose": "choose select pick",
+    "need": "need require",
+    "use": "use utilise utilize",
+    "talk": "talk speak",
+    "reply": "reply respond answer",
+    "mistake": "mistake error",
+    "activate": "activate go-live",
+    "enough": "enough sufficient",
+    "allowed": "allowed permitted",
 })
 _SYNONYM_STOPS = frozenset(w for w, canon in SYNONYMS.items() if canon in STOPWORDS)
 
@@ -579,6 +602,8 @@ PHRASES = {
     ("check", "in"): "check-in", ("check", "out"): "check-out", ("set", "up"): "set-up",
     ("come", "with"): "come-with", ("comes", "with"): "come-with", ("on", "time"): "on-time",
     ("find", "out"): "find-out", ("shut", "down"): "shut", ("close", "down"): "close",
+    ("united", "states"): "usa", ("united", "kingdom"): "uk", ("great", "britain"): "uk",
+    ("go", "live"): "go-live", ("goes", "live"): "go-live",
     ("best", "way"): "way", ("easiest", "way"): "way", ("right", "way"): "way",
 }
 
@@ -674,6 +699,14 @@ _SCRIPTS = (
     ("cjk", 0x3400, 0x9FFF), ("hangul", 0xAC00, 0xD7AF),
 )
 _NOT_ENTITY = _words("i i'm i've i'd i'll ok okay a am pm ps fyi asap etc eg ie vs tv hi hey hello thanks please sorry dear")
+#: Acronyms that are common nouns, not names: the wording guard judges them like any word.
+_COMMON_ACRONYMS = _words("pc pcs ceo ceos cfo cto coo md hr atm atms pin id ids faq faqs diy eta gp gps sms "
+                          "dm dms pdf app apps usb wifi otp ssn")
+#: Other names of one country.
+_COUNTRY_ALIASES = {"america": "usa", "usa": "usa", "us": "usa", "britain": "uk", "uk": "uk"}
+#: Weekdays and months are compared by the dates guard, currencies by the numbers guard.
+_NOT_NAMES = frozenset(w for w, c in DATE_WORDS.items() if c in _TIME_NOUNS) | frozenset(
+    w for w in UNITS if len(w) >= 2 and w not in _UNIT_AFTER_NUMBER_ONLY)
 
 
 @dataclass(frozen=True)
@@ -709,6 +742,8 @@ class Features:
     lang: str | None
     roles: tuple[tuple[str, str], ...]  # (role, canonical head word)
     intents: frozenset[str]  # kinds of question asked: who where when why quant
+    acronyms: frozenset[str] = frozenset()  # entities written as acronyms (lower case)
+    asked_for: frozenset[str] = frozenset()  # what "is there a X" / "is X available" asks about
 
 
 def _fold(word: str) -> str:
@@ -742,11 +777,20 @@ def _tokens(text: str) -> list[Token]:
     merged: list[Token] = []
     i = 0
     while i < len(out):
-        if i + 1 < len(out) and (out[i].low, out[i + 1].low) in PHRASES:
+        if (out[i].low == "many" and i > 0 and out[i - 1].low == "how" and i + 1 < len(out)
+                and out[i + 1].low in DURATIONS and out[i + 1].low not in ("s", "h", "mo")):
+            # "how many days does it take" asks "how long does it take"
+            merged.append(Token(out[i].text, "long", out[i].start, out[i].pos, out[i + 1].end))
+            i += 2
+        elif i + 1 < len(out) and (out[i].low, out[i + 1].low) in PHRASES:
             merged.append(Token(out[i].text, PHRASES[(out[i].low, out[i + 1].low)], out[i].start, out[i].pos, out[i + 1].end))
             i += 2
         else:
-            merged.append(out[i])
+            t = out[i]
+            alias = _COUNTRY_ALIASES.get(t.low)
+            if alias is not None and (t.low != "us" or t.text == "US"):
+                t = Token(t.text, alias, t.start, t.pos, t.end)
+            merged.append(t)
             i += 1
     return merged
 
@@ -857,6 +901,11 @@ def _numbers(toks: list[Token]) -> tuple[list[str], set[str], set[int]]:
         used.update(range(i, j))
         # a unit right after the number (allowing "-": 2-year, and "of": 2 years of)
         k = j
+        if k + 1 < n and toks[k].low in _YEARS and toks[k + 1].low == "old":
+            numbers.append(f"{value:g}")  # an age: "an 18-year-old" is "at 18"
+            used.update((k, k + 1))
+            i = k + 2
+            continue
         if k < n and toks[k].low in DURATIONS:
             numbers.append(f"{value * DURATIONS[toks[k].low]:g}s")
             used.add(k)
@@ -877,10 +926,30 @@ def _numbers(toks: list[Token]) -> tuple[list[str], set[str], set[int]]:
     return numbers, units, used
 
 
+#: A part of the day right after a clock hour is am or pm: "seven in the morning" is "7am".
+_DAY_PARTS = {"morning": "am", "afternoon": "pm", "evening": "pm", "night": "pm", "today": "pm"}
+_HOUR_WORDS = frozenset(w for w, v in _NUMBER_WORDS.items() if isinstance(v, int) and 1 <= v <= 12) | {"one", "o'clock"}
+_RANGE_JOINERS = _words("to through thru till until")
+_DAY_NAMES = _words("today tomorrow monday tuesday wednesday thursday friday saturday sunday")
+
+
+def _after_hour(toks: list[Token], i: int) -> bool:
+    for k in range(i - 1, max(-1, i - 5), -1):
+        u = toks[k]
+        if u.text[0].isdigit() or u.low in _HOUR_WORDS:
+            return True
+        if u.low not in ("in", "the", "this", "at", "on") and DATE_WORDS.get(u.low) not in _DAY_NAMES:
+            return False
+    return False
+
+
 def _dates(toks: list[Token]) -> set[str]:
     dates: set[str] = set()
     n = len(toks)
+    skip = -1
     for i, t in enumerate(toks):
+        if i <= skip:
+            continue
         w = t.low
         if ":" in t.text and t.text[0].isdigit():
             dates.add("clock")
@@ -890,6 +959,22 @@ def _dates(toks: list[Token]) -> set[str]:
             if w is None:
                 continue
         canon = DATE_WORDS[w]
+        if canon in _DAY_PARTS and (w != "today" or t.low.startswith("tonight")) and _after_hour(toks, i):
+            dates.add(_DAY_PARTS[canon])  # "7 this evening", "3 o'clock tomorrow afternoon"
+            dates.discard("this:" + canon)
+            continue
+        if canon == "now" and i > 0 and toks[i - 1].low == "what":
+            continue  # "what now?"
+        if canon in ("monday", "saturday") and i + 1 < n:
+            # "Monday to Friday", "Mon-Fri": weekdays; "Saturday and Sunday": the weekend
+            end, span = ("friday", "weekday") if canon == "monday" else ("sunday", "weekend")
+            joiners = _RANGE_JOINERS if canon == "monday" else _RANGE_JOINERS | {"and"}
+            j = i + 1 if DATE_WORDS.get(toks[i + 1].low) == end else i + 2 if (
+                i + 2 < n and toks[i + 1].low in joiners and DATE_WORDS.get(toks[i + 2].low) == end) else 0
+            if j:
+                dates.add(span)
+                skip = j
+                continue
         near_number = (i > 0 and toks[i - 1].text[0].isdigit()) or (i + 1 < n and toks[i + 1].text[0].isdigit())
         if w in _DATE_MODIFIERS:
             if i + 1 < n and toks[i + 1].low in _TIME_NOUNS:
@@ -905,12 +990,23 @@ def _dates(toks: list[Token]) -> set[str]:
     return dates
 
 
+_MISSPELT_INDEX: dict[int, dict[str, list[str]]] = {}
+
+
 def _misspelt(w: str, table: dict[str, str]) -> str | None:
     """The entry of `table` that `w` misspells, if `w` is not a word the model knows."""
     if len(w) < 5 or not w.isalpha() or w in _vocabulary():
         return None
-    for k in table:
-        if k[:1] == w[:1] and len(k) >= 5 and _typo_pair(w, k):
+    index = _MISSPELT_INDEX.get(id(table))
+    if index is None:  # the table's entries of 5 letters or more, by first letter, in table order
+        index = {}
+        for k in table:
+            if len(k) >= 5:
+                index.setdefault(k[:1], []).append(k)
+        _MISSPELT_INDEX[id(table)] = index
+    n = len(w)
+    for k in index.get(w[:1], ()):
+        if abs(len(k) - n) <= 2 and _typo_pair(w, k):
             return k
     return None
 
@@ -931,7 +1027,8 @@ def _entities(toks: list[Token], body: str) -> tuple[tuple[str, ...], ...]:
         s = t.text
         acronym = len(s) >= 2 and s.isupper() and s.isalpha()
         cap = s[:1].isupper() and not t.start
-        if (cap or acronym) and s[0].isalpha() and t.low not in _NOT_ENTITY:
+        if (cap or acronym) and s[0].isalpha() and t.low not in _NOT_ENTITY and t.low not in _COMMON_ACRONYMS and (
+                t.low not in _NOT_NAMES):
             run.append(_stem(t.low))
             continue
         if run:
@@ -980,7 +1077,7 @@ def extract_features(text: str) -> Features:
         if w in SCOPE_WORDS and not (k > 0 and lows[k - 1] == "how"):
             scope.add(SCOPE_WORDS[w] + ("-n" if k + 1 < n and toks[k + 1].text[0].isdigit() else ""))
         deg = _degree(w)
-        if deg:
+        if deg and not (k > 0 and lows[k - 1] in ("no", "any")):  # "no longer" is not a comparison
             comparatives.add(deg)
         if w in FORMAT_WORDS:
             formats.add(FORMAT_WORDS[w] + ("?" if w in _FORMAT_WEAK else ""))
@@ -1028,12 +1125,16 @@ def extract_features(text: str) -> Features:
         lang=_language_of(lows),
         roles=_roles(toks),
         intents=_intents(toks, body),
+        acronyms=frozenset(t.low for t in toks if len(t.text) >= 2 and t.text.isupper() and t.text.isalpha()),
+        asked_for=_asked_for(lows),
     )
 
 
 _CLAUSE_FILLERS = _words("so and but or then also well ok okay um uh er just")
 _EMBEDDING_VERBS = _words("tell know ask wondering wonder see check find-out sure idea")
 _QUANT_NEXT = _words("much many long often far old big soon quickly early late")
+_CAUSE_NEXT = _words("causes caused causing cause makes made")
+_TIME_HEADS = _words("time times hours date dates day")
 _COST_WORDS = _words("cost costs price prices fee fees charge charges charged pay paid bill billed rate rates")
 
 
@@ -1044,7 +1145,10 @@ def _intents(toks: list[Token], body: str) -> frozenset[str]:
     n = len(toks)
     for i, t in enumerate(toks):
         w = t.low
-        if w not in ("who", "whom", "whose", "where", "when", "why", "how", "what", "by", "until"):
+        if w not in ("who", "whom", "whose", "where", "when", "why", "how", "what", "by", "until", "is"):
+            continue
+        if w == "is" and not (i + 2 < n and toks[i + 1].low == "there" and (
+                toks[i + 2].low in _STEP_NOUNS or i + 3 < n and toks[i + 3].low in _STEP_NOUNS)):
             continue
         k = i - 1
         while k >= 0 and toks[k].low in _CLAUSE_FILLERS:
@@ -1060,12 +1164,84 @@ def _intents(toks: list[Token], body: str) -> frozenset[str]:
             out.add("where")
         elif w == "when" or (w == "what" and nx in ("time", "date", "day")) or (w in ("by", "until") and nx in ("when", "what")):
             out.add("when")
-        elif w == "why" or (w == "how" and nx == "come"):
+        elif w == "why" or (w == "how" and nx == "come") or (w == "what" and nx in _CAUSE_NEXT):
             out.add("why")
+        elif w == "what" and _asks_for_time(toks, i + 1):
+            out.add("when")
         elif w == "how" and nx in _QUANT_NEXT:
             out.add("quant")
+        elif w == "how" and (nx in _HOWTO_NEXT or not nx or toks[i + 1].start):
+            out.add("howto")
+        elif w == "what" and _asks_for_steps(toks, i + 1) or w == "is":
+            out.add("howto")  # "what's the way to", "is there a way to"
     if "quant" in out and any(t.low in _COST_WORDS for t in toks):
         out.discard("quant")  # "how much does it cost" asks what "what's the price" asks
+    return frozenset(out)
+
+
+def _asks_for_time(toks: list[Token], j: int) -> bool:
+    """ "what is the check-in time", "what are your opening hours": a "what" question whose
+    subject is a time asks when."""
+    n = len(toks)
+    if j < n and toks[j].low in ("is", "are", "was", "will"):
+        j += 1
+    if j < n and toks[j].low in _DETERMINERS:
+        j += 1
+    else:
+        return False
+    for k in range(j, min(n, j + 3)):
+        w = toks[k].low
+        if w in _TIME_HEADS:
+            return k + 1 >= n or toks[k + 1].start or toks[k + 1].low in ("for", "of", "on", "at", "in")
+        if w in STOPWORDS and w not in _DETERMINERS:
+            return False
+    return False
+
+
+_VAGUE_PLACES = _words("somewhere anywhere place places option options facility facilities way ways")
+_HOWTO_NEXT = _words("do does can could should would will might must to i we")
+_STEP_NOUNS = _words("way ways process procedure steps step")
+
+
+def _asks_for_steps(toks: list[Token], j: int) -> bool:
+    """ "what's the way to", "what is the process for", "what do I need to do to"."""
+    n = len(toks)
+    w = [t.low for t in toks[j : j + 6]]
+    if w[:1] and w[0] in ("is", "are"):
+        w = w[1:]
+    if w[:1] and w[0] in _DETERMINERS:
+        return len(w) > 1 and w[1] in _STEP_NOUNS or len(w) > 2 and w[2] in _STEP_NOUNS
+    if w[:1] == ["steps"]:
+        return True
+    return len(w) >= 3 and w[0] in ("do", "should", "must") and w[1] in ("i", "we") and (
+        w[2] == "do" or w[2:4] == ["need", "to"] or w[2:4] == ["have", "to"])
+
+
+def _asked_for(lows: list[str]) -> frozenset[str]:
+    """The thing an existence question asks about: "is there a shuttle", "is parking
+    available", "are there any vegan options" (its first content word, canonical)."""
+    out: set[str] = set()
+    n = len(lows)
+    for i, w in enumerate(lows):
+        j = -1
+        if w in ("is", "are") and i + 1 < n and lows[i + 1] == "there":
+            j = i + 2
+        elif w in ("available", "availability") and i >= 2:
+            k = i - 2
+            while k >= 0 and lows[k] not in ("is", "are"):
+                k -= 1
+            j = k + 1 if k >= 0 and i - 1 - k <= 4 else -1
+        if j < 0:
+            continue
+        for k in range(j, min(n, j + 4)):
+            x = lows[k]
+            if x in _VAGUE_PLACES:
+                break
+            if x in STOPWORDS or x in _DETERMINERS or x in LIGHT or x in NEGATORS or x in SCOPE_WORDS:
+                continue
+            if x.isalpha():
+                out.add(_canon(x))
+            break
     return frozenset(out)
 
 
@@ -1137,9 +1313,32 @@ def _first_position(words: tuple[str, ...], phrase: tuple[str, ...]) -> int:
     return -1
 
 
+_INITIALS_SKIP = _words("of and the for to in on &")
+
+
+def _spelled_out(acronym: str, words: tuple[str, ...]) -> bool:
+    """Do consecutive content words of `words` spell `acronym` ("2FA": "two-factor
+    authentication", "DWP": "Department for Work and Pensions")?"""
+    k = len(acronym)
+    if not 2 <= k <= 6:
+        return False
+    heads = [w for w in words if w not in _INITIALS_SKIP]
+    for i in range(len(heads) - k + 1):
+        if all(heads[i + j][:1] == acronym[j] and heads[i + j] not in STOPWORDS for j in range(k)):
+            return True
+    return False
+
+
+def _named(e: tuple[str, ...], mine: Features, other: Features) -> bool:
+    return _mentions(other.words, e) or (len(e) == 1 and e[0] in mine.acronyms and _spelled_out(e[0], other.words))
+
+
 def _guard_entities(a: Features, b: Features, score: float, cfg: MatchConfig) -> bool:
-    # Every name either message capitalises must appear (in any case) in the other one ...
-    if not (all(_mentions(b.words, e) for e in a.entities) and all(_mentions(a.words, e) for e in b.entities)):
+    if a.entities == b.entities and len(a.entities) < 2:
+        return True
+    # Every name either message capitalises must appear (in any case, or spelt out for an
+    # acronym) in the other one ...
+    if not (all(_named(e, a, b) for e in a.entities) and all(_named(e, b, a) for e in b.entities)):
         return False
     # ... and two or more names must come in the same order (from Octopus to British Gas).
     names = list(dict.fromkeys(a.entities + b.entities))
@@ -1177,6 +1376,10 @@ def _guard_polarity(a: Features, b: Features, score: float, cfg: MatchConfig) ->
             return False  # opposite poles, or one message names both
         only = pa.get(axis) or pb.get(axis) or set()
         if axis in MARKED and "-" in only:
+            if axis in _ENDING_AXES:
+                silent = pb if pa.get(axis) else pa
+                if any(ax in _ENDING_AXES and any(p[0] == "-" for p in poles) for ax, poles in silent.items()):
+                    continue  # "close" against "delete": both end something
             return False  # "closed" against silence
     return True
 
@@ -1185,8 +1388,20 @@ def _guard_scope(a: Features, b: Features, score: float, cfg: MatchConfig) -> bo
     return a.scope == b.scope
 
 
+#: Comparatives of size that say what "increase"/"reduce" say: "make it bigger".
+_SIZE_POLES = {"big": "+", "large": "+", "high": "+", "long": "+", "small": "-", "low": "-", "short": "-"}
+
+
 def _guard_comparatives(a: Features, b: Features, score: float, cfg: MatchConfig) -> bool:
-    return a.comparatives == b.comparatives
+    if a.comparatives == b.comparatives:
+        return True
+    # "make the text bigger" asks what "increase the font size" asks
+    for mine, other in ((a.comparatives - b.comparatives, b), (b.comparatives - a.comparatives, a)):
+        for stem, deg in mine:
+            pole = _SIZE_POLES.get(stem)
+            if deg != "cmp" or pole is None or ("amount", pole) not in other.polarity:
+                return False
+    return True
 
 
 def _guard_format(a: Features, b: Features, score: float, cfg: MatchConfig) -> bool:
@@ -1281,6 +1496,10 @@ def _typo_pair(x: str, y: str) -> bool:
         return False
     shorter = min(len(x), len(y))
     limit = 2 if shorter >= 8 else 1 if shorter >= 5 else 0
+    if limit == 0 and shorter == 4 and len(x) != len(y):
+        short, long_ = (x, y) if len(x) < len(y) else (y, x)
+        # a doubled letter written once: "aply" for "apply"
+        return len(long_) == 5 and any(long_[i] == long_[i + 1] and short == long_[:i] + long_[i + 1:] for i in range(4))
     if limit == 0 or _affix_pair(x, y):
         return False
     return _edit_distance(x, y, limit) <= limit
@@ -1331,8 +1550,16 @@ def _guard_wording(a: Features, b: Features, score: float, cfg: MatchConfig) -> 
 
 def _guard_intent(a: Features, b: Features, score: float, cfg: MatchConfig) -> bool:
     """Below the confident threshold, both must ask the same kind of question
-    ("Where is my order?" is not "Can I return my order?")."""
-    return score >= cfg.confident_threshold or a.intents == b.intents
+    ("Where is my order?" is not "Can I return my order?"), and what an existence question
+    asks about ("is there a shuttle") must be named in the other message."""
+    if score >= cfg.confident_threshold:
+        return True
+    if a.intents != b.intents:
+        return False
+    for mine, other in ((a, b), (b, a)):
+        if mine.asked_for and not mine.asked_for <= {_canon(w) for w in other.raw_seq}:
+            return False
+    return True
 
 
 _GUARD_FUNCS: dict[str, Callable[[Features, Features, float, MatchConfig], bool]] = {

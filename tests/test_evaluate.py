@@ -84,3 +84,13 @@ def test_parse_sweep() -> None:
     assert evaluate.parse_sweep("0.80:0.98:0.01")[-1] == 0.98
     with pytest.raises(argparse.ArgumentTypeError):
         evaluate.parse_sweep("0.9:0.8:0.1")
+
+
+def test_split_keeps_alternate_pairs() -> None:
+    every = evaluate.load_items("herd")
+    even = evaluate.load_items("herd", split="even")
+    odd = evaluate.load_items("herd", split="odd")
+    assert [i["id"] for i in even] == [i["id"] for i in every[0::2]]
+    assert [i["id"] for i in odd] == [i["id"] for i in every[1::2]]
+    with pytest.raises(ValueError):
+        evaluate.load_items("herd", split="third")

@@ -366,3 +366,106 @@ def test_features_are_cheap_and_pure() -> None:
     assert f1 == f2
     assert f1.numbers == ("50GBP",) and "friday" in f1.dates
     assert ("src", "sav") in f1.roles
+
+
+# -- rewordings the guards accept, and the near-misses next to them they still refuse ----
+# (guard-level: the similarity is given, so these test the rules, not the model)
+
+REWORDINGS = [
+    # an age: "a 16-year-old" is "at 16"
+    ("numbers", "Can a 16-year-old open a bank account?", "Can I open a bank account at 16?"),
+    # a clock hour with a part of the day is am/pm
+    ("dates", "Wake me at 6am", "Wake me at six in the morning"),
+    ("dates", "Is there a table free at 8pm?", "Is there a table free at eight this evening?"),
+    ("dates", "Can I come in at 4pm on Friday?", "Can I come in at 4 o'clock on Friday afternoon?"),
+    # "Monday to Friday" is weekdays, and weekday names are not names
+    ("dates", "Is the office open on weekdays?", "Is the office open Monday to Friday?"),
+    ("dates", "Is the office open on weekdays?", "Is the office open Mon-Fri?"),
+    # "what now?" is not a date
+    ("dates", "What should I do if I lose my ticket?", "I lost my ticket, what now?"),
+    # an acronym spelled out, a common-noun acronym, another name of one country
+    ("entities", "How do I set up multi-factor authentication?", "How do I set up MFA?"),
+    ("entities", "Who is the CEO of Spotify?", "Who runs Spotify?"),
+    ("entities", "Can I vote in the US?", "Can I vote in America?"),
+    ("entities", "Can I vote in the UK?", "Can I vote in the United Kingdom?"),
+    # currencies are compared by the numbers guard, not as names
+    ("entities", "Convert 20 EUR to USD", "How many dollars is 20 euros?"),
+    # two "-" poles that both end something
+    ("polarity", "How do I delete my profile?", "I want to close my profile, how?"),
+    ("polarity", "How do I cancel my membership?", "I'd like to end my membership"),
+    ("polarity", "How do I remove a member from the group?", "How can I kick a member out of the group?"),
+    ("polarity", "How do I share a folder with someone outside my team?", "How can I share a folder with an external person?"),
+    # "bigger" says what "increase" says
+    ("comparatives", "How do I increase the icon size?", "How can I make the icons bigger?"),
+    # "no longer" is not a comparison
+    ("comparatives", "What if I no longer need the subscription?", "What if I don't need the subscription?"),
+    # "how many days" asks "how long"; offer/provide/do, stay/be; listed synonyms
+    ("wording", "How long does a refund take?", "How many days does a refund take?"),
+    ("wording", "Do you offer gift wrapping?", "Do you do gift wrapping?"),
+    ("wording", "How long is the sale on?", "How long does the sale stay on?"),
+    ("wording", "How do I mute a chat?", "How do I silence a chat?"),
+    ("wording", "When will my account go live?", "When will my account be activated?"),
+    # "what is the X time" / "what are your hours" ask when; "what causes" asks why
+    ("intent", "What's the boarding time?", "When do we board?"),
+    ("intent", "What are your opening hours?", "When are you open?"),
+    ("intent", "Why do cats purr?", "What causes cats to purr?"),
+    # "how do I" = "what's the way to" = "is there a way to"
+    ("intent", "How do I export my photos?", "What's the way to export my photos?"),
+    ("intent", "How do I export my photos?", "Is there a way to export my photos?"),
+]
+
+STILL_REFUSED = [
+    ("numbers", "Can a 16-year-old open a bank account?", "Can I open a bank account at 18?"),
+    ("numbers", "Is a 3 year old too young for school?", "Is a 3 month old too young for school?"),
+    ("dates", "Wake me at 6am", "Wake me at six in the evening"),
+    ("dates", "Is the office open on weekdays?", "Is the office open Monday and Friday?"),
+    ("dates", "Is the office open on weekdays?", "Is the office open Saturday and Sunday?"),
+    ("entities", "How do I set up MFA?", "How do I set up single sign-on?"),
+    ("entities", "Can I vote in the US?", "Can I vote in Canada?"),
+    ("polarity", "How do I delete my profile?", "How do I create a profile?"),
+    ("polarity", "How do I close my account?", "How do I open an account?"),
+    ("polarity", "How do I cancel my membership?", "How do I start my membership?"),
+    ("polarity", "How do I share a folder with an internal team?", "How do I share a folder with an external team?"),
+    ("comparatives", "How do I increase the icon size?", "How can I make the icons smaller?"),
+    ("intent", "What causes migraines?", "How do I treat a migraine?"),
+    ("intent", "What is a hedge fund?", "How do I work at a hedge fund?"),
+    ("intent", "Is there a gym at the hotel?", "Is there a spa at the hotel?"),
+    ("intent", "Is parking available at the station?", "Is there a bus from the airport to the station?"),
+    ("wording", "How do I mute a chat?", "How do I unmute a chat?"),
+]
+
+
+@pytest.mark.parametrize("guard,a,b", REWORDINGS, ids=lambda x: str(x)[:30])
+def test_rewordings_pass_their_guard(guard: str, a: str, b: str) -> None:
+    m = Matcher(None, MatchConfig())
+    pa, pb = m.prepare(a), m.prepare(b)
+    # just under the confident threshold: the intent guard is on as well
+    assert guard not in m.refusals(pa, pb, 0.74, stop_at_first=False)
+    assert guard not in m.refusals(pb, pa, 0.74, stop_at_first=False)
+
+
+@pytest.mark.parametrize("a,b", [
+    ("How do I delete my profile?", "I want to close my profile, how?"),
+    ("Who is the CEO of Spotify?", "Who runs Spotify?"),
+    ("What are your opening hours?", "When are you open?"),
+    ("How do I export my photos?", "What's the way to export my photos?"),
+    ("Is the office open on weekdays?", "When is the office open Monday to Friday?"),
+])
+def test_reworded_pairs_pass_every_guard(a: str, b: str) -> None:
+    m = Matcher(None, MatchConfig())
+    assert m.refusals(m.prepare(a), m.prepare(b), 0.80, stop_at_first=False) == []
+
+
+@pytest.mark.parametrize("guard,a,b", STILL_REFUSED, ids=lambda x: str(x)[:30])
+def test_near_misses_next_to_rewordings_are_refused(guard: str, a: str, b: str) -> None:
+    m = Matcher(None, MatchConfig())
+    pa, pb = m.prepare(a), m.prepare(b)
+    assert guard in m.refusals(pa, pb, 0.74, stop_at_first=False)
+    assert guard in m.refusals(pb, pa, 0.74, stop_at_first=False)
+
+
+def test_short_words_with_a_dropped_double_letter_are_typos() -> None:
+    m = Matcher(None, MatchConfig())
+    assert m.variant(m.prepare("How do I aply for a permit?"), m.prepare("How do I apply for a permit?"))
+    # two real words are never a typo of each other
+    assert not m.variant(m.prepare("What is a pin?"), m.prepare("What is a pint?"))
