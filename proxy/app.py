@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 import orjson
 from starlette.applications import Starlette
@@ -37,18 +37,24 @@ access = logging.getLogger("herd.access")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
-def request_id_of(request: Request) -> str:
+def request_id_of(headers: Mapping[str, str]) -> str:
     """The client's x-request-id when it is a plain token, else a new one."""
-    given = request.headers.get("x-request-id", "")
-    return given if _REQUEST_ID.fullmatch(given) else unique_id()
+    given = headers.get("x-request-id", "")
+    return given if given and _REQUEST_ID.fullmatch(given) else unique_id()
+
+
+def header_map(request: Request) -> dict[str, str]:
+    """The request's headers as a plain dict, the first of repeated names winning: one pass
+    over the raw headers instead of one per lookup (chat requests look up several)."""
+    return {k.decode("latin-1"): v.decode("latin-1") for k, v in reversed(request.scope["headers"])}
 
 
 def error_response(error: HerdError) -> Response:
     return Response(error.body_bytes(), status_code=error.status, media_type=error.content_type, headers=error.headers)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    length = request.headers.get("content-length")
+async def read_body(request: Request, limit: int, headers: Mapping[str, str] | None = None) -> bytes:
+    length = (request.headers if headers is None else headers).get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise PayloadTooLarge(f"The request body is {length} bytes; the limit is {limit}.")
     parts, size = [], 0
@@ -73,16 +79,18 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> Starlette:
             metrics.requests.labels("error").inc()
 
     async def chat_completions(request: Request) -> Response | FlightResponse:
-        identity = gateway.auth.identify(request.headers)
-        req = parse_chat(await read_body(request, limit))
-        mode = gateway.mode_for(request.headers.get("x-herd-coalesce"))
-        directives = {d.strip().lower() for d in request.headers.get("cache-control", "").split(",")}
+        headers = header_map(request)
+        identity = gateway.auth.identify(headers)
+        req = parse_chat(await read_body(request, limit, headers))
+        mode = gateway.mode_for(headers.get("x-herd-coalesce"))
+        control = headers.get("cache-control")
+        directives = {d.strip().lower() for d in control.split(",")} if control else set()
         ticket = await gateway.submit(
             req, identity, mode, read_cache="no-cache" not in directives, write_cache="no-store" not in directives
         )
         loop = asyncio.get_running_loop()
         started = loop.time()
-        request_id = request_id_of(request)
+        request_id = request_id_of(headers)
 
         def done(response: FlightResponse) -> None:
             ticket = response.ticket

@@ -8,7 +8,7 @@ it, and the last one out cancels the work.
 
 A flight's life, in one screen:
 
-    running --publish(chunk)...--> running --finish()------> done, error is None
+    running --publish/extend...--> running --finish()------> done, error is None
                                            --finish(error)--> done, error set
     running --last waiter releases--> work cancelled --> done, error = FlightCancelled
 
@@ -47,7 +47,7 @@ class Flight:
         self.group: str | None = None  # semantic group this flight is indexed under
         self.memo: dict[str, Any] = {}  # things derived once per flight (an assembled body...)
         self.task: asyncio.Task | None = None
-        self._changed = asyncio.Event()
+        self._waiting: list[asyncio.Future] = []  # woken by the next publish or finish
 
     @classmethod
     def completed(cls, keys: Iterable[str], chunks: list[Any]) -> "Flight":
@@ -59,9 +59,13 @@ class Flight:
         return flight
 
     def publish(self, chunk: Any) -> None:
+        self.extend((chunk,))
+
+    def extend(self, chunks: Iterable[Any]) -> None:
+        """Publish chunks that arrived together: the waiters wake once for all of them."""
         if self.done:
             raise RuntimeError(f"flight {self.id} is done; cannot publish")
-        self.chunks.append(chunk)
+        self.chunks.extend(chunks)
         self._wake()
 
     def finish(self, error: BaseException | None = None) -> None:
@@ -71,8 +75,15 @@ class Flight:
             self._wake()
 
     def _wake(self) -> None:
-        changed, self._changed = self._changed, asyncio.Event()
-        changed.set()
+        waiting, self._waiting = self._waiting, []
+        for future in waiting:
+            if not future.done():  # a waiter that was cancelled meanwhile
+                future.set_result(None)
+
+    async def _changed(self) -> None:
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.append(future)
+        await future
 
     async def follow(self) -> AsyncIterator[Any]:
         """Every chunk from the first, then live ones until the flight is done.
@@ -86,12 +97,12 @@ class Flight:
                 i += 1
             if self.done:
                 return
-            await self._changed.wait()
+            await self._changed()
 
     async def wait(self) -> None:
         """Until the flight is done."""
         while not self.done:
-            await self._changed.wait()
+            await self._changed()
 
 
 class Index(Protocol):

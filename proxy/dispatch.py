@@ -1,6 +1,7 @@
 """Dispatch: the one upstream call of a flight, and everything that protects it.
 
-Every waiter of a flight depends on this call, so `Dispatcher.stream` gives it every chance:
+Every waiter of a flight depends on this call, so `Dispatcher.stream` gives it every chance
+(it yields the answer's chunks in batches, as the adapter does):
 
     pre-flight   count the prompt's tokens; over the model's context window -> 400 at once
     per try      rate limits (wait, or 429) -> circuit breaker (or 503) -> the adapter's call
@@ -82,7 +83,7 @@ class Dispatcher:
         options: CallOptions,
         served_by: Callable[[str], None],
         stream: bool = True,
-    ) -> AsyncIterator[Chunk]:
+    ) -> AsyncIterator[list[Chunk]]:
         failure: HerdError | None = None  # why the last upstream tried could not answer
         plan = self.plan(route, body["model"])
         for position, (name, model) in enumerate(plan):
@@ -93,12 +94,12 @@ class Dispatcher:
             started = False
             try:
                 count = await self._preflight(name, target)
-                async with contextlib.aclosing(self._tries(name, target, options, count, stream)) as chunks:
-                    async for chunk in chunks:
+                async with contextlib.aclosing(self._tries(name, target, options, count, stream)) as batches:
+                    async for batch in batches:
                         if not started:
                             served_by(name)
                             started = True
-                        yield chunk
+                        yield batch
                 return
             except HerdError as error:
                 if started:
@@ -128,7 +129,7 @@ class Dispatcher:
 
     async def _tries(
         self, name: str, body: dict, options: CallOptions, count: TokenCount | None, stream: bool
-    ) -> AsyncIterator[Chunk]:
+    ) -> AsyncIterator[list[Chunk]]:
         """One upstream's answer, tried again on retryable failures until a chunk has gone out."""
         upstream, guard, m = self.upstreams[name], self.guards[name], self.metrics
         want = 0
@@ -151,11 +152,12 @@ class Dispatcher:
             m.upstream_calls.labels(name).inc()
             started, usage = False, None
             try:
-                async with contextlib.aclosing(upstream.chat(body, options, stream)) as chunks:
-                    async for chunk in chunks:
+                async with contextlib.aclosing(upstream.chat(body, options, stream)) as batches:
+                    async for batch in batches:
                         started = True
-                        usage = chunk.data.get("usage") or usage
-                        yield chunk
+                        for chunk in batch:
+                            usage = chunk.data.get("usage") or usage
+                        yield batch
             except HerdError as error:
                 guard.circuit.record(error)
                 guard.limits.settle(permit, 0 if not started else None)

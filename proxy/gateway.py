@@ -252,13 +252,13 @@ class Gateway:
         first = True
         try:
             served_by = functools.partial(flight.memo.__setitem__, "upstream")
-            async for chunk in self.dispatcher.stream(route, body, options, served_by, stream):
+            async for batch in self.dispatcher.stream(route, body, options, served_by, stream):
                 if first:
                     # after a fallback, the upstream that answered is not the route's primary
                     answered = flight.memo.get("upstream", route.upstream)
                     m.upstream_ttft.labels(answered).observe(time.perf_counter() - started)
                     first = False
-                flight.publish(chunk)
+                flight.extend(batch)
         except Exception as e:
             m.upstream_errors.labels(route.upstream, type(e).__name__).inc()
             raise

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import atexit
+import collections
 import logging
-import logging.handlers
-import queue
 import sys
+import threading
 import time
 
 import orjson
@@ -30,52 +30,89 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str).decode()
 
 
-class _DroppingQueueHandler(logging.handlers.QueueHandler):
-    """Hands records to the writer thread; never blocks the event loop.
+class _BatchWriter(logging.Handler):
+    """Hands records to a writer thread without waking it, and never blocks the event loop.
 
-    Formatting and the write to stderr happen in the writer thread. If stderr is so slow
-    that the queue fills up, records are dropped (and counted) rather than stalling herd.
+    The thread wakes every `interval_s`, formats whatever queued meanwhile and writes it in
+    one go: a busy server pays for one write a batch, not one write (and one thread wake-up)
+    a line. If stderr is so slow that `limit` records wait, later ones are dropped (and
+    counted) rather than stalling herd.
     """
 
-    dropped = 0
+    def __init__(self, stream, interval_s: float = 0.05, limit: int = 10_000) -> None:
+        super().__init__()
+        self.stream = stream
+        self.interval_s = interval_s
+        self.limit = limit
+        self.dropped = 0
+        self._records: collections.deque[logging.LogRecord] = collections.deque()
+        self._drain_lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="herd-log-writer", daemon=True)
+        self._thread.start()
 
-    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
-        return record  # formatted by the writer thread's handler
+    def handle(self, record: logging.LogRecord) -> bool:
+        if len(self._records) >= self.limit:
+            self.dropped += 1
+            return False
+        self._records.append(record)  # atomic: no lock, no wake-up
+        return True
 
-    def enqueue(self, record: logging.LogRecord) -> None:
-        try:
-            self.queue.put_nowait(record)
-        except queue.Full:
-            type(self).dropped += 1
+    def emit(self, record: logging.LogRecord) -> None:
+        self.handle(record)
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self.interval_s):
+            self.drain()
+        self.drain()
+
+    def drain(self) -> None:
+        """Format and write every waiting record (from any thread)."""
+        with self._drain_lock:
+            lines = []
+            while self._records:
+                record = self._records.popleft()
+                try:
+                    lines.append(self.format(record))
+                except Exception:
+                    self.handleError(record)
+            if lines:
+                try:
+                    self.stream.write("\n".join(lines) + "\n")
+                    self.stream.flush()
+                except (OSError, ValueError):  # stderr closed: nothing else to tell
+                    pass
+
+    def close(self) -> None:
+        self._stopped.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=2.0)
+        self.drain()
+        super().close()
 
 
-_listener: logging.handlers.QueueListener | None = None
+_writer: _BatchWriter | None = None
 
 
 def setup_logging(level: str = "info", queue_size: int = 10_000) -> None:
     """JSON lines on stderr, written by a thread of their own."""
-    global _listener
-    if _listener is not None:
-        _listener.stop()
-    writer = logging.StreamHandler(sys.stderr)
-    writer.setFormatter(JsonFormatter())
-    records: queue.Queue = queue.Queue(queue_size)
-    _listener = logging.handlers.QueueListener(records, writer, respect_handler_level=False)
-    _listener.start()
-    atexit.register(_listener.stop)  # flush what is queued when the process ends
+    global _writer
+    if _writer is not None:
+        _writer.close()
+    # Records skip what herd's lines never show: cheaper to make, on the event loop.
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    _writer = _BatchWriter(sys.stderr, limit=queue_size)
+    _writer.setFormatter(JsonFormatter())
+    atexit.register(_writer.close)  # write what is queued when the process ends
     root = logging.getLogger()
-    root.handlers[:] = [_DroppingQueueHandler(records)]
+    root.handlers[:] = [_writer]
     root.setLevel(level.upper())
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
 
 
-def flush_logs(timeout_s: float = 2.0) -> None:
-    """Wait (briefly) until the writer thread has written every queued record."""
-    if _listener is None:
-        return
-    records = _listener.queue
-    deadline = time.monotonic() + timeout_s
-    while records.unfinished_tasks and time.monotonic() < deadline:
-        time.sleep(0.005)
+def flush_logs() -> None:
+    """Write every queued record now."""
+    if _writer is not None:
+        _writer.drain()

@@ -38,7 +38,7 @@ class Metrics:
         self.similarity = Histogram(
             "herd_semantic_similarity",
             "Similarity of semantic merges",
-            buckets=(0.8, 0.85, 0.9, 0.92, 0.94, 0.96, 0.98, 0.99, 1.0),
+            buckets=(0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.98, 1.0),
             registry=r,
         )
         self.tokens = Counter(

@@ -240,6 +240,10 @@ class Splice:
         self.flight.publish(chunk)
         self.index += 1
 
+    def extend(self, chunks: list[Chunk]) -> None:
+        for chunk in chunks:
+            self.publish(chunk)
+
     def complete(self) -> None:
         """The source ended cleanly: it must have covered everything already sent."""
         if self.index < len(self.flight.chunks):

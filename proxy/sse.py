@@ -16,31 +16,43 @@ class Event:
     event: str | None = None
 
 
-async def read_events(chunks: AsyncIterable[bytes]) -> AsyncIterator[Event]:
-    """Parse SSE from byte chunks of any size (whole network reads, or lines).
+class EventParser:
+    """Incremental SSE parsing: `feed` bytes of any size (whole network reads, or lines) and
+    get back the events they complete; `close` returns whatever the last bytes held."""
 
-    Events are split on blank lines; a read that holds several events costs one await.
-    """
-    buffer = b""
-    async for chunk in chunks:
-        buffer += chunk
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def feed(self, data: bytes) -> list[Event]:
+        buffer = self._buffer + data
         if b"\r" in buffer:
             # CRLF or CR line ends become LF; a CR at the very end may be half of a CRLF
             keep = b"\r" if buffer.endswith(b"\r") else b""
             buffer = _lf(buffer[: len(buffer) - len(keep)]) + keep
-        while True:
-            end = buffer.find(b"\n\n")
-            if end < 0:
-                break
-            event = _parse(buffer[:end])
-            buffer = buffer[end + 2 :]
+        events = []
+        start = 0
+        while (end := buffer.find(b"\n\n", start)) >= 0:
+            event = _parse(buffer[start:end])
             if event is not None:
-                yield event
-    buffer = _lf(buffer)
-    if buffer.strip():
-        event = _parse(buffer)
-        if event is not None:
+                events.append(event)
+            start = end + 2
+        self._buffer = buffer[start:]
+        return events
+
+    def close(self) -> list[Event]:
+        buffer, self._buffer = _lf(self._buffer), b""
+        event = _parse(buffer) if buffer.strip() else None
+        return [event] if event is not None else []
+
+
+async def read_events(chunks: AsyncIterable[bytes]) -> AsyncIterator[Event]:
+    """Parse SSE from byte chunks of any size, one event at a time."""
+    parser = EventParser()
+    async for chunk in chunks:
+        for event in parser.feed(chunk):
             yield event
+    for event in parser.close():
+        yield event
 
 
 def _lf(data: bytes) -> bytes:

@@ -131,6 +131,7 @@ class TokenCounter:
         self.windows = {**DEFAULT_CONTEXT_WINDOWS, **cfg.context_windows}
         # Longest pattern first: the most specific entry for a model wins.
         self._patterns = sorted(self.windows, key=len, reverse=True)
+        self._window_of: dict[str, int] = {}
         self._local = _local_encodings()
         if cfg.encoding not in self._local:
             raise ConfigError(
@@ -140,10 +141,16 @@ class TokenCounter:
 
     def context_window(self, model: str) -> int:
         """The model's context window in tokens; 0 when it is not to be checked."""
-        for pattern in self._patterns:
-            if fnmatch.fnmatchcase(model, pattern):
-                return self.windows[pattern]
-        return self.cfg.default_context_window
+        window = self._window_of.get(model)
+        if window is None:
+            window = self.cfg.default_context_window
+            for pattern in self._patterns:
+                if fnmatch.fnmatchcase(model, pattern):
+                    window = self.windows[pattern]
+                    break
+            if len(self._window_of) < 1000:  # model names come from clients: a bounded memo
+                self._window_of[model] = window
+        return window
 
     def encoding_for(self, model: str) -> tuple[str, bool]:
         """(encoding name, True if it is the model's own)."""

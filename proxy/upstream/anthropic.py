@@ -585,7 +585,7 @@ class AnthropicUpstream(Upstream):
             )
         return self._client.with_options(api_key=options.client_key)
 
-    async def chat(self, body: dict, options: CallOptions, stream: bool = True) -> AsyncIterator[Chunk]:
+    async def chat(self, body: dict, options: CallOptions, stream: bool = True) -> AsyncIterator[list[Chunk]]:
         # Always a streaming Messages call: the translation is one code path, and `stream`
         # (a hint that every waiter so far wants one JSON body) costs little here.
         request = to_messages_request(body, self.cfg.default_max_tokens)
@@ -607,8 +607,8 @@ class AnthropicUpstream(Upstream):
                 if event is None:
                     break
                 wait = cfg.idle_timeout_s
-                for chunk in translator.feed(event.model_dump(mode="json")):
-                    yield chunk
+                if batch := translator.feed(event.model_dump(mode="json")):
+                    yield batch
         except TimeoutError:
             raise UpstreamTimeout(f"upstream {self.name!r} did not answer in time") from None
         except anthropic.APITimeoutError:

@@ -1,7 +1,7 @@
 """The one small interface every upstream adapter implements.
 
 An adapter turns an OpenAI chat request into a stream of OpenAI `chat.completion.chunk`s
-(whatever the provider speaks), and forwards any other API call as it is. Errors are raised
+(whatever the provider speaks), yielded in batches of those that arrived together, and forwards any other API call as it is. Errors are raised
 as proxy.errors types: UpstreamError (the upstream's status and body), UpstreamUnavailable
 (connect error, reset) or UpstreamTimeout.
 """
@@ -66,8 +66,9 @@ class Upstream:
     async def aclose(self) -> None:
         """Close connection pools."""
 
-    def chat(self, body: dict, options: CallOptions, stream: bool = True) -> AsyncIterator[Chunk]:
-        """The answer to an OpenAI chat request, as OpenAI chunks.
+    def chat(self, body: dict, options: CallOptions, stream: bool = True) -> AsyncIterator[list[Chunk]]:
+        """The answer to an OpenAI chat request, as OpenAI chunks, in batches: the chunks
+        that arrived together (one network read), never an empty batch.
 
         stream=False: the flight's waiters so far want one JSON body, so the adapter may make
         a non-stream call (cheaper for both sides) and yield its answer split into chunks.

@@ -15,7 +15,7 @@ import orjson
 
 from proxy.chunks import Chunk, split
 from proxy.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
-from proxy.sse import read_events
+from proxy.sse import Event, EventParser
 from proxy.upstream.base import (
     HOP_BY_HOP,
     CallOptions,
@@ -34,6 +34,7 @@ class OpenAIUpstream(Upstream):
         super().__init__(cfg)
         self._session: aiohttp.ClientSession | None = None
         self._client_timeout: aiohttp.ClientTimeout | None = None
+        self._chat_url = f"{cfg.base_url}/chat/completions"
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=self.cfg.max_connections, ttl_dns_cache=300, keepalive_timeout=30)
@@ -68,44 +69,39 @@ class OpenAIUpstream(Upstream):
             )
         return self._client_timeout
 
-    async def chat(self, body: dict, options: CallOptions, stream: bool = True) -> AsyncIterator[Chunk]:
-        if stream:
-            payload = {**body, "stream": True, "stream_options": {"include_usage": True}}
-            limit_s, accept = self.cfg.first_byte_timeout_s, "text/event-stream"
-        else:
-            payload = {k: v for k, v in body.items() if k != "stream_options"}
-            payload["stream"] = False
-            # the whole answer is the first byte: only the call's total timeout applies
-            limit_s, accept = self.cfg.total_timeout_s, "application/json"
-        headers = {**self._auth_headers(options), "content-type": "application/json", "accept": accept}
-        url = f"{self.cfg.base_url}/chat/completions"
+    async def chat(self, body: dict, options: CallOptions, stream: bool = True) -> AsyncIterator[list[Chunk]]:
+        if not stream:
+            yield await self._whole(body, options)
+            return
+        payload = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        headers = {**self._auth_headers(options), "content-type": "application/json", "accept": "text/event-stream"}
         finished = False
         resp: aiohttp.ClientResponse | None = None
-        watchdog = Watchdog(limit_s, f"upstream {self.name!r}")
+        watchdog = Watchdog(self.cfg.first_byte_timeout_s, f"upstream {self.name!r}")
         try:
             resp = await watchdog.wait(
-                self.session.post(url, data=orjson.dumps(payload), headers=headers, timeout=self._timeout())
+                self.session.post(self._chat_url, data=orjson.dumps(payload), headers=headers, timeout=self._timeout())
             )
             if resp.status >= 400:
                 raise await watchdog.wait(self._error(resp))
             if not resp.content_type.startswith("text/event-stream"):
-                # A non-stream call, or a server that ignores `stream`: one JSON body, as chunks.
+                # A server that ignores `stream`: its one JSON body, as chunks.
                 raw = await watchdog.wait(resp.read())
-                for chunk in split(_completion(raw, self.name), raw):
-                    yield chunk
+                yield split(_completion(raw, self.name), raw)
                 return
-            events = aiter(read_events(resp.content.iter_any()))
-            while (event := await watchdog.wait(anext(events, None))) is not None:
+            reads = aiter(resp.content.iter_any())
+            parser = EventParser()
+            done = False  # [DONE] seen: nothing more will come
+            while not done:
+                data = await watchdog.wait(anext(reads, None))
+                events = parser.close() if data is None else parser.feed(data)
                 watchdog.progress(self.cfg.idle_timeout_s)
-                if event.data == b"[DONE]":
-                    finished = True
+                batch, ends, done = self._chunks(events)
+                finished = finished or ends or done
+                if batch:
+                    yield batch  # the chunks of one network read go out together
+                if data is None:
                     break
-                data = orjson.loads(event.data)
-                if "error" in data and "choices" not in data:
-                    raise UpstreamError(502, orjson.dumps(data), upstream=self.name)
-                if any(c.get("finish_reason") for c in data.get("choices") or ()):
-                    finished = True
-                yield Chunk(data, event.data)
         except TimeoutError:  # aiohttp's own connect or total timeout
             raise UpstreamTimeout(f"upstream {self.name!r} did not answer in time") from None
         except (aiohttp.ClientError, orjson.JSONDecodeError, ConnectionError) as e:
@@ -116,6 +112,45 @@ class OpenAIUpstream(Upstream):
                 resp.release()
         if not finished:
             raise UpstreamUnavailable(f"upstream {self.name!r} ended the stream before it was complete")
+
+    def _chunks(self, events: list[Event]) -> tuple[list[Chunk], bool, bool]:
+        """The chunks these events carry; whether a choice finished; whether [DONE] came."""
+        batch, finished = [], False
+        for event in events:
+            if event.data == b"[DONE]":
+                return batch, finished, True
+            data = orjson.loads(event.data)
+            if "error" in data and "choices" not in data:
+                raise UpstreamError(502, orjson.dumps(data), upstream=self.name)
+            if any(c.get("finish_reason") for c in data.get("choices") or ()):
+                finished = True
+            batch.append(Chunk(data, event.data))
+        return batch, finished, False
+
+    async def _whole(self, body: dict, options: CallOptions) -> list[Chunk]:
+        """A non-stream call. Its first byte is the whole answer, so no first-byte or idle
+        timeout applies: only the call's total timeout (aiohttp's own)."""
+        payload = {k: v for k, v in body.items() if k != "stream_options"}
+        payload["stream"] = False
+        headers = {**self._auth_headers(options), "content-type": "application/json", "accept": "application/json"}
+        try:
+            async with self.session.post(
+                self._chat_url, data=orjson.dumps(payload), headers=headers, timeout=self._timeout()
+            ) as resp:
+                if resp.status >= 400:
+                    raise await self._error(resp)
+                raw = await resp.read()
+                if not resp.content_type.startswith("text/event-stream"):
+                    return split(_completion(raw, self.name), raw)
+                parser = EventParser()  # a server that always streams
+                batch, finished, _ = self._chunks(parser.feed(raw) + parser.close())
+                if not finished:
+                    raise UpstreamUnavailable(f"upstream {self.name!r} ended the stream before it was complete")
+                return batch
+        except TimeoutError:
+            raise UpstreamTimeout(f"upstream {self.name!r} did not answer in time") from None
+        except (aiohttp.ClientError, orjson.JSONDecodeError, ConnectionError) as e:
+            raise UpstreamUnavailable(f"upstream {self.name!r} failed: {type(e).__name__}") from None
 
     async def _error(self, resp: aiohttp.ClientResponse) -> UpstreamError:
         raw = await resp.read()
@@ -148,3 +183,4 @@ def _completion(raw: bytes, upstream: str) -> dict:
     if isinstance(data, dict) and "error" in data:
         raise UpstreamError(502, raw, upstream=upstream)  # an error object with a 200 status
     raise UpstreamUnavailable(f"upstream {upstream!r} answered with something that is not a chat completion")
+

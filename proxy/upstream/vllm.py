@@ -78,13 +78,13 @@ class VLLMUpstream(OpenAIUpstream):
             self._poller = None
         await super().aclose()
 
-    async def chat(self, body: dict, options: CallOptions, stream: bool = True) -> AsyncIterator[Chunk]:
+    async def chat(self, body: dict, options: CallOptions, stream: bool = True) -> AsyncIterator[list[Chunk]]:
         async with (
             self.capacity.slot(),
-            contextlib.aclosing(super().chat(body, options, stream)) as chunks,
+            contextlib.aclosing(super().chat(body, options, stream)) as batches,
         ):
-            async for chunk in chunks:
-                yield chunk
+            async for batch in batches:
+                yield batch
 
     async def read_load(self) -> tuple[float | None, float | None]:
         timeout = aiohttp.ClientTimeout(total=max(1.0, self.cfg.poll_interval_s), connect=self.cfg.connect_timeout_s)
