@@ -27,13 +27,12 @@ from proxy.errors import (
 )
 from proxy.gateway import Gateway
 from proxy.ids import unique_id
-from proxy.logs import flush_logs
+from proxy.logs import flush_logs, log_access
 from proxy.metrics import CONTENT_TYPE_LATEST, Metrics
 from proxy.responses import FlightResponse
 from proxy.upstream import CallOptions
 
 log = logging.getLogger("herd.app")
-access = logging.getLogger("herd.access")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
@@ -116,7 +115,7 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> Starlette:
                 }
                 if settings.server.log_prompts and req.final_text is not None:
                     extra["prompt"] = req.final_text
-                access.info("chat", extra=extra)
+                log_access("chat", extra)
 
         return FlightResponse(
             ticket,

@@ -14,10 +14,14 @@ import orjson
 _RESERVED = set(vars(logging.makeLogRecord({}))) | {"color_message"}  # uvicorn's ANSI copy of msg
 
 
+def _timestamp(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "ts": _timestamp(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -51,7 +55,8 @@ class _BatchWriter(logging.Handler):
         self._thread = threading.Thread(target=self._run, name="herd-log-writer", daemon=True)
         self._thread.start()
 
-    def handle(self, record: logging.LogRecord) -> bool:
+    def handle(self, record: logging.LogRecord | dict) -> bool:
+        """Queue a record, or a ready entry (a dict, see `log_access`)."""
         if len(self._records) >= self.limit:
             self.dropped += 1
             return False
@@ -73,9 +78,14 @@ class _BatchWriter(logging.Handler):
             while self._records:
                 record = self._records.popleft()
                 try:
-                    lines.append(self.format(record))
+                    if isinstance(record, dict):
+                        record["ts"] = _timestamp(record["ts"])
+                        lines.append(orjson.dumps(record, default=str).decode())
+                    else:
+                        lines.append(self.format(record))
                 except Exception:
-                    self.handleError(record)
+                    if isinstance(record, logging.LogRecord):
+                        self.handleError(record)
             if lines:
                 try:
                     self.stream.write("\n".join(lines) + "\n")
@@ -110,6 +120,21 @@ def setup_logging(level: str = "info", queue_size: int = 10_000) -> None:
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+
+
+_access = logging.getLogger("herd.access")
+
+
+def log_access(msg: str, fields: dict) -> None:
+    """One access line (logger herd.access, level info) with `fields`, the same JSON as any
+    other line. Per request, so it skips the logging machinery: no LogRecord, no caller
+    lookup, no handler chain; the entry goes straight to the writer thread."""
+    if not _access.isEnabledFor(logging.INFO):
+        return
+    if _writer is None or _access.handlers or not _access.propagate or _writer not in logging.root.handlers:
+        _access.info(msg, extra=fields)  # logging set up some other way: go through it
+        return
+    _writer.handle({"ts": time.time(), "level": "info", "logger": "herd.access", "msg": msg, **fields})
 
 
 def flush_logs() -> None:

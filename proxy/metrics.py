@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,  # noqa: F401  (re-exported for the route)
     CollectorRegistry,
@@ -13,6 +15,16 @@ from prometheus_client import (
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 OUTCOMES = ("leader", "follower", "cache", "bypass", "error")
+
+
+def _memoize_labels(metric) -> None:
+    """`metric.labels(...)` becomes one dict lookup after the first call for a label set.
+
+    Every request counts into a few labelled metrics; prometheus-client's own `labels()`
+    validates and locks each time. herd's label values are bounded (outcomes, upstream
+    names, capped models and tenants), so the memo is too; herd never removes a label set.
+    """
+    metric.labels = functools.lru_cache(maxsize=None)(metric.labels)
 
 
 class Metrics:
@@ -103,6 +115,9 @@ class Metrics:
         self.shared_flights = Counter(
             "herd_shared_flights", "Cross-replica flights by role (lead, follow, takeover)", ["role"], registry=r
         )
+        for metric in vars(self).values():
+            if getattr(metric, "_labelnames", None):
+                _memoize_labels(metric)
 
     def observe_embedding(self, size: int, seconds: float) -> None:
         self.embedding_batch_size.observe(size)

@@ -60,6 +60,10 @@ def test_logs_are_json_lines_without_secrets(tmp_path, sim):
     entries = [json.loads(line) for line in lines]  # every line is one JSON object
     assert all({"ts", "level", "logger", "msg"} <= set(e) for e in entries)
     assert secret not in err
+    access = [e for e in entries if e["logger"] == "herd.access"]
+    assert [(e["status"], e["role"], e["model"]) for e in access] == [(200, "leader", "m"), (502, "leader", "broken-1")]
+    assert all(e["request_id"] and e["flight"] and e["tenant"].startswith("k:") for e in access)
+    assert access[0]["ts"].endswith("Z") and access[0]["ms"] >= 0
 
 
 def test_bad_config_exits_with_a_clear_message(tmp_path):
