@@ -85,16 +85,20 @@ class Flight:
         self._waiting.append(future)
         await future
 
-    async def follow(self) -> AsyncIterator[Any]:
-        """Every chunk from the first, then live ones until the flight is done.
+    async def follow(self) -> AsyncIterator[list[Any]]:
+        """Every chunk from the first, then live ones until the flight is done, in batches:
+        whatever is new each time the follower looks (a late joiner's first batch is the
+        whole replay), so a slow follower catches up in one step rather than one per chunk.
 
         It ends normally either way: look at `error` afterwards.
         """
         i = 0
         while True:
-            while i < len(self.chunks):
-                yield self.chunks[i]
-                i += 1
+            if i < len(self.chunks):
+                batch = self.chunks[i:]
+                i += len(batch)
+                yield batch
+                continue
             if self.done:
                 return
             await self._changed()

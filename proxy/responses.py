@@ -147,11 +147,11 @@ class FlightResponse:
 
     async def _stream(self, send: Send) -> None:
         flight = self.ticket.flight
-        chunks = aiter(flight.follow())
+        batches = aiter(flight.follow())
         started = False
         try:
             async with asyncio.timeout_at(self.deadline):
-                first = await anext(chunks, None)
+                first = await anext(batches, None)
                 if first is None and flight.error is not None:
                     return await self._error(send, flight.error)  # nothing sent yet: a plain error
                 await send(
@@ -167,11 +167,13 @@ class FlightResponse:
                     }
                 )
                 started = True
-                chunk = first
-                while chunk is not None:
-                    if self.include_usage or not chunk.usage_only:
-                        await send({"type": "http.response.body", "body": chunk.sse, "more_body": True})
-                    chunk = await anext(chunks, None)
+                batch = first
+                while batch is not None:
+                    # one write for whatever is new: a late joiner's replay, or chunks that came together
+                    body = b"".join([c.sse for c in batch if self.include_usage or not c.usage_only])
+                    if body:
+                        await send({"type": "http.response.body", "body": body, "more_body": True})
+                    batch = await anext(batches, None)
         except TimeoutError:
             error = DeadlineExceeded("the stream did not finish before this request's deadline")
             if not started:

@@ -10,7 +10,7 @@ from proxy.coalescer import FlightCancelled, Group
 
 
 async def drain(flight) -> list:
-    return [c async for c in flight.follow()]
+    return [c async for batch in flight.follow() for c in batch]
 
 
 async def test_followers_join_and_everyone_sees_every_chunk():
