@@ -355,6 +355,19 @@ def test_bad_coalesce_header_and_unknown_paths_get_openai_errors(herd, sim):
     assert r.status_code == 405 and "error" in r.json()
 
 
+def test_an_internal_error_on_the_chat_path_is_an_openai_500_and_counted(sim):
+    with HerdServer(herd_settings(sim.url)) as herd:
+        async def broken(*args, **kwargs):
+            raise RuntimeError("a bug")
+
+        herd.gateway.submit = broken
+        r = httpx.post(herd.url + "/v1/chat/completions", json={"model": "m", "messages": user("x")})
+        assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
+        assert "a bug" not in r.text
+        metrics = httpx.get(herd.url + "/metrics").text
+        assert 'herd_requests_total{outcome="error"} 1.0' in metrics
+
+
 async def test_bad_request_does_not_disturb_flights_in_progress(herd, sim):
     sim_reset(sim.url, ttft_ms=600)
     c = aclient(herd)
