@@ -101,6 +101,9 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> "ChatFirst
             else:
                 metrics.requests.labels(ticket.role).inc()
                 gateway.accountant.record(ticket.role, req.model, identity.tenant, usage_of(ticket.flight.chunks))
+                finished = ticket.flight.finished_at
+                if finished is not None and response.answered_at is not None:
+                    metrics.fanout_lag.observe(max(0.0, response.answered_at - finished))
             if access_log:
                 extra = {
                     "request_id": request_id,

@@ -44,6 +44,7 @@ class Flight:
         self.waiters = 0
         self.joined = 0  # followers that ever joined
         self.started = time.monotonic()
+        self.finished_at: float | None = None  # perf_counter() when it finished
         self.group: str | None = None  # semantic group this flight is indexed under
         self.memo: dict[str, Any] = {}  # things derived once per flight (an assembled body...)
         self.task: asyncio.Task | None = None
@@ -72,6 +73,7 @@ class Flight:
         if not self.done:
             self.done = True
             self.error = error
+            self.finished_at = time.perf_counter()
             self._wake()
 
     def _wake(self) -> None:

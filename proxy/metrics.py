@@ -76,6 +76,11 @@ class Metrics:
             "herd_embedding_batch_size", "Texts embedded together in one run",
             buckets=(1, 2, 4, 8, 16, 32, 64), registry=r,
         )
+        self.fanout_lag = Histogram(
+            "herd_fanout_lag_seconds",
+            "From a flight's end to each of its waiters' answer being written in full (the fan-out)",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 1), registry=r,
+        )
         self.disconnects = Counter(
             "herd_client_disconnects", "Requests whose client went away before its answer", ["role"], registry=r
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 import orjson
@@ -93,6 +94,7 @@ class FlightResponse:
         self._on_done = on_done or (lambda response: None)
         self.error: HerdError | None = None  # the error this waiter was answered with
         self.disconnected = False  # the client went away first
+        self.answered_at: float | None = None  # perf_counter() when the whole answer was written
 
     @property
     def headers(self) -> list[tuple[bytes, bytes]]:
@@ -144,6 +146,7 @@ class FlightResponse:
             }
         )
         await send({"type": "http.response.body", "body": body})
+        self.answered_at = time.perf_counter()
 
     async def _stream(self, send: Send) -> None:
         flight = self.ticket.flight
@@ -182,6 +185,7 @@ class FlightResponse:
         if flight.error is not None:
             return await self._end_with_error(send, flight.error)
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+        self.answered_at = time.perf_counter()
 
     async def _end_with_error(self, send: Send, error: BaseException) -> None:
         """The stream has started: the error goes as a final SSE event, as OpenAI does."""

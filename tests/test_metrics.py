@@ -76,6 +76,9 @@ async def test_each_outcome_moves_its_counter(metered_herd, sim):
     assert delta("herd_requests_total", outcome="error") == 2
     assert delta("herd_errors_total", status="400") == 1 and delta("herd_errors_total", status="503") == 1
     assert delta("herd_upstream_calls_total", upstream="sim") == 3
+    # fan-out lag: the leader, its two followers and the bypass; not the cache hit, not the errors
+    assert delta("herd_fanout_lag_seconds_count") == 4
+    assert 0 < delta("herd_fanout_lag_seconds_sum") < 4 * 0.5
     # spent by the leader and the bypass, saved by two followers and the cache hit
     spent = delta("herd_tokens_total", model="m1", kind="completion", outcome="spent")
     saved = delta("herd_tokens_total", model="m1", kind="completion", outcome="saved")
