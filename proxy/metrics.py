@@ -43,7 +43,8 @@ class Metrics:
             "herd_upstream_seconds", "Upstream call duration", ["upstream"], buckets=LATENCY_BUCKETS, registry=r
         )
         self.upstream_ttft = Histogram(
-            "herd_upstream_ttft_seconds", "Upstream time to first chunk", ["upstream"], buckets=LATENCY_BUCKETS, registry=r
+            "herd_upstream_ttft_seconds", "Upstream time to first chunk (of a non-stream call: to its whole answer)",
+            ["upstream"], buckets=LATENCY_BUCKETS, registry=r,
         )
         self.flights = Gauge("herd_inflight_flights", "Flights in progress", registry=r)
         self.waiters = Gauge("herd_inflight_waiters", "Requests waiting on flights", registry=r)
