@@ -1,12 +1,13 @@
 """Embedding throughput: the embedder standalone vs herd's micro-batcher, side by side.
 
-    python -m benchmarks.embed_throughput [--n 512] [--threads 0] [--concurrency 8,32,64]
+    python -m benchmarks.embed_throughput [--n 512] [--threads N] [--workers N] [--concurrency 8,32,64]
                                          [--repeat 3] [--json PATH]
 
-Standalone: ``Embedder.embed`` over the same short prompts in batches of 1, 8, 16, 32 and 64.
-Batcher: ``BatchingEmbedder.embed`` called by N concurrent asyncio callers, each embedding
-its share of the prompts one at a time (as herd's request handlers do), cache off so every
-text is embedded. Same texts, same model, same ONNX thread setting, one process, one run:
+Standalone: ``Embedder.embed`` over the same short prompts in batches of 1, 8, 16, 32 and 64,
+as many runs at once as the batcher has workers. Batcher: ``BatchingEmbedder.embed`` called
+by N concurrent asyncio callers, each embedding its share of the prompts one at a time (as
+herd's request handlers do), cache off so every text is embedded. Same texts, same model,
+same ONNX thread setting, same number of concurrent runs, one process, one run:
 the table reports prompts/s and the batcher's ratio to the standalone best. Rounds are
 interleaved (standalone, batcher, standalone, ...) and the best of --repeat is kept, which
 is the fairest figure on a noisy shared machine.
@@ -52,17 +53,17 @@ def prompts(n: int) -> list[str]:
     return out
 
 
-def run_standalone(embedder: Any, texts: list[str], batch: int) -> float:
+def run_standalone(embedder: Any, texts: list[str], batch: int, pool: Any) -> float:
     t0 = time.perf_counter()
-    for start in range(0, len(texts), batch):
-        embedder.embed(texts[start : start + batch])
+    list(pool.map(embedder.embed, [texts[start : start + batch] for start in range(0, len(texts), batch)]))
     return len(texts) / (time.perf_counter() - t0)
 
 
-async def run_batcher(embedder: Any, texts: list[str], concurrency: int, max_batch: int) -> tuple[float, dict]:
+async def run_batcher(embedder: Any, texts: list[str], concurrency: int, max_batch: int,
+                      workers: int) -> tuple[float, dict]:
     from embeddings.batcher import BatchingEmbedder
 
-    be = BatchingEmbedder(embedder, max_batch=max_batch, cache_size=0, workers=1)
+    be = BatchingEmbedder(embedder, max_batch=max_batch, cache_size=0, workers=workers)
     # warm the worker thread
     await be.embed("warm up")
     shares = [texts[i::concurrency] for i in range(concurrency)]
@@ -85,15 +86,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", default="1,8,16,32,64", help="standalone batch sizes")
     ap.add_argument("--concurrency", default="8,32,64", help="concurrent callers for the batcher")
     ap.add_argument("--max-batch", type=int, default=32, help="BatchingEmbedder max_batch (default 32)")
-    ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="ONNX Runtime intra-op threads (default: the Embedder's, 1; 0: ONNX Runtime's default)")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="concurrent runs, standalone and in the batcher (default: the batcher's default)")
     ap.add_argument("--repeat", type=int, default=3, help="interleaved rounds; the best is kept (default 3)")
     ap.add_argument("--model", default=None, help="ONNX model path (default: the bundled model)")
     ap.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"write results here (default {DEFAULT_JSON})")
     args = ap.parse_args(argv)
 
-    from embeddings.embedder import Embedder
+    from concurrent.futures import ThreadPoolExecutor
+
+    from embeddings.embedder import Embedder, default_workers
 
     embedder = Embedder(model_path=args.model, intra_op_threads=args.threads)
+    workers = args.workers or default_workers(embedder)
+    pool = ThreadPoolExecutor(workers)
     texts = prompts(args.n)
     batches = [int(x) for x in args.batches.split(",") if x]
     concurrency = [int(x) for x in args.concurrency.split(",") if x]
@@ -104,9 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     batcher_stats: dict[int, dict] = {}
     for r in range(args.repeat):
         for b in batches:
-            standalone[b].append(run_standalone(embedder, texts, b))
+            standalone[b].append(run_standalone(embedder, texts, b, pool))
         for c in concurrency:
-            rate, stats = asyncio.run(run_batcher(embedder, texts, c, args.max_batch))
+            rate, stats = asyncio.run(run_batcher(embedder, texts, c, args.max_batch, workers))
             batcher[c].append(rate)
             batcher_stats[c] = stats
         print(f"round {r + 1}/{args.repeat} done", file=sys.stderr)
@@ -114,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     best_b = max(batches, key=lambda b: max(standalone[b]))
     best = max(standalone[best_b])
     print(f"\nEmbedding throughput, {len(texts)} short prompts, model {Path(embedder.model_path).name}, "
-          f"intra-op threads {args.threads or 'default'}, {os.cpu_count()} CPUs, best of {args.repeat} interleaved rounds")
+          f"intra-op threads {embedder.intra_op_threads or 'default'}, {workers} run(s) at once, {os.cpu_count()} CPUs, best of {args.repeat} interleaved rounds")
     print(f"\n  {'mode':<34}{'prompts/s':>10}{'vs best':>9}{'mean batch':>12}")
     rows = []
     for b in batches:
@@ -133,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{max(batcher[top]):.1f}/s = {ratio:.0%} of standalone (target >= 85%)")
 
     result = {
-        "texts": len(texts), "threads": args.threads, "cpus": os.cpu_count(), "repeat": args.repeat,
+        "texts": len(texts), "threads": embedder.intra_op_threads, "workers": workers, "cpus": os.cpu_count(), "repeat": args.repeat,
         "model": embedder.model_path, "python": platform.python_version(), "max_batch": args.max_batch,
         "standalone_best": {"batch": best_b, "rate": best},
         "batcher_best": {"concurrency": top, "rate": max(batcher[top]), "ratio": ratio},

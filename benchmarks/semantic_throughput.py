@@ -3,7 +3,8 @@
     python -m benchmarks.semantic_throughput [--requests 1500] [--concurrency 64] [--json PATH]
 
 1. The embedder standalone: the same unique prompts, in this process, at batch sizes
-   8/16/32/64 with the same ONNX settings herd uses; the best is the ceiling.
+   8/16/32/64 with the same ONNX settings herd uses and as many runs at once as herd's
+   batcher makes (one per worker); the best is the ceiling.
 2. herd in semantic mode (and in exact mode, for reference) behind the upstream simulator
    (1 ms to first token), driven with those prompts, all unique, at a fixed concurrency:
    herd's req/s as a share of the embedder's best prompts/s.
@@ -22,7 +23,7 @@ from pathlib import Path
 import aiohttp
 import orjson
 
-from benchmarks.procs import Stack, wait_for_quiet
+from benchmarks.procs import Stack, machine_busy_seconds, prometheus, self_cpu_seconds, wait_for_quiet
 
 
 def prompts(n: int, offset: int = 0) -> list[str]:
@@ -34,18 +35,24 @@ def prompts(n: int, offset: int = 0) -> list[str]:
 
 
 def embedder_best(texts: list[str]) -> dict:
-    from embeddings.embedder import Embedder
+    """The embedder alone, set up as herd sets it up (``Embedder()``'s defaults) and driven
+    as herd's batcher drives it: as many runs at once as the batcher has workers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from embeddings.embedder import Embedder, default_workers
 
     embedder = Embedder()
-    embedder.embed(texts[:64])  # warm-up
+    workers = default_workers(embedder)
     rates = {}
-    for batch in (8, 16, 32, 64):
-        started = time.perf_counter()
-        for i in range(0, len(texts), batch):
-            embedder.embed(texts[i : i + batch])
-        rates[batch] = len(texts) / (time.perf_counter() - started)
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(embedder.embed, [texts[:64]] * workers))  # warm-up
+        for batch in (8, 16, 32, 64):
+            started = time.perf_counter()
+            list(pool.map(embedder.embed, [texts[i : i + batch] for i in range(0, len(texts), batch)]))
+            rates[batch] = len(texts) / (time.perf_counter() - started)
     best = max(rates, key=rates.get)
-    return {"rates": rates, "best_batch": best, "best_per_s": rates[best]}
+    return {"rates": rates, "best_batch": best, "best_per_s": rates[best], "workers": workers,
+            "intra_op_threads": embedder.intra_op_threads}
 
 
 async def ask(http: aiohttp.ClientSession, url: str, text: str) -> tuple[float, bool]:
@@ -85,6 +92,40 @@ async def open_loop(url: str, texts: list[str], rate: float) -> tuple[list[float
     return [t for t, _ in results], sum(not ok for _, ok in results)
 
 
+class Foreign:
+    """CPU that processes outside this benchmark (not this process, not its stack) used while
+    a phase ran, in cores: other people's jobs share these CPUs and skew any one phase."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+
+    def _ours(self) -> float:
+        return self_cpu_seconds() + sum(p.cpu_seconds() for p in self.stack.procs)
+
+    def __enter__(self) -> Foreign:
+        self.cores = 0.0
+        self._t0, self._m0, self._o0 = time.perf_counter(), machine_busy_seconds(), self._ours()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        wall = time.perf_counter() - self._t0
+        foreign = (machine_busy_seconds() - self._m0) - (self._ours() - self._o0)
+        self.cores = max(0.0, foreign / wall) if wall > 0 else 0.0
+
+
+def embedding_counters(url: str) -> tuple[float, float, float]:
+    """herd's embedding runs so far: (runs, texts, seconds), from /metrics."""
+    m = prometheus(url) or {}
+    return (m.get("herd_embedding_batch_size_count", 0.0), m.get("herd_embedding_batch_size_sum", 0.0),
+            m.get("herd_embedding_seconds_sum", 0.0))
+
+
+def batches_between(before: tuple[float, float, float], after: tuple[float, float, float]) -> dict:
+    runs, texts, seconds = (a - b for a, b in zip(after, before))
+    return {"runs": int(runs), "mean_batch": texts / runs if runs else 0.0,
+            "ms_per_run": 1000 * seconds / runs if runs else 0.0, "ms_per_text": 1000 * seconds / texts if texts else 0.0}
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
@@ -96,45 +137,68 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=1500)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--json", default="benchmarks/out/semantic-throughput.json")
+    parser.add_argument("--wait-quiet", type=float, default=10.0,
+                        help="before each measured phase, wait up to this many seconds for idle CPUs (default 10)")
     args = parser.parse_args(argv)
     texts = prompts(args.requests)
     result: dict = {"requests": args.requests, "concurrency": args.concurrency}
     with Stack() as stack:
         sim = stack.simulator(ttft_ms=1)
         herds = {mode: stack.herd(sim.url, mode, overrides=["server.access_log=false"]) for mode in ("exact", "semantic")}
-        wait_for_quiet(10)
-        result["embedder"] = embedder_best(texts)
+        foreign = Foreign(stack)
+        wait_for_quiet(args.wait_quiet)
+        with foreign:
+            result["embedder"] = embedder_best(texts)
+        result["embedder"]["foreign_cores"] = foreign.cores
         for mode, proc in herds.items():
             url = proc.url + "/v1/chat/completions"
             asyncio.run(closed_loop(url, prompts(200, offset=10**6), args.concurrency))  # warm-up, other prompts
-            rate, latencies, errors = asyncio.run(closed_loop(url, texts, args.concurrency))
-            result[mode] = {"req_per_s": rate, "errors": errors, "p50_ms": pct(latencies, 0.5)}
+            wait_for_quiet(args.wait_quiet)
+            before, cpu0 = embedding_counters(proc.url), proc.cpu_seconds()
+            with foreign:
+                rate, latencies, errors = asyncio.run(closed_loop(url, texts, args.concurrency))
+            result[mode] = {"req_per_s": rate, "errors": errors, "p50_ms": pct(latencies, 0.5),
+                            "herd_cpu_ms_per_req": 1000 * (proc.cpu_seconds() - cpu0) / len(texts),
+                            "embedding": batches_between(before, embedding_counters(proc.url)),
+                            "foreign_cores": foreign.cores}
         half = result["semantic"]["req_per_s"] / 2
         result["half_load_rate"] = half
         for mode, proc in herds.items():
-            latencies, errors = asyncio.run(open_loop(proc.url + "/v1/chat/completions",
-                                                      prompts(min(args.requests, int(half * 8)), offset=2 * 10**6 +
-                                                              (0 if mode == "exact" else 10**5)), half))
+            wait_for_quiet(args.wait_quiet)
+            before = embedding_counters(proc.url)
+            with foreign:
+                latencies, errors = asyncio.run(open_loop(proc.url + "/v1/chat/completions",
+                                                          prompts(min(args.requests, int(half * 8)), offset=2 * 10**6 +
+                                                                  (0 if mode == "exact" else 10**5)), half))
             result[mode]["half_load"] = {"p50_ms": pct(latencies, 0.5), "p99_ms": pct(latencies, 0.99),
-                                         "mean_ms": statistics.fmean(latencies) * 1000, "errors": errors}
+                                         "mean_ms": statistics.fmean(latencies) * 1000, "errors": errors,
+                                         "embedding": batches_between(before, embedding_counters(proc.url)),
+                                         "foreign_cores": foreign.cores}
     best = result["embedder"]["best_per_s"]
     share = result["semantic"]["req_per_s"] / best
     added = result["semantic"]["half_load"]["p50_ms"] - result["exact"]["half_load"]["p50_ms"]
     result["semantic_share_of_embedder"] = share
     result["semantic_added_p50_ms_at_half_load"] = added
     print(f"{args.requests} unique prompts, concurrency {args.concurrency}")
-    print("embedder standalone, prompts/s by batch: "
+    print(f"embedder standalone ({result['embedder']['workers']} runs at once, "
+          f"{result['embedder']['intra_op_threads'] or 'default'} ONNX thread(s) each), prompts/s by batch: "
           + ", ".join(f"{b}: {r:,.0f}" for b, r in result["embedder"]["rates"].items()))
-    print(f"{'target':<22}{'req/s':>9}{'x embedder best':>17}{'errors':>8}")
-    print(f"{'embedder (best batch)':<22}{best:>9,.0f}{1.0:>17.2f}{'-':>8}")
+    print(f"{'target':<22}{'req/s':>9}{'x embedder best':>17}{'errors':>8}{'foreign cores':>15}")
+    print(f"{'embedder (best batch)':<22}{best:>9,.0f}{1.0:>17.2f}{'-':>8}{result['embedder']['foreign_cores']:>15.2f}")
     for mode in ("exact", "semantic"):
         r = result[mode]
-        print(f"{'herd-' + mode:<22}{r['req_per_s']:>9,.0f}{r['req_per_s'] / best:>17.2f}{r['errors']:>8}")
+        print(f"{'herd-' + mode:<22}{r['req_per_s']:>9,.0f}{r['req_per_s'] / best:>17.2f}{r['errors']:>8}"
+              f"{r['foreign_cores']:>15.2f}")
     print(f"\nhalf of herd-semantic's rate: {half:,.0f} req/s (open loop)")
-    print(f"{'target':<22}{'p50 ms':>9}{'p99 ms':>9}")
+    print(f"{'target':<22}{'p50 ms':>9}{'p99 ms':>9}{'foreign cores':>15}")
     for mode in ("exact", "semantic"):
         h = result[mode]["half_load"]
-        print(f"{'herd-' + mode:<22}{h['p50_ms']:>9.2f}{h['p99_ms']:>9.2f}")
+        print(f"{'herd-' + mode:<22}{h['p50_ms']:>9.2f}{h['p99_ms']:>9.2f}{h['foreign_cores']:>15.2f}")
+    for phase, e in (("full load", result["semantic"]["embedding"]), ("half load", result["semantic"]["half_load"]["embedding"])):
+        print(f"herd-semantic embedding runs at {phase}: {e['runs']}, mean batch {e['mean_batch']:.1f}, "
+              f"{e['ms_per_run']:.2f} ms/run, {e['ms_per_text']:.2f} ms/text")
+    print(f"herd CPU ms/request at full load: exact {result['exact']['herd_cpu_ms_per_req']:.2f}, "
+          f"semantic {result['semantic']['herd_cpu_ms_per_req']:.2f}")
     print(f"\nsemantic mode: {share:.0%} of the embedder's best throughput (target >= 85%); "
           f"adds {added:+.2f} ms p50 over exact mode at half load (target <= 10 ms)")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,11 @@ How a call flows:
    queued (the first caller never waits for a timer). Texts that arrive while a run is
    busy wait for it and then go together in the next run, up to ``max_batch``.
 
-Inference runs in a thread pool, never on the event loop. When a run ends, the next one
+Inference runs in a thread pool, never on the event loop: by default one worker per core,
+each running single-threaded ONNX Runtime (:func:`~embeddings.embedder.default_workers`),
+so a text that arrives while one run is busy starts at once on an idle worker instead of
+waiting behind it, and under load the cores run whole batches side by side rather than
+splitting each one between threads. When a run ends, the next one
 is started one loop turn later (``call_soon``, not a timer), so callers woken by the
 finished run can queue their next text and join it instead of being split into a run of
 one followed by a run of the rest.
@@ -26,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from embeddings.embedder import lower_thread_priority
+from embeddings.embedder import default_workers, lower_thread_priority
 
 if TYPE_CHECKING:  # pragma: no cover
     from embeddings.embedder import Embedder
@@ -52,12 +56,15 @@ class BatchingEmbedder:
         embedder: Embedder,
         max_batch: int = 32,
         cache_size: int = 10_000,
-        workers: int = 1,
+        workers: int | None = None,
         on_batch: Callable[[int, float], None] | None = None,
     ) -> None:
-        """`on_batch(size, seconds)` is told of every run (for metrics)."""
+        """`on_batch(size, seconds)` is told of every run (for metrics). `workers`: concurrent
+        runs (default: :func:`~embeddings.embedder.default_workers` for `embedder`)."""
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
+        if workers is None:
+            workers = default_workers(embedder)
         if workers < 1:
             raise ValueError("workers must be at least 1")
         self.embedder = embedder
@@ -129,6 +136,7 @@ class BatchingEmbedder:
             "mean_batch": (self._items / self._batches) if self._batches else 0.0,
             "last_batch_sizes": sizes[-16:],
             "max_batch": self.max_batch,
+            "workers": self.workers,
         }
 
     def close(self) -> None:
@@ -196,6 +204,7 @@ class BatchingEmbedder:
         self._items += len(batch)
         self._last_sizes.append(len(batch))
         for (key, pending), row in zip(batch, vectors):
+            # A copy per row, not a view: a cached view would keep its whole batch alive.
             vec = np.array(row, dtype=np.float32, copy=True)
             vec.flags.writeable = False
             self._inflight.pop(key, None)

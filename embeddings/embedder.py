@@ -26,6 +26,11 @@ DEFAULT_MAX_TOKENS = 256
 ASSETS = Path(__file__).resolve().parent / "assets"
 #: Larger inputs to :meth:`Embedder.embed` are split into runs of at most this many texts.
 RUN_LIMIT = 64
+#: ONNX Runtime intra-op threads per run. One: on few shared cores a run split across threads
+#: costs 10-50% more CPU per text (the threads meet at a barrier after every operator and,
+#: not spinning, sleep and wake there) and a lone short text is not answered sooner; the
+#: batcher runs one single-threaded run per core instead (see :func:`default_workers`).
+DEFAULT_INTRA_OP_THREADS = 1
 
 
 class ModelIntegrityError(RuntimeError):
@@ -92,7 +97,10 @@ class Embedder:
     """Texts -> L2-normalised float32 vectors, shape (len(texts), dim).
 
     Safe to call from several threads (ONNX Runtime sessions and tokenizers' encode are
-    re-entrant); the batcher normally uses one worker thread.
+    re-entrant): the batcher runs one call per worker thread, :func:`default_workers` of them.
+
+    `intra_op_threads`: threads per run (default :data:`DEFAULT_INTRA_OP_THREADS`; 0: ONNX
+    Runtime's default, one per core).
     """
 
     def __init__(
@@ -100,7 +108,7 @@ class Embedder:
         model_path: str | None = None,
         tokenizer_path: str | None = None,
         max_tokens: int = DEFAULT_MAX_TOKENS,
-        intra_op_threads: int = 0,
+        intra_op_threads: int | None = None,
         *,
         expected_sha256: str | None = None,
     ) -> None:
@@ -129,8 +137,10 @@ class Embedder:
         pad_id = self._tokenizer.token_to_id("[PAD]")
         self._tokenizer.enable_padding(pad_id=0 if pad_id is None else pad_id, pad_token="[PAD]")
 
+        #: ONNX Runtime intra-op threads (0: ONNX Runtime's default, one per core).
+        self.intra_op_threads = DEFAULT_INTRA_OP_THREADS if intra_op_threads is None else max(0, int(intra_op_threads))
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = max(0, int(intra_op_threads))
+        opts.intra_op_num_threads = self.intra_op_threads
         opts.inter_op_num_threads = 1
         # Idle ORT threads sleep instead of spinning on the CPU the event loop needs.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -203,7 +213,29 @@ class Embedder:
         return (pooled / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
 
     def __repr__(self) -> str:
-        return f"Embedder(model={self.model_path!r}, dim={self.dim}, max_tokens={self.max_tokens})"
+        return (f"Embedder(model={self.model_path!r}, dim={self.dim}, max_tokens={self.max_tokens}, "
+                f"intra_op_threads={self.intra_op_threads})")
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+#: At most this many concurrent runs by default (each holds its activations in memory).
+MAX_DEFAULT_WORKERS = 4
+
+
+def default_workers(embedder: object) -> int:
+    """Concurrent runs that keep the CPUs busy without oversubscribing them: one per core
+    for single-threaded runs (at most :data:`MAX_DEFAULT_WORKERS`), else (multi-threaded
+    runs, or an embedder that does not say) one."""
+    if getattr(embedder, "intra_op_threads", None) != 1:
+        return 1
+    return max(1, min(MAX_DEFAULT_WORKERS, usable_cpus()))
 
 
 BACKGROUND_NICENESS = 10

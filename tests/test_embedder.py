@@ -263,3 +263,48 @@ async def test_event_loop_stays_responsive_while_200_embeds_are_queued(embedder:
     assert len(lateness) >= 5
     assert max(lateness) < 0.05, f"heartbeat delayed {max(lateness) * 1000:.0f} ms"
     await be.aclose()
+
+
+# -- concurrent runs (one single-threaded run per core) -----------------------------------
+
+
+def test_default_is_single_threaded_runs_one_worker_per_core(embedder: Embedder) -> None:
+    from embeddings.embedder import DEFAULT_INTRA_OP_THREADS, MAX_DEFAULT_WORKERS, default_workers, usable_cpus
+
+    assert DEFAULT_INTRA_OP_THREADS == 1
+    assert embedder.intra_op_threads == 1
+    assert default_workers(embedder) == min(MAX_DEFAULT_WORKERS, usable_cpus())
+    assert default_workers(FakeEmbedder()) == 1  # an embedder that does not say: one run at a time
+
+    class Threaded(FakeEmbedder):
+        intra_op_threads = 0
+
+    assert default_workers(Threaded()) == 1
+
+
+async def test_with_two_workers_a_text_does_not_wait_behind_a_busy_run() -> None:
+    gates = [threading.Event(), threading.Event()]
+
+    class TwoGates(FakeEmbedder):
+        def embed(self, texts: list[str]) -> np.ndarray:
+            gate = gates[len(self.runs)] if len(self.runs) < 2 else None
+            self.gate = gate
+            return super().embed(texts)
+
+    fake = TwoGates()
+    be = BatchingEmbedder(fake, max_batch=32, workers=2)
+    first = asyncio.create_task(be.embed("first"))
+    await _until(lambda: len(fake.runs) == 1)
+    second = asyncio.create_task(be.embed("second"))
+    await _until(lambda: len(fake.runs) == 2)  # the idle worker takes it at once
+    assert fake.runs == [["first"], ["second"]]
+    rest = [asyncio.create_task(be.embed(f"text {i}")) for i in range(5)]
+    await asyncio.sleep(0.02)
+    assert len(fake.runs) == 2  # both busy: the others queue
+    gates[1].set()
+    await asyncio.gather(second, *rest)  # the second worker frees first and takes the rest together
+    assert [len(r) for r in fake.runs] == [1, 1, 5]
+    gates[0].set()
+    await first
+    assert be.stats()["workers"] == 2 and be.stats()["items"] == 7
+    await be.aclose()
