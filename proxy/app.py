@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Mapping
 import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -53,17 +53,22 @@ def error_response(error: HerdError) -> Response:
     return Response(error.body_bytes(), status_code=error.status, media_type=error.content_type, headers=error.headers)
 
 
-async def read_body(request: Request, limit: int, headers: Mapping[str, str] | None = None) -> bytes:
-    length = (request.headers if headers is None else headers).get("content-length")
+async def read_body(receive: Receive, limit: int, length: str | None) -> bytes:
+    """The request body, refused past `limit` bytes (`length`: its content-length header)."""
     if length is not None and length.isdigit() and int(length) > limit:
         raise PayloadTooLarge(f"The request body is {length} bytes; the limit is {limit}.")
     parts, size = [], 0
-    async for part in request.stream():
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        part = message.get("body", b"")
         size += len(part)
         if size > limit:
             raise PayloadTooLarge(f"The request body is over the limit of {limit} bytes.")
         parts.append(part)
-    return b"".join(parts)
+        if not message.get("more_body", False):
+            return b"".join(parts)
 
 
 def create_app(settings: Settings, gateway: Gateway | None = None) -> "ChatFirst":
@@ -81,7 +86,7 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> "ChatFirst
     async def chat_completions(request: Request) -> Response | FlightResponse:
         headers = header_map(request)
         identity = gateway.auth.identify(headers)
-        req = parse_chat(await read_body(request, limit, headers))
+        req = parse_chat(await read_body(request.receive, limit, headers.get("content-length")))
         mode = gateway.mode_for(headers.get("x-herd-coalesce"))
         control = headers.get("cache-control")
         directives = {d.strip().lower() for d in control.split(",")} if control else set()
@@ -155,7 +160,7 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> "ChatFirst
 
     async def forward(request: Request) -> Response:
         identity = gateway.auth.identify(request.headers)
-        body = await read_body(request, limit)
+        body = await read_body(request.receive, limit, request.headers.get("content-length"))
         model = None
         if body and request.headers.get("content-type", "").startswith("application/json"):
             with contextlib.suppress(orjson.JSONDecodeError):
@@ -237,6 +242,8 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> "ChatFirst
         request = Request(scope, receive)
         try:
             response = await chat_completions(request)
+        except ClientDisconnect:
+            return  # gone while sending its body: nobody to answer
         except Exception as exc:
             error = exc if isinstance(exc, HerdError) else internal_error(request, exc)
             count_error(error)

@@ -213,7 +213,8 @@ async def _read_some_then_disconnect(url: str, text: str, chunks: int = 2) -> No
 
 async def test_leader_disconnect_does_not_fail_followers(herd, sim):
     sim_reset(sim.url, ttft_ms=100, tokens_per_s=20, reply_tokens=20)
-    leader = asyncio.create_task(_read_some_then_disconnect(herd.url, "leader leaves"))
+    # the leader leaves after 6 chunks (~350 ms): well after the followers joined, even on a busy machine
+    leader = asyncio.create_task(_read_some_then_disconnect(herd.url, "leader leaves", chunks=6))
     await asyncio.sleep(0.05)
     c = aclient(herd)
     followers = [c.chat.completions.create(model="m", messages=user("leader leaves")) for _ in range(5)]
