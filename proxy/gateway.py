@@ -67,6 +67,7 @@ class Gateway:
             self.cache = RedisCache(self.redis, memory) if backend == "redis" and self.redis else memory
         self.similar: SimilarAnswers | None = None  # semantic cache index, with the matcher
         self._background: set[asyncio.Task] = set()
+        self._routes: dict[str, tuple[RouteConfig, Upstream]] = {}  # model -> its route, memoized
 
     # -- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -111,11 +112,16 @@ class Gateway:
 
     # -- routing -----------------------------------------------------------------------
     def route(self, model: str) -> tuple[RouteConfig, Upstream]:
-        route = self.settings.route_for(model)
-        if route is None:
-            raise NotFound(f"The model '{model}' does not exist or you do not have access to it.", param="model",
-                           code="model_not_found")
-        return route, self.upstreams[route.upstream]
+        found = self._routes.get(model)
+        if found is None:
+            route = self.settings.route_for(model)
+            if route is None:
+                raise NotFound(f"The model '{model}' does not exist or you do not have access to it.",
+                               param="model", code="model_not_found")
+            found = route, self.upstreams[route.upstream]
+            if len(self._routes) < 1000:  # model names come from clients: a bounded memo
+                self._routes[model] = found
+        return found
 
     def mode_for(self, header: str | None) -> str:
         mode = (header or self.settings.coalesce.mode).strip().lower()

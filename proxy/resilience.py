@@ -262,6 +262,8 @@ class RateLimiter:
 
     async def acquire(self, tokens: float = 0.0) -> Permit:
         """Wait for a request and `tokens` from the buckets, or raise RateLimited (429 + Retry-After)."""
+        if self.requests is None and self.tokens is None:
+            return Permit()  # no limits (the default)
         taken_request = taken_tokens = None
         if self.requests is not None:
             taken_request = self.requests.reserve(1, self.max_wait)
