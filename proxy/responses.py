@@ -45,14 +45,21 @@ async def _wait_disconnect(receive: Receive) -> None:
         pass
 
 
-async def until_disconnect(work: Awaitable[None], receive: Receive) -> bool:
+#: A waiter starts watching its client only once its answer has taken this long: a call that
+#: ends sooner is not worth cancelling, and most short answers then cost no watcher task.
+WATCH_AFTER_S = 0.5
+
+
+async def until_disconnect(work: Awaitable[None], receive: Receive, watch_after: float = WATCH_AFTER_S) -> bool:
     """Run `work` in this task until it ends or the client disconnects; True if it ended.
 
-    A watcher task waits for the disconnect and cancels this task; `work` itself runs
-    here, so a request costs one extra task, not two.
+    After `watch_after` seconds a watcher task waits for the disconnect and cancels this
+    task; `work` itself runs here, so a request costs one extra task at most.
     """
+    loop = asyncio.get_running_loop()
     this = asyncio.current_task()
     gone = False
+    watcher: asyncio.Task | None = None
 
     async def watch() -> None:
         nonlocal gone
@@ -60,7 +67,11 @@ async def until_disconnect(work: Awaitable[None], receive: Receive) -> bool:
         gone = True
         this.cancel()
 
-    watcher = asyncio.ensure_future(watch())
+    def start_watching() -> None:
+        nonlocal watcher
+        watcher = loop.create_task(watch())
+
+    timer = loop.call_later(watch_after, start_watching)
     try:
         await work
     except asyncio.CancelledError:
@@ -69,7 +80,9 @@ async def until_disconnect(work: Awaitable[None], receive: Receive) -> bool:
         this.uncancel()
         return False
     finally:
-        watcher.cancel()
+        timer.cancel()
+        if watcher is not None:
+            watcher.cancel()
     return True
 
 
