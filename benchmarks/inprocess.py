@@ -1,0 +1,202 @@
+"""herd's own cost, without the network: the ASGI app driven in-process, the upstream faked.
+
+    python -m benchmarks.inprocess [--requests 20000] [--concurrency 256] [--burst 1000]
+                                   [--subscribers 500] [--chunks 40] [--json PATH]
+
+No sockets, no load generator, no simulator: what is left is herd's own work on its event
+loop (routing, parsing, keys, the flight, rendering, metrics, the access log), so a change
+to herd shows up here without the noise of the 2-core end-to-end runs. Three measurements:
+
+1. requests: all-unique non-stream requests at a fixed concurrency; CPU per request, with
+   the access log on (the default) and off.
+2. burst: N identical non-stream requests wait on one flight; when the upstream answers,
+   the time until the last of them has its answer handed to ASGI `send`.
+3. fanout: N stream requests share one flight whose upstream sends a chunk every 20 ms;
+   for each chunk, the time until the last subscriber has it handed to `send`.
+
+The upstream adapter's `chat` is replaced by one that answers at once (1) or when told
+(2, 3). Everything else is herd as configured by `tests.harness.herd_settings`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import uvloop
+
+from proxy.app import create_app
+from proxy.chunks import Chunk, split
+from proxy.logs import setup_logging
+from tests.harness import herd_settings
+
+COMPLETION = {
+    "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "m",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "echo: hello " * 8},
+                 "finish_reason": "stop", "logprobs": None}],
+    "usage": {"prompt_tokens": 10, "completion_tokens": 16, "total_tokens": 26},
+}
+RAW = orjson.dumps(COMPLETION)
+
+
+def scope_for(body: bytes) -> dict:
+    return {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions", "query_string": b"",
+        "root_path": "", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2), "state": {},
+        "headers": [(b"host", b"herd"), (b"content-type", b"application/json"),
+                    (b"authorization", b"Bearer sk-inprocess"), (b"content-length", str(len(body)).encode())],
+    }
+
+
+async def call(app, body: bytes, on_body=None) -> int:
+    """One request through the ASGI app; its status."""
+    sent = False
+    never = asyncio.get_running_loop().create_future()
+    status = 0
+
+    async def receive() -> dict:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await never  # the client never leaves
+
+    async def send(message: dict) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        elif on_body is not None:
+            on_body()
+
+    await app(scope_for(body), receive, send)
+    return status
+
+
+async def started_app(access_log: bool, chat):
+    app = create_app(herd_settings("http://127.0.0.1:9", server={"access_log": access_log}))
+    gateway = app.state.gateway
+    for upstream in gateway.upstreams.values():
+        upstream.chat = chat
+    await gateway.start()
+    return app, gateway
+
+
+async def requests_cpu(n: int, concurrency: int, access_log: bool) -> dict:
+    async def chat(body, options, stream=True):
+        await asyncio.sleep(0)
+        yield split(orjson.loads(RAW), RAW)
+
+    app, gateway = await started_app(access_log, chat)
+    bodies = iter(orjson.dumps({"model": "m", "messages": [{"role": "user", "content": f"unique prompt {i}"}]})
+                  for i in range(10**9))
+
+    async def worker(count: int) -> None:
+        for _ in range(count):
+            assert await call(app, next(bodies)) == 200
+
+    await asyncio.gather(*[worker(max(1, n // concurrency // 4)) for _ in range(concurrency)])  # warm-up
+    per = max(1, n // concurrency)
+    cpu, wall = time.process_time(), time.perf_counter()
+    await asyncio.gather(*[worker(per) for _ in range(concurrency)])
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    await gateway.aclose()
+    done = per * concurrency
+    return {"requests": done, "cpu_us_per_request": cpu / done * 1e6, "req_per_s": done / wall}
+
+
+async def burst(n: int) -> dict:
+    gate = asyncio.Event()
+
+    async def chat(body, options, stream=True):
+        await gate.wait()
+        yield split(orjson.loads(RAW), RAW)
+
+    app, gateway = await started_app(True, chat)
+    lags = []
+    for rnd in range(3):
+        gate.clear()
+        answered: list[float] = []
+        body = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": f"the same question {rnd}"}]})
+        tasks = [asyncio.create_task(call(app, body, lambda: answered.append(time.perf_counter())))
+                 for _ in range(n)]
+        await asyncio.sleep(0.2)  # every request is waiting on the flight
+        start = time.perf_counter()
+        gate.set()
+        assert set(await asyncio.gather(*tasks)) == {200}
+        lags.append((max(answered) - start) * 1000)
+    await gateway.aclose()
+    return {"waiters": n, "last_answer_ms": lags}
+
+
+async def fanout(n: int, chunks: int) -> dict:
+    published: list[float] = []
+
+    async def chat(body, options, stream=True):
+        for i in range(chunks):
+            await asyncio.sleep(0.02)
+            data = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                    "choices": [{"index": 0, "delta": {"content": f"w{i} "},
+                                 "finish_reason": "stop" if i == chunks - 1 else None}]}
+            published.append(time.perf_counter())
+            yield [Chunk(data, orjson.dumps(data))]
+
+    app, gateway = await started_app(True, chat)
+    last: dict[int, float] = {}
+
+    def on_body() -> None:
+        last[len(published)] = time.perf_counter()  # the latest write of the latest chunk
+
+    body = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "stream it"}], "stream": True})
+    cpu = time.process_time()
+    assert set(await asyncio.gather(*[call(app, body, on_body) for _ in range(n)])) == {200}
+    cpu = time.process_time() - cpu
+    await gateway.aclose()
+    spans = sorted((last[i] - published[i - 1]) * 1000 for i in range(1, chunks) if i in last)
+    return {"subscribers": n, "chunks": chunks, "fanout_ms_p50": statistics.median(spans),
+            "fanout_ms_max": spans[-1], "cpu_us_per_subscriber_chunk": cpu / (n * chunks) * 1e6}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.inprocess", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=20_000)
+    parser.add_argument("--concurrency", type=int, default=256)
+    parser.add_argument("--burst", type=int, default=1000)
+    parser.add_argument("--subscribers", type=int, default=500)
+    parser.add_argument("--chunks", type=int, default=40)
+    parser.add_argument("--json", default="benchmarks/out/inprocess.json")
+    args = parser.parse_args(argv)
+    stderr, sys.stderr = sys.stderr, open(os.devnull, "w")
+    setup_logging("info")  # the access log is written, to nowhere
+    try:
+        result = {
+            "requests": {log: uvloop.run(requests_cpu(args.requests, args.concurrency, log == "on"))
+                         for log in ("on", "off")},
+            "burst": uvloop.run(burst(args.burst)),
+            "fanout": uvloop.run(fanout(args.subscribers, args.chunks)),
+        }
+    finally:
+        sys.stderr = stderr
+    r, b, f = result["requests"], result["burst"], result["fanout"]
+    print(f"all-unique requests, {args.concurrency} at a time: herd CPU per request "
+          f"{r['on']['cpu_us_per_request']:.1f} us (access log on), {r['off']['cpu_us_per_request']:.1f} us (off)")
+    print(f"burst of {b['waiters']:,} on one flight: last answer handed to send after "
+          + " / ".join(f"{v:.1f}" for v in b["last_answer_ms"]) + " ms")
+    print(f"{f['subscribers']} stream subscribers: each chunk handed to the last of them after "
+          f"p50 {f['fanout_ms_p50']:.2f} ms (max {f['fanout_ms_max']:.2f} ms); "
+          f"{f['cpu_us_per_subscriber_chunk']:.1f} us CPU per subscriber and chunk")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
