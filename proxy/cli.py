@@ -31,6 +31,7 @@ def serve(args: argparse.Namespace) -> int:
         http="httptools",
         access_log=False,  # herd writes its own (JSON, with flight ids)
         proxy_headers=False,
+        server_header=False,  # a proxy need not name the server it runs on
         log_config=None,
         timeout_graceful_shutdown=settings.server.shutdown_grace_s,
         backlog=4096,

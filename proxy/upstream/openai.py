@@ -35,6 +35,7 @@ class OpenAIUpstream(Upstream):
         self._session: aiohttp.ClientSession | None = None
         self._client_timeout: aiohttp.ClientTimeout | None = None
         self._chat_url = f"{cfg.base_url}/chat/completions"
+        self._fixed_headers: dict[str, dict[str, str]] = {}  # by accept, when the key is herd's own
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=self.cfg.max_connections, ttl_dns_cache=300, keepalive_timeout=30)
@@ -62,6 +63,18 @@ class OpenAIUpstream(Upstream):
             headers["authorization"] = f"Bearer {key}"
         return headers
 
+    def _chat_headers(self, options: CallOptions, accept: str) -> dict[str, str]:
+        """A chat call's headers; made once per `accept` when herd holds the upstream's key."""
+        if self.cfg.api_key:
+            headers = self._fixed_headers.get(accept)
+            if headers is None:
+                headers = self._fixed_headers[accept] = self._build_chat_headers(options, accept)
+            return headers
+        return self._build_chat_headers(options, accept)
+
+    def _build_chat_headers(self, options: CallOptions, accept: str) -> dict[str, str]:
+        return {**self._auth_headers(options), "content-type": "application/json", "accept": accept}
+
     def _timeout(self) -> aiohttp.ClientTimeout:
         if self._client_timeout is None:
             self._client_timeout = aiohttp.ClientTimeout(
@@ -74,7 +87,7 @@ class OpenAIUpstream(Upstream):
             yield await self._whole(body, options)
             return
         payload = {**body, "stream": True, "stream_options": {"include_usage": True}}
-        headers = {**self._auth_headers(options), "content-type": "application/json", "accept": "text/event-stream"}
+        headers = self._chat_headers(options, "text/event-stream")
         finished = False
         resp: aiohttp.ClientResponse | None = None
         watchdog = Watchdog(self.cfg.first_byte_timeout_s, f"upstream {self.name!r}")
@@ -132,7 +145,7 @@ class OpenAIUpstream(Upstream):
         timeout applies: only the call's total timeout (aiohttp's own)."""
         payload = {k: v for k, v in body.items() if k != "stream_options"}
         payload["stream"] = False
-        headers = {**self._auth_headers(options), "content-type": "application/json", "accept": "application/json"}
+        headers = self._chat_headers(options, "application/json")
         try:
             async with self.session.post(
                 self._chat_url, data=orjson.dumps(payload), headers=headers, timeout=self._timeout()
