@@ -15,13 +15,16 @@ to herd shows up here without the noise of the 2-core end-to-end runs. Three mea
    for each chunk, the time until the last subscriber has it handed to `send`.
 
 The upstream adapter's `chat` is replaced by one that answers at once (1) or when told
-(2, 3). Everything else is herd as configured by `tests.harness.herd_settings`.
+(2, 3). Everything else is herd as configured by `tests.harness.herd_settings`, started and
+stopped by its own lifespan. (1) also counts the full garbage collections and their pauses.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import gc
 import os
 import statistics
 import sys
@@ -79,13 +82,37 @@ async def call(app, body: bytes, on_body=None) -> int:
     return status
 
 
+@contextlib.asynccontextmanager
 async def started_app(access_log: bool, chat):
+    """herd's app, started and stopped by its own lifespan, with a faked upstream."""
     app = create_app(herd_settings("http://127.0.0.1:9", server={"access_log": access_log}))
-    gateway = app.state.gateway
-    for upstream in gateway.upstreams.values():
+    for upstream in app.state.gateway.upstreams.values():
         upstream.chat = chat
-    await gateway.start()
-    return app, gateway
+    async with app.app.router.lifespan_context(app.app):
+        yield app
+
+
+class Collections:
+    """Full (generation 2) garbage collections while it is entered: how many, how long."""
+
+    def __init__(self) -> None:
+        self.pauses_ms: list[float] = []
+        self._started = 0.0
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if info["generation"] != 2:
+            return
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.pauses_ms.append((time.perf_counter() - self._started) * 1000)
+
+    def __enter__(self) -> "Collections":
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self._callback)
 
 
 async def requests_cpu(n: int, concurrency: int, access_log: bool) -> dict:
@@ -93,22 +120,25 @@ async def requests_cpu(n: int, concurrency: int, access_log: bool) -> dict:
         await asyncio.sleep(0)
         yield split(orjson.loads(RAW), RAW)
 
-    app, gateway = await started_app(access_log, chat)
     bodies = iter(orjson.dumps({"model": "m", "messages": [{"role": "user", "content": f"unique prompt {i}"}]})
                   for i in range(10**9))
+    async with started_app(access_log, chat) as app:
 
-    async def worker(count: int) -> None:
-        for _ in range(count):
-            assert await call(app, next(bodies)) == 200
+        async def worker(count: int) -> None:
+            for _ in range(count):
+                assert await call(app, next(bodies)) == 200
 
-    await asyncio.gather(*[worker(max(1, n // concurrency // 4)) for _ in range(concurrency)])  # warm-up
-    per = max(1, n // concurrency)
-    cpu, wall = time.process_time(), time.perf_counter()
-    await asyncio.gather(*[worker(per) for _ in range(concurrency)])
-    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-    await gateway.aclose()
+        await asyncio.gather(*[worker(max(1, n // concurrency // 4)) for _ in range(concurrency)])  # warm-up
+        per = max(1, n // concurrency)
+        with Collections() as full:
+            cpu, wall = time.process_time(), time.perf_counter()
+            await asyncio.gather(*[worker(per) for _ in range(concurrency)])
+            cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     done = per * concurrency
-    return {"requests": done, "cpu_us_per_request": cpu / done * 1e6, "req_per_s": done / wall}
+    pauses = sorted(full.pauses_ms)
+    return {"requests": done, "cpu_us_per_request": cpu / done * 1e6, "req_per_s": done / wall,
+            "full_collections": len(pauses), "full_collection_ms_max": pauses[-1] if pauses else 0.0,
+            "full_collection_ms_p50": statistics.median(pauses) if pauses else 0.0}
 
 
 async def burst(n: int) -> dict:
@@ -118,20 +148,19 @@ async def burst(n: int) -> dict:
         await gate.wait()
         yield split(orjson.loads(RAW), RAW)
 
-    app, gateway = await started_app(True, chat)
     lags = []
-    for rnd in range(3):
-        gate.clear()
-        answered: list[float] = []
-        body = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": f"the same question {rnd}"}]})
-        tasks = [asyncio.create_task(call(app, body, lambda: answered.append(time.perf_counter())))
-                 for _ in range(n)]
-        await asyncio.sleep(0.2)  # every request is waiting on the flight
-        start = time.perf_counter()
-        gate.set()
-        assert set(await asyncio.gather(*tasks)) == {200}
-        lags.append((max(answered) - start) * 1000)
-    await gateway.aclose()
+    async with started_app(True, chat) as app:
+        for rnd in range(3):
+            gate.clear()
+            answered: list[float] = []
+            body = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": f"the same question {rnd}"}]})
+            tasks = [asyncio.create_task(call(app, body, lambda: answered.append(time.perf_counter())))
+                     for _ in range(n)]
+            await asyncio.sleep(0.2)  # every request is waiting on the flight
+            start = time.perf_counter()
+            gate.set()
+            assert set(await asyncio.gather(*tasks)) == {200}
+            lags.append((max(answered) - start) * 1000)
     return {"waiters": n, "last_answer_ms": lags}
 
 
@@ -147,17 +176,16 @@ async def fanout(n: int, chunks: int) -> dict:
             published.append(time.perf_counter())
             yield [Chunk(data, orjson.dumps(data))]
 
-    app, gateway = await started_app(True, chat)
     last: dict[int, float] = {}
 
     def on_body() -> None:
         last[len(published)] = time.perf_counter()  # the latest write of the latest chunk
 
     body = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "stream it"}], "stream": True})
-    cpu = time.process_time()
-    assert set(await asyncio.gather(*[call(app, body, on_body) for _ in range(n)])) == {200}
-    cpu = time.process_time() - cpu
-    await gateway.aclose()
+    async with started_app(True, chat) as app:
+        cpu = time.process_time()
+        assert set(await asyncio.gather(*[call(app, body, on_body) for _ in range(n)])) == {200}
+        cpu = time.process_time() - cpu
     spans = sorted((last[i] - published[i - 1]) * 1000 for i in range(1, chunks) if i in last)
     return {"subscribers": n, "chunks": chunks, "fanout_ms_p50": statistics.median(spans),
             "fanout_ms_max": spans[-1], "cpu_us_per_subscriber_chunk": cpu / (n * chunks) * 1e6}
@@ -186,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr = stderr
     r, b, f = result["requests"], result["burst"], result["fanout"]
     print(f"all-unique requests, {args.concurrency} at a time: herd CPU per request "
-          f"{r['on']['cpu_us_per_request']:.1f} us (access log on), {r['off']['cpu_us_per_request']:.1f} us (off)")
+          f"{r['on']['cpu_us_per_request']:.1f} us (access log on), {r['off']['cpu_us_per_request']:.1f} us (off); "
+          f"{r['on']['full_collections']} full garbage collections, longest {r['on']['full_collection_ms_max']:.1f} ms")
     print(f"burst of {b['waiters']:,} on one flight: last answer handed to send after "
           + " / ".join(f"{v:.1f}" for v in b["last_answer_ms"]) + " ms")
     print(f"{f['subscribers']} stream subscribers: each chunk handed to the last of them after "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import re
 from collections.abc import AsyncIterator, Mapping
@@ -229,6 +230,10 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> "ChatFirst
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await gateway.start()
+        # What start-up made (modules, tokenizer tables, the matcher's word lists, the model)
+        # lives as long as the process: out of the collector's sight, a full collection under
+        # load takes ~2.4 ms instead of ~22 ms (python -m benchmarks.inprocess).
+        gc.freeze()
         log.info("herd ready", extra={"mode": settings.coalesce.mode, "upstreams": list(gateway.upstreams)})
         try:
             yield
