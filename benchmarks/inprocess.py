@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import gc
 import os
 import statistics
@@ -107,7 +108,7 @@ class Collections:
         else:
             self.pauses_ms.append((time.perf_counter() - self._started) * 1000)
 
-    def __enter__(self) -> "Collections":
+    def __enter__(self) -> Collections:
         gc.callbacks.append(self._callback)
         return self
 
@@ -141,6 +142,10 @@ async def requests_cpu(n: int, concurrency: int, access_log: bool) -> dict:
             "full_collection_ms_p50": statistics.median(pauses) if pauses else 0.0}
 
 
+def _stamp(times: list[float]) -> None:
+    times.append(time.perf_counter())
+
+
 async def burst(n: int) -> dict:
     gate = asyncio.Event()
 
@@ -154,8 +159,8 @@ async def burst(n: int) -> dict:
             gate.clear()
             answered: list[float] = []
             body = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": f"the same question {rnd}"}]})
-            tasks = [asyncio.create_task(call(app, body, lambda: answered.append(time.perf_counter())))
-                     for _ in range(n)]
+            stamp = functools.partial(_stamp, answered)
+            tasks = [asyncio.create_task(call(app, body, stamp)) for _ in range(n)]
             await asyncio.sleep(0.2)  # every request is waiting on the flight
             start = time.perf_counter()
             gate.set()

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import array
 import asyncio
-import gc
 import contextlib
+import gc
 import math
 import multiprocessing as mp
 import os

@@ -72,7 +72,7 @@ async def read_body(receive: Receive, limit: int, length: str | None) -> bytes:
             return b"".join(parts)
 
 
-def create_app(settings: Settings, gateway: Gateway | None = None) -> "ChatFirst":
+def create_app(settings: Settings, gateway: Gateway | None = None) -> ChatFirst:
     gateway = gateway or Gateway(settings, Metrics())
     limit = settings.server.max_body_bytes
 

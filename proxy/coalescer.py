@@ -51,7 +51,7 @@ class Flight:
         self._waiting: list[asyncio.Future] = []  # woken by the next publish or finish
 
     @classmethod
-    def completed(cls, keys: Iterable[str], chunks: list[Any]) -> "Flight":
+    def completed(cls, keys: Iterable[str], chunks: list[Any]) -> Flight:
         """A flight that is already done, e.g. an answer from the cache."""
         flight = cls(keys)
         flight.chunks = list(chunks)

@@ -1205,7 +1205,6 @@ _STEP_NOUNS = _words("way ways process procedure steps step")
 
 def _asks_for_steps(toks: list[Token], j: int) -> bool:
     """ "what's the way to", "what is the process for", "what do I need to do to"."""
-    n = len(toks)
     w = [t.low for t in toks[j : j + 6]]
     if w[:1] and w[0] in ("is", "are"):
         w = w[1:]

@@ -95,7 +95,7 @@ class FlightResponse:
         include_usage: bool,
         deadline: float,
         release: Callable[[Ticket], None],
-        on_done: Callable[["FlightResponse"], None] | None = None,
+        on_done: Callable[[FlightResponse], None] | None = None,
         request_id: str = "",
     ) -> None:
         self.ticket = ticket
