@@ -8,9 +8,10 @@ past a cap, new models or tenants are counted as "other".
 from __future__ import annotations
 
 import fnmatch
+import functools
 from typing import Any
 
-from proxy.config import MetricsConfig
+from proxy.config import MODEL_MEMO, MetricsConfig
 from proxy.metrics import Metrics
 
 SPENT_ROLES = frozenset({"leader", "bypass"})
@@ -39,20 +40,15 @@ class Accountant:
         self.metrics = metrics
         self._models = LabelCap(100)
         self._tenants = LabelCap(cfg.max_tenant_labels)
-        self._prices: dict[str, tuple[float, float] | None] = {}
+        # model names come from clients: a bounded memo of the glob lookup
+        self.price = functools.lru_cache(maxsize=MODEL_MEMO)(self._price)
 
-    def price(self, model: str) -> tuple[float, float] | None:
+    def _price(self, model: str) -> tuple[float, float] | None:
         """USD per million (prompt, completion) tokens, from the first matching glob."""
-        if model in self._prices:
-            return self._prices[model]
-        found = None
         for pattern, price in self.cfg.prices.items():
             if fnmatch.fnmatchcase(model, pattern):
-                found = float(price.get("input", 0.0)), float(price.get("output", 0.0))
-                break
-        if len(self._prices) < 1000:  # model names come from clients: a bounded memo
-            self._prices[model] = found
-        return found
+                return float(price.get("input", 0.0)), float(price.get("output", 0.0))
+        return None
 
     def record(self, role: str, model: str, tenant: str, usage: dict[str, Any] | None) -> None:
         if not usage or role not in SPENT_ROLES | SAVED_ROLES:

@@ -188,6 +188,9 @@ class Settings:
 
 
 MODES = ("off", "exact", "semantic")
+#: Lookups by model name (route, context window, price) are memoized up to this many names:
+#: the names come from clients, so the memo is bounded.
+MODEL_MEMO = 1024
 UPSTREAM_KINDS = ("openai", "anthropic", "vllm")
 AUTH_MODES = ("auto", "keys", "open")
 

@@ -23,7 +23,7 @@ from proxy.cache import AnswerCache, MemoryCache, SimilarAnswers
 from proxy.canonical import ChatRequest, assign_keys, digest
 from proxy.chunks import Chunk
 from proxy.coalescer import Flight, Group
-from proxy.config import RouteConfig, Settings
+from proxy.config import MODEL_MEMO, RouteConfig, Settings
 from proxy.dispatch import Dispatcher
 from proxy.errors import InvalidRequest, NotFound
 from proxy.metrics import Metrics
@@ -67,7 +67,8 @@ class Gateway:
             self.cache = RedisCache(self.redis, memory) if backend == "redis" and self.redis else memory
         self.similar: SimilarAnswers | None = None  # semantic cache index, with the matcher
         self._background: set[asyncio.Task] = set()
-        self._routes: dict[str, tuple[RouteConfig, Upstream]] = {}  # model -> its route, memoized
+        # model names come from clients: a bounded memo of the route lookup (not of a 404)
+        self.route = functools.lru_cache(maxsize=MODEL_MEMO)(self._route)
 
     # -- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -111,17 +112,12 @@ class Gateway:
         return SemanticIndex(self.matcher)
 
     # -- routing -----------------------------------------------------------------------
-    def route(self, model: str) -> tuple[RouteConfig, Upstream]:
-        found = self._routes.get(model)
-        if found is None:
-            route = self.settings.route_for(model)
-            if route is None:
-                raise NotFound(f"The model '{model}' does not exist or you do not have access to it.",
-                               param="model", code="model_not_found")
-            found = route, self.upstreams[route.upstream]
-            if len(self._routes) < 1000:  # model names come from clients: a bounded memo
-                self._routes[model] = found
-        return found
+    def _route(self, model: str) -> tuple[RouteConfig, Upstream]:
+        route = self.settings.route_for(model)
+        if route is None:
+            raise NotFound(f"The model '{model}' does not exist or you do not have access to it.", param="model",
+                           code="model_not_found")
+        return route, self.upstreams[route.upstream]
 
     def mode_for(self, header: str | None) -> str:
         mode = (header or self.settings.coalesce.mode).strip().lower()

@@ -19,7 +19,7 @@ import orjson
 import tiktoken
 from tiktoken.model import encoding_name_for_model
 
-from proxy.config import ConfigError, TokensConfig
+from proxy.config import MODEL_MEMO, ConfigError, TokensConfig
 from proxy.errors import InvalidRequest
 
 # Context windows in tokens, by model glob; the longest matching pattern wins.
@@ -131,7 +131,8 @@ class TokenCounter:
         self.windows = {**DEFAULT_CONTEXT_WINDOWS, **cfg.context_windows}
         # Longest pattern first: the most specific entry for a model wins.
         self._patterns = sorted(self.windows, key=len, reverse=True)
-        self._window_of: dict[str, int] = {}
+        # model names come from clients: a bounded memo of the glob lookup
+        self.context_window = functools.lru_cache(maxsize=MODEL_MEMO)(self._context_window)
         self._local = _local_encodings()
         if cfg.encoding not in self._local:
             raise ConfigError(
@@ -139,18 +140,12 @@ class TokenCounter:
                 f"{', '.join(sorted(n for n in self._local if not n.endswith('_offline')))}"
             )
 
-    def context_window(self, model: str) -> int:
+    def _context_window(self, model: str) -> int:
         """The model's context window in tokens; 0 when it is not to be checked."""
-        window = self._window_of.get(model)
-        if window is None:
-            window = self.cfg.default_context_window
-            for pattern in self._patterns:
-                if fnmatch.fnmatchcase(model, pattern):
-                    window = self.windows[pattern]
-                    break
-            if len(self._window_of) < 1000:  # model names come from clients: a bounded memo
-                self._window_of[model] = window
-        return window
+        for pattern in self._patterns:
+            if fnmatch.fnmatchcase(model, pattern):
+                return self.windows[pattern]
+        return self.cfg.default_context_window
 
     def encoding_for(self, model: str) -> tuple[str, bool]:
         """(encoding name, True if it is the model's own)."""
