@@ -8,7 +8,8 @@ aiohttp (see benchmarks/HTTP_CLIENTS.md for the measurement behind that choice).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
 import orjson
@@ -92,33 +93,28 @@ class OpenAIUpstream(Upstream):
         resp: aiohttp.ClientResponse | None = None
         watchdog = Watchdog(self.cfg.first_byte_timeout_s, f"upstream {self.name!r}")
         try:
-            resp = await watchdog.wait(
-                self.session.post(self._chat_url, data=orjson.dumps(payload), headers=headers, timeout=self._timeout())
-            )
-            if resp.status >= 400:
-                raise await watchdog.wait(self._error(resp))
-            if not resp.content_type.startswith("text/event-stream"):
-                # A server that ignores `stream`: its one JSON body, as chunks.
-                raw = await watchdog.wait(resp.read())
-                yield split(_completion(raw, self.name), raw)
-                return
-            reads = aiter(resp.content.iter_any())
-            parser = EventParser()
-            done = False  # [DONE] seen: nothing more will come
-            while not done:
-                data = await watchdog.wait(anext(reads, None))
-                events = parser.close() if data is None else parser.feed(data)
-                watchdog.progress(self.cfg.idle_timeout_s)
-                batch, ends, done = self._chunks(events)
-                finished = finished or ends or done
-                if batch:
-                    yield batch  # the chunks of one network read go out together
-                if data is None:
-                    break
-        except TimeoutError:  # aiohttp's own connect or total timeout
-            raise UpstreamTimeout(f"upstream {self.name!r} did not answer in time") from None
-        except (aiohttp.ClientError, orjson.JSONDecodeError, ConnectionError) as e:
-            raise UpstreamUnavailable(f"upstream {self.name!r} failed: {type(e).__name__}") from None
+            with self._failures():
+                resp = await watchdog.wait(self.session.post(
+                    self._chat_url, data=orjson.dumps(payload), headers=headers, timeout=self._timeout()
+                ))
+                if resp.status >= 400:
+                    raise await watchdog.wait(self._error(resp))
+                if not resp.content_type.startswith("text/event-stream"):  # a server that ignores `stream`
+                    yield self._answer(await watchdog.wait(resp.read()), resp.content_type)
+                    return
+                reads = aiter(resp.content.iter_any())
+                parser = EventParser()
+                done = False  # [DONE] seen: nothing more will come
+                while not done:
+                    data = await watchdog.wait(anext(reads, None))
+                    events = parser.close() if data is None else parser.feed(data)
+                    watchdog.progress(self.cfg.idle_timeout_s)
+                    batch, ends, done = self._chunks(events)
+                    finished = finished or ends or done
+                    if batch:
+                        yield batch  # the chunks of one network read go out together
+                    if data is None:
+                        break
         finally:
             watchdog.stop()
             if resp is not None:
@@ -140,27 +136,37 @@ class OpenAIUpstream(Upstream):
             batch.append(Chunk(data, event.data))
         return batch, finished, False
 
+    def _answer(self, raw: bytes, content_type: str) -> list[Chunk]:
+        """A whole answer as chunks: a `chat.completion` body (kept whole on the first chunk),
+        or the complete SSE stream of a server that always streams."""
+        if not content_type.startswith("text/event-stream"):
+            return split(_completion(raw, self.name), raw)
+        parser = EventParser()
+        batch, finished, _ = self._chunks(parser.feed(raw) + parser.close())
+        if not finished:
+            raise UpstreamUnavailable(f"upstream {self.name!r} ended the stream before it was complete")
+        return batch
+
     async def _whole(self, body: dict, options: CallOptions) -> list[Chunk]:
         """A non-stream call. Its first byte is the whole answer, so no first-byte or idle
         timeout applies: only the call's total timeout (aiohttp's own)."""
         payload = {k: v for k, v in body.items() if k != "stream_options"}
         payload["stream"] = False
         headers = self._chat_headers(options, "application/json")
-        try:
+        with self._failures():
             async with self.session.post(
                 self._chat_url, data=orjson.dumps(payload), headers=headers, timeout=self._timeout()
             ) as resp:
                 if resp.status >= 400:
                     raise await self._error(resp)
-                raw = await resp.read()
-                if not resp.content_type.startswith("text/event-stream"):
-                    return split(_completion(raw, self.name), raw)
-                parser = EventParser()  # a server that always streams
-                batch, finished, _ = self._chunks(parser.feed(raw) + parser.close())
-                if not finished:
-                    raise UpstreamUnavailable(f"upstream {self.name!r} ended the stream before it was complete")
-                return batch
-        except TimeoutError:
+                return self._answer(await resp.read(), resp.content_type)
+
+    @contextlib.contextmanager
+    def _failures(self) -> Iterator[None]:
+        """aiohttp's failures, and a body that is not JSON, as herd's upstream errors."""
+        try:
+            yield
+        except TimeoutError:  # aiohttp's own connect or total timeout
             raise UpstreamTimeout(f"upstream {self.name!r} did not answer in time") from None
         except (aiohttp.ClientError, orjson.JSONDecodeError, ConnectionError) as e:
             raise UpstreamUnavailable(f"upstream {self.name!r} failed: {type(e).__name__}") from None
@@ -176,12 +182,8 @@ class OpenAIUpstream(Upstream):
         url = f"{self.cfg.base_url}/{path}" + (f"?{query}" if query else "")
         out = {k: v for k, v in headers.items() if k not in HOP_BY_HOP and k not in CLIENT_AUTH_HEADERS}
         out.update(self._auth_headers(options))
-        try:
+        with self._failures():
             resp = await self.session.request(method, url, data=body or None, headers=out, timeout=self._timeout())
-        except TimeoutError:
-            raise UpstreamTimeout(f"upstream {self.name!r} did not answer in time") from None
-        except (aiohttp.ClientError, ConnectionError) as e:
-            raise UpstreamUnavailable(f"upstream {self.name!r} failed: {type(e).__name__}") from None
         back = [
             (k, v) for k, v in resp.headers.items() if k.lower() not in HOP_BY_HOP and k.lower() != "content-encoding"
         ]
