@@ -11,6 +11,7 @@ from proxy.config import UpstreamConfig
 from proxy.errors import UpstreamUnavailable
 from proxy.upstream import CallOptions
 from proxy.upstream.openai import OpenAIUpstream
+from tests.harness import free_port
 
 COMPLETION = {
     "id": "chatcmpl-x", "object": "chat.completion", "created": 1, "model": "m",
@@ -46,9 +47,8 @@ async def server():
     app.router.add_post("/v1/chat/completions", chat)
     runner = aiohttp.web.AppRunner(app)
     await runner.setup()
-    site = aiohttp.web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
+    port = free_port()
+    await aiohttp.web.TCPSite(runner, "127.0.0.1", port).start()
     upstream = OpenAIUpstream(UpstreamConfig(name="odd", base_url=f"http://127.0.0.1:{port}/v1"))
     await upstream.start()
     try:
