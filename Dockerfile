@@ -20,7 +20,10 @@ COPY config /etc/herd/examples
 ENV HERD_CONFIG=/etc/herd/proxy.toml \
     HERD_HOST=127.0.0.1 \
     HERD_PORT=8080 \
+    HERD_CACHE_DIR=/var/cache/herd \
     PYTHONUNBUFFERED=1
+# The embedder's int8 graph is derived from the bundled model once (about 2 s): bake it in.
+RUN python -c "from embeddings.embedder import Embedder; Embedder()"
 USER herd
 EXPOSE 8080
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \

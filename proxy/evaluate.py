@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from embeddings.embedder import DEFAULT_PRECISION, PRECISIONS
 from proxy.matcher import DEFAULT_THRESHOLD, GUARDS, MatchConfig, Matcher, parse_guards
 
 DEFAULT_JSON = Path("benchmarks/out/semantic-eval.json")
@@ -405,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--items", action="store_true", help="include every pair's result in the JSON")
     ap.add_argument("--show", type=int, default=0, metavar="N", help="print up to N merged traps and N missed pairs")
     ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: default)")
+    ap.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
+                    help=f"the model's matrix products: int8 or fp32 (default {DEFAULT_PRECISION}, as herd runs it)")
     args = ap.parse_args(argv)
 
     try:
@@ -423,13 +426,15 @@ def main(argv: list[str] | None = None) -> int:
     from embeddings.embedder import Embedder
 
     t0 = time.perf_counter()
-    embedder = Embedder(model_path=args.model, tokenizer_path=args.tokenizer, intra_op_threads=args.threads)
+    embedder = Embedder(model_path=args.model, tokenizer_path=args.tokenizer, intra_op_threads=args.threads,
+                        precision=args.precision)
     # Score with every guard on: refusals are recorded per guard and switched off afterwards.
     config = MatchConfig(threshold=args.threshold, guards=frozenset(GUARDS), max_tokens=embedder.max_tokens)
     matcher = Matcher(None, config, fits=embedder.fits)  # the embedder's tokenizer decides the window
 
     results: dict[str, Any] = {
         "model": embedder.model_path,
+        "precision": embedder.precision,
         "threshold": args.threshold,
         "guards": sorted(guards),
         "ambiguous": args.ambiguous,

@@ -100,7 +100,7 @@ class Gateway:
         from proxy.matcher import MatchConfig, Matcher
 
         cfg = self.settings.coalesce
-        embedder = Embedder(model_path=cfg.model_path or None)
+        embedder = Embedder(model_path=cfg.model_path or None, precision=cfg.embed_precision)
         batcher = BatchingEmbedder(
             embedder, max_batch=cfg.embed_batch, cache_size=cfg.embed_cache, on_batch=self.metrics.observe_embedding
         )

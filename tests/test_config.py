@@ -54,6 +54,7 @@ def test_env_expansion_with_default_and_herd_config_path(tmp_path):
         ({"server": {"port": "eighty"}}, "server.port: expected an integer"),
         ({"coalesce": {"mode": "fuzzy"}}, "coalesce.mode"),
         ({"coalesce": {"upstream_stream": "sometimes"}}, "coalesce.upstream_stream"),
+        ({"coalesce": {"embed_precision": "int4"}}, "coalesce.embed_precision"),
         ({"routes": [{"model": "*", "upstream": "missing"}]}, "not a configured upstream"),
         ({"upstreams": {"openai": {"kind": "bard", "base_url": "http://x"}}}, "kind"),
         ({"upstreams": {"openai": {"base_url": "ftp://x"}}}, "base_url"),

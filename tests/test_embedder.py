@@ -18,6 +18,7 @@ from embeddings.embedder import (
     Embedder,
     ModelIntegrityError,
     default_model_path,
+    int8_model,
     verify_sha256,
 )
 
@@ -25,6 +26,11 @@ from embeddings.embedder import (
 @pytest.fixture(scope="module")
 def embedder() -> Embedder:
     return Embedder(intra_op_threads=1)
+
+
+@pytest.fixture(scope="module")
+def fp32_embedder() -> Embedder:
+    return Embedder(intra_op_threads=1, precision="fp32")
 
 
 def cos(v: np.ndarray, w: np.ndarray) -> float:
@@ -42,16 +48,22 @@ def test_shape_dtype_and_norm(embedder: Embedder) -> None:
     assert embedder.embed([]).shape == (0, 384)
 
 
-def test_known_pairs_score_in_range(embedder: Embedder) -> None:
-    texts = [
-        "What's the weather in Paris today?", "What's the weather in Paris tomorrow?",
-        "What is the capital of France?", "what's the capital city of france",
-        "How do I reset my password?", "how can I reset my password", "Best pizza in Rome",
-    ]
-    v = dict(zip(texts, embedder.embed(texts)))
-    # the numbers the issue quotes for this model
-    assert cos(v[texts[0]], v[texts[1]]) == pytest.approx(0.961, abs=0.01)
-    assert cos(v[texts[2]], v[texts[3]]) == pytest.approx(0.865, abs=0.01)
+KNOWN = [
+    "What's the weather in Paris today?", "What's the weather in Paris tomorrow?",
+    "What is the capital of France?", "what's the capital city of france",
+    "How do I reset my password?", "how can I reset my password", "Best pizza in Rome",
+]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_known_pairs_score_in_range(precision: str, embedder: Embedder, fp32_embedder: Embedder) -> None:
+    texts = KNOWN
+    v = dict(zip(texts, (fp32_embedder if precision == "fp32" else embedder).embed(texts)))
+    # the numbers the issue quotes for this model (computed as the file's graph says, fp32);
+    # int8 products stay within 0.02 of them
+    tolerance = 0.01 if precision == "fp32" else 0.02
+    assert cos(v[texts[0]], v[texts[1]]) == pytest.approx(0.961, abs=tolerance)
+    assert cos(v[texts[2]], v[texts[3]]) == pytest.approx(0.865, abs=tolerance)
     paraphrase = cos(v[texts[4]], v[texts[5]])
     unrelated = cos(v[texts[4]], v[texts[6]])
     assert paraphrase > 0.9
@@ -82,6 +94,68 @@ def test_token_count_includes_special_tokens(embedder: Embedder) -> None:
 )
 def test_fits_agrees_with_token_count(embedder: Embedder, text: str) -> None:
     assert embedder.fits(text) == (embedder.token_count(text) <= 256)
+
+
+def test_int8_products_agree_with_fp32(embedder: Embedder, fp32_embedder: Embedder) -> None:
+    assert (embedder.precision, fp32_embedder.precision) == ("int8", "fp32")
+    texts = KNOWN + [
+        "Can I bring my dog on the train?", "Are pets allowed on trains?", "Translate 'good morning' into German",
+        "Summarize this article in three bullet points", "What time does the pharmacy close on Sunday?",
+        "Is the museum open on Mondays?", "How many calories are in a banana?", "lorem ipsum " * 40,
+    ]
+    a, b = embedder.embed(texts), fp32_embedder.embed(texts)
+    assert (a * b).sum(axis=1).min() > 0.97  # each vector points the same way
+    sims_a, sims_b = a @ a.T, b @ b.T
+    assert np.abs(sims_a - sims_b).max() < 0.03  # and every pair's similarity moves by little
+
+
+def test_int8_graph_keeps_the_models_own_int8_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    onnx = pytest.importorskip("onnx")
+    from onnx import numpy_helper
+
+    monkeypatch.setenv("HERD_CACHE_DIR", str(tmp_path / "cache"))
+    built = int8_model(default_model_path(), DEFAULT_MODEL_SHA256)
+    assert isinstance(built, str) and Path(built).parent == tmp_path / "cache"
+
+    def int8_tensors(model) -> list[np.ndarray]:
+        arrays = (numpy_helper.to_array(t) for t in model.graph.initializer)
+        return [a for a in arrays if a.dtype == np.int8 and a.ndim == 2 and a.shape[0] == 384]
+
+    source, derived = int8_tensors(onnx.load(default_model_path())), int8_tensors(onnx.load(built))
+    ops = {n.op_type for n in onnx.load(built).graph.node}
+    assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops  # the products run in int8
+    assert len(source) == 30  # the encoder's weight matrices (6 layers x 5 under this layout)
+    for weights in source:
+        assert any(w.shape == weights.shape and np.array_equal(w, weights) for w in derived)
+
+
+def test_int8_graph_is_built_once_and_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnxruntime.quantization as quantization
+
+    monkeypatch.setenv("HERD_CACHE_DIR", str(tmp_path / "cache"))
+    first = int8_model(default_model_path(), DEFAULT_MODEL_SHA256)
+
+    def no_second_build(*args, **kwargs):
+        raise AssertionError("the int8 graph was built again")
+
+    monkeypatch.setattr(quantization, "quantize_dynamic", no_second_build)
+    assert int8_model(default_model_path(), DEFAULT_MODEL_SHA256) == first
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [Path(first).name]  # no partial file left
+
+
+def test_int8_graph_without_a_writable_cache_comes_as_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the cache folder would go")
+    monkeypatch.setenv("HERD_CACHE_DIR", str(blocker / "herd"))
+    built = int8_model(default_model_path(), DEFAULT_MODEL_SHA256)
+    assert isinstance(built, bytes) and len(built) > 1_000_000
+    e = Embedder(precision="int8")
+    assert e.embed(["still works"]).shape == (1, 384)
+
+
+def test_unknown_precision_is_refused() -> None:
+    with pytest.raises(ValueError, match="precision"):
+        Embedder(precision="int4")
 
 
 def test_long_text_is_truncated_not_rejected(embedder: Embedder) -> None:
