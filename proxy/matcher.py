@@ -1650,13 +1650,28 @@ class Probe:
     text: str
     normalized: str
     vector: np.ndarray | None  # None: over the window (or no embedder): exact matches only
-    features: Features | None = None
     fits: bool = True  # within the embedder's window
     key: str = ""  # merge key: normalized if it fits, else the text itself
+    # The guard features, filled by the `features` property on first use. A field (not a
+    # cached_property) so that copies made with dataclasses.replace keep them.
+    _features: Features | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.key:
             object.__setattr__(self, "key", self.normalized if self.fits else "\x00" + self.text)
+
+    @property
+    def features(self) -> Features | None:
+        """The guard features (None over the window), computed on first use and kept.
+
+        Lazy because extract_features costs more than the rest of a request's matching,
+        and most requests never meet a candidate close enough to need the guards.
+        """
+        if not self.fits:
+            return None
+        if self._features is None:
+            object.__setattr__(self, "_features", extract_features(self.text))
+        return self._features
 
 
 class Matcher:
@@ -1700,14 +1715,7 @@ class Matcher:
 
     def prepare(self, text: str) -> Probe:
         """A probe without a vector (no embedding): enough for exact/normalized matches."""
-        fits = self.fits(text)
-        return Probe(
-            text=text,
-            normalized=normalize(text),
-            vector=None,
-            features=extract_features(text) if fits else None,
-            fits=fits,
-        )
+        return Probe(text=text, normalized=normalize(text), vector=None, fits=self.fits(text))
 
     async def embed(self, probe: Probe) -> Probe:
         if probe.vector is not None or not probe.fits or self.embedder is None:
@@ -1729,11 +1737,12 @@ class Matcher:
         """Names of the enabled guards that refuse the pair."""
         if a.features is None or b.features is None:
             return ["window"]
+        fa, fb = a.features, b.features
         if score is None:
             score = float(np.dot(a.vector, b.vector)) if a.vector is not None and b.vector is not None else 0.0
         out = []
         for name, guard in self._guards:
-            if not guard(a.features, b.features, score, self.config):
+            if not guard(fa, fb, score, self.config):
                 out.append(name)
                 if stop_at_first:
                     break

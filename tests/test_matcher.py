@@ -7,6 +7,7 @@ few near-misses that must be refused, and the guard that must refuse them.
 from __future__ import annotations
 
 import types
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -16,6 +17,8 @@ from embeddings.embedder import Embedder
 from proxy.matcher import (
     DEFAULT_THRESHOLD,
     GUARDS,
+    VARIANT_CANDIDATES,
+    VARIANT_FLOOR,
     MatchConfig,
     Matcher,
     Probe,
@@ -218,8 +221,8 @@ def test_a_guard_can_be_switched_off_by_name(vectors: dict[str, np.ndarray]) -> 
 
 
 def test_intent_guard_is_what_refuses_same_subject_questions(vectors: dict[str, np.ndarray]) -> None:
-    low = Matcher(None, MatchConfig(threshold=0.5))
-    no_intent = Matcher(None, MatchConfig(threshold=0.5, guards=parse_guards("all,-intent")))
+    low = Matcher(None, MatchConfig(threshold=0.45))
+    no_intent = Matcher(None, MatchConfig(threshold=0.45, guards=parse_guards("all,-intent")))
     for a, b in NEAR_MISSES["intent"]:
         pa, pb = probe(low, vectors, a), probe(low, vectors, b)
         assert low.compare(pa, pb) is None
@@ -336,6 +339,153 @@ def test_index_grows_past_its_first_capacity(embedder: Embedder) -> None:
     t = texts[7]
     found = index.best(m.probe_with_vector(t.upper(), embedder.embed([t.upper()])[0]))
     assert found == ("id7", 1.0)  # normalized-equal
+
+
+# -- lazy guard features -------------------------------------------------------------------
+# extract_features costs more than the rest of a request's matching: a probe computes its
+# features only when a candidate is close enough for the guards (or the variant test).
+
+
+@pytest.fixture
+def feature_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The texts proxy.matcher.extract_features is called with, in order."""
+    calls: list[str] = []
+
+    def counting(text: str):
+        calls.append(text)
+        return extract_features(text)
+
+    monkeypatch.setattr("proxy.matcher.extract_features", counting)
+    return calls
+
+
+def _unit(*parts: tuple[int, float], dim: int = 128) -> np.ndarray:
+    """A unit vector from (axis, weight) parts; the rest of the weight on no shared axis."""
+    v = np.zeros(dim, dtype=np.float32)
+    for axis, w in parts:
+        v[axis] = w
+    return v / np.linalg.norm(v)
+
+
+def _at(score: float, axis: int) -> np.ndarray:
+    """A unit vector whose dot product with axis 0 is `score`."""
+    return _unit((0, score), (axis, float(np.sqrt(1.0 - score * score))))
+
+
+UNRELATED = [
+    "How do I reset my password?",
+    "What's the weather in Paris today?",
+    "How do I update my billing address?",
+    "Where do I find my invoices?",
+    "Which plan is cheapest?",
+    "Can I get a refund for a broken item?",
+    "How long does delivery to Spain take?",
+    "What does the error message mean?",
+]
+
+
+def test_no_candidate_near_never_computes_features(feature_calls: list[str]) -> None:
+    m = Matcher(None, MatchConfig())
+    q = m.probe_with_vector("Is the swimming pool heated in winter?", _unit((0, 1.0)))
+    empty = SemanticIndex(m)
+    assert empty.best(q) is None
+    index = SemanticIndex(m)
+    for i in range(64):  # orthogonal to q: similarity 0
+        index.add(f"o{i}", m.probe_with_vector(f"Tell me about topic number {i} in history", _unit((i + 1, 1.0))))
+    # and one just under the floor
+    index.add("under", m.probe_with_vector(UNRELATED[0], _at(VARIANT_FLOOR - 0.01, 100)))
+    assert index.best(q) is None
+    assert feature_calls == []
+    assert q._features is None
+    # the counter does see a candidate at the floor (the variant test needs both texts)
+    index.add("floor", m.probe_with_vector(UNRELATED[1], _at(VARIANT_FLOOR + 0.01, 101)))
+    assert index.best(q) is None
+    assert feature_calls == [q.text, UNRELATED[1]]
+
+
+def test_only_the_nearest_candidates_below_the_threshold_compute_features(feature_calls: list[str]) -> None:
+    m = Matcher(None, MatchConfig())
+    q = m.probe_with_vector("Is the swimming pool heated in winter?", _unit((0, 1.0)))
+    index = SemanticIndex(m)
+    scores = [0.58, 0.52, 0.47, 0.41, 0.37, 0.33, 0.31, 0.2]  # all under the threshold
+    assert len(scores) > VARIANT_CANDIDATES and DEFAULT_THRESHOLD > scores[0]
+    for i, (t, s) in enumerate(zip(UNRELATED, scores)):
+        index.add(t, m.probe_with_vector(t, _at(s, i + 1)))
+    assert index.best(q) is None
+    assert feature_calls == [q.text, *UNRELATED[:VARIANT_CANDIDATES]]
+
+
+def test_features_are_computed_once_per_probe(feature_calls: list[str]) -> None:
+    m = Matcher(None, MatchConfig())
+    q = m.prepare("Is the gym open on Saturday?")
+    assert feature_calls == []
+    f = q.features
+    assert f == extract_features(q.text) and feature_calls == [q.text]
+    q = replace(q, vector=_unit((0, 1.0)))  # as Matcher.embed does
+    assert q.features is f and feature_calls == [q.text]
+    # several candidates above the threshold, each refused (dates): one computation each
+    others = ["Is the gym open on Sunday?", "Is the gym open on Monday?", "Is the gym open on Friday?"]
+    index = SemanticIndex(m)
+    for i, (t, s) in enumerate(zip(others, [0.95, 0.9, 0.85])):
+        index.add(t, m.probe_with_vector(t, _at(s, i + 1)))
+    assert index.best(q) is None
+    assert index.best(q) is None
+    assert m.explain(q, index._probes[0])["refused_by"] == ["dates"]
+    assert sorted(feature_calls) == sorted([q.text, *others])
+
+
+async def test_features_survive_embed_and_stay_none_over_the_window(feature_calls: list[str]) -> None:
+    class FixedBatcher:
+        async def embed(self, text: str) -> np.ndarray:
+            return _unit((0, 1.0))
+
+    m = Matcher(FixedBatcher(), MatchConfig(), fits=lambda text, limit: "long" not in text)  # type: ignore[arg-type]
+    p = m.prepare("How do I reset my password?")
+    f = p.features
+    embedded = await m.embed(p)
+    assert embedded.vector is not None and embedded.features is f
+    assert feature_calls == [p.text]
+    over = await m.probe("a long message over the window")
+    assert not over.fits and over.features is None
+    assert replace(over, vector=None).features is None
+    assert m.refusals(embedded, over) == ["window"] and not m.variant(embedded, over)
+    assert feature_calls == [p.text]  # an over-window message never computes features
+
+
+def test_lazy_features_decide_as_eager_ones(vectors: dict[str, np.ndarray]) -> None:
+    pairs = (
+        PARAPHRASES
+        + [p for ps in NEAR_MISSES.values() for p in ps]
+        + [(a, b) for _, a, b in REWORDINGS + STILL_REFUSED]
+    )
+
+    def eager(m: Matcher, text: str) -> Probe:
+        p = probe(m, vectors, text)
+        assert p.features == extract_features(text)  # read now: computed before any comparison
+        return p
+
+    configs = [MatchConfig(), MatchConfig(threshold=0.5), MatchConfig(threshold=0.8, guards=parse_guards("all,-intent"))]
+    for cfg in configs:
+        m = Matcher(None, cfg)
+        for a, b in pairs:
+            lazy_a, lazy_b = probe(m, vectors, a), probe(m, vectors, b)
+            eager_a, eager_b = eager(m, a), eager(m, b)
+            assert lazy_a._features is None and lazy_b._features is None
+            assert m.explain(lazy_a, lazy_b) == m.explain(eager_a, eager_b)
+            assert m.compare(lazy_b, lazy_a) == m.compare(eager_b, eager_a)
+            assert m.variant(lazy_a, lazy_b) == m.variant(eager_a, eager_b)
+            for score in (0.5, 0.74, 0.8, 0.95):
+                assert m.refusals(lazy_a, lazy_b, score, stop_at_first=False) == m.refusals(
+                    eager_a, eager_b, score, stop_at_first=False
+                )
+        # the index picks the same entry with lazy and eager probes
+        texts = sorted({t for pair in pairs for t in pair if t in vectors})
+        lazy_index, eager_index = SemanticIndex(m), SemanticIndex(m)
+        for t in texts[::2]:
+            lazy_index.add(t, probe(m, vectors, t))
+            eager_index.add(t, eager(m, t))
+        for t in texts[1::2]:
+            assert lazy_index.best(probe(m, vectors, t)) == eager_index.best(eager(m, t))
 
 
 # -- configuration --------------------------------------------------------------------------
