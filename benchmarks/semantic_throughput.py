@@ -24,6 +24,7 @@ import aiohttp
 import orjson
 
 from benchmarks.procs import Stack, machine_busy_seconds, prometheus, self_cpu_seconds, wait_for_quiet
+from embeddings.embedder import DEFAULT_PRECISION
 
 
 def prompts(n: int, offset: int = 0) -> list[str]:
@@ -34,14 +35,14 @@ def prompts(n: int, offset: int = 0) -> list[str]:
     ]
 
 
-def embedder_best(texts: list[str]) -> dict:
+def embedder_best(texts: list[str], precision: str) -> dict:
     """The embedder alone, set up as herd sets it up (``Embedder()``'s defaults) and driven
     as herd's batcher drives it: as many runs at once as the batcher has workers."""
     from concurrent.futures import ThreadPoolExecutor
 
     from embeddings.embedder import Embedder, default_workers
 
-    embedder = Embedder()
+    embedder = Embedder(precision=precision)
     workers = default_workers(embedder)
     rates = {}
     with ThreadPoolExecutor(workers) as pool:
@@ -52,7 +53,7 @@ def embedder_best(texts: list[str]) -> dict:
             rates[batch] = len(texts) / (time.perf_counter() - started)
     best = max(rates, key=rates.get)
     return {"rates": rates, "best_batch": best, "best_per_s": rates[best], "workers": workers,
-            "intra_op_threads": embedder.intra_op_threads}
+            "intra_op_threads": embedder.intra_op_threads, "precision": precision}
 
 
 async def ask(http: aiohttp.ClientSession, url: str, text: str) -> tuple[float, bool]:
@@ -137,18 +138,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=1500)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--json", default="benchmarks/out/semantic-throughput.json")
+    parser.add_argument("--herd-option", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="a config override for both herds (repeatable), e.g. coalesce.embed_precision=fp32")
     parser.add_argument("--wait-quiet", type=float, default=10.0,
                         help="before each measured phase, wait up to this many seconds for idle CPUs (default 10)")
     args = parser.parse_args(argv)
     texts = prompts(args.requests)
+    # the standalone embedder computes as herd's does
+    precision = next((o.split("=", 1)[1].strip().strip('"') for o in args.herd_option
+                      if o.replace(" ", "").startswith("coalesce.embed_precision=")), DEFAULT_PRECISION)
     result: dict = {"requests": args.requests, "concurrency": args.concurrency}
     with Stack() as stack:
         sim = stack.simulator(ttft_ms=1)
-        herds = {mode: stack.herd(sim.url, mode, overrides=["server.access_log=false"]) for mode in ("exact", "semantic")}
+        herds = {mode: stack.herd(sim.url, mode, overrides=["server.access_log=false", *args.herd_option]) for mode in ("exact", "semantic")}
         foreign = Foreign(stack)
         wait_for_quiet(args.wait_quiet)
         with foreign:
-            result["embedder"] = embedder_best(texts)
+            result["embedder"] = embedder_best(texts, precision)
         result["embedder"]["foreign_cores"] = foreign.cores
         for mode, proc in herds.items():
             url = proc.url + "/v1/chat/completions"
@@ -180,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     result["semantic_share_of_embedder"] = share
     result["semantic_added_p50_ms_at_half_load"] = added
     print(f"{args.requests} unique prompts, concurrency {args.concurrency}")
-    print(f"embedder standalone ({result['embedder']['workers']} runs at once, "
+    print(f"embedder standalone ({precision}, {result['embedder']['workers']} runs at once, "
           f"{result['embedder']['intra_op_threads'] or 'default'} ONNX thread(s) each), prompts/s by batch: "
           + ", ".join(f"{b}: {r:,.0f}" for b, r in result["embedder"]["rates"].items()))
     print(f"{'target':<22}{'req/s':>9}{'x embedder best':>17}{'errors':>8}{'foreign cores':>15}")
