@@ -23,7 +23,13 @@ from pathlib import Path
 import aiohttp
 import orjson
 
-from benchmarks.procs import Stack, machine_busy_seconds, prometheus, self_cpu_seconds, wait_for_quiet
+from benchmarks.procs import (
+    Stack,
+    machine_busy_seconds,
+    prometheus,
+    self_cpu_seconds,
+    wait_for_quiet,
+)
 from embeddings.embedder import DEFAULT_PRECISION
 
 

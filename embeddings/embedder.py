@@ -41,6 +41,8 @@ DEFAULT_INTRA_OP_THREADS = 1
 #: (benchmarks/SEMANTIC.md). "fp32": as the file's graph says, weights dequantised to fp32
 #: when the model loads; texts batched.
 PRECISIONS = ("int8", "fp32")
+#: Part of a cached int8 graph's name: raise it when the way the graph is built changes.
+INT8_GRAPH_VERSION = 1
 DEFAULT_PRECISION = "int8"
 
 
@@ -125,7 +127,7 @@ def int8_model(path: str, sha256: str) -> str | bytes:
     """
     import onnxruntime as ort
 
-    target = cache_dir() / f"{Path(path).stem}-{sha256[:16]}-int8-ort{ort.__version__}.onnx"
+    target = cache_dir() / f"{Path(path).stem}-{sha256[:16]}-int8v{INT8_GRAPH_VERSION}-ort{ort.__version__}.onnx"
     if target.is_file():
         return str(target)
     from onnxruntime.quantization import QuantType, quantize_dynamic

@@ -130,7 +130,7 @@ def test_int8_graph_keeps_the_models_own_int8_weights(tmp_path: Path, monkeypatc
 
 
 def test_int8_graph_is_built_once_and_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import onnxruntime.quantization as quantization
+    from onnxruntime import quantization
 
     monkeypatch.setenv("HERD_CACHE_DIR", str(tmp_path / "cache"))
     first = int8_model(default_model_path(), DEFAULT_MODEL_SHA256)
@@ -343,7 +343,12 @@ async def test_event_loop_stays_responsive_while_200_embeds_are_queued(embedder:
 
 
 def test_default_is_single_threaded_runs_one_worker_per_core(embedder: Embedder) -> None:
-    from embeddings.embedder import DEFAULT_INTRA_OP_THREADS, MAX_DEFAULT_WORKERS, default_workers, usable_cpus
+    from embeddings.embedder import (
+        DEFAULT_INTRA_OP_THREADS,
+        MAX_DEFAULT_WORKERS,
+        default_workers,
+        usable_cpus,
+    )
 
     assert DEFAULT_INTRA_OP_THREADS == 1
     assert embedder.intra_op_threads == 1
