@@ -215,12 +215,12 @@ class Embedder:
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
-        # ORT's worker threads inherit the niceness of the thread that creates the session:
-        # create it in a lowered thread, so inference yields the CPU to the event loop.
         if precision == "int8":
             graph = int8_model(self.model_path, expected_sha256 or sha256_file(self.model_path))
         else:
             graph = self.model_path
+        # ORT's worker threads inherit the niceness of the thread that creates the session:
+        # create it in a lowered thread, so inference yields the CPU to the event loop.
         self._session = in_background_thread(
             lambda: ort.InferenceSession(graph, sess_options=opts, providers=["CPUExecutionProvider"])
         )

@@ -107,7 +107,7 @@ class CoalesceConfig:
     threshold: float = 0.62  # calibrated on fow-cache with all guards on: see benchmarks/SEMANTIC.md
     guards: list[str] = field(default_factory=lambda: ["all"])
     model_path: str = ""  # ONNX model; empty: the bundled all-MiniLM-L6-v2 int8
-    embed_precision: str = "int8"  # int8: matrix products in 8-bit integers (2-2.5x cheaper) | fp32
+    embed_precision: str = "int8"  # int8: matrix products in 8-bit integers (about 2x cheaper a text) | fp32
     embed_batch: int = 32
     embed_cache: int = 10_000
     # auto: a flight calls the upstream the way its first request asked (stream or not);
@@ -189,6 +189,9 @@ class Settings:
 
 
 MODES = ("off", "exact", "semantic")
+#: embeddings.embedder.PRECISIONS, spelt out: importing the embedder here would load numpy in
+#: exact mode too (a test keeps the two equal).
+EMBED_PRECISIONS = ("int8", "fp32")
 #: Lookups by model name (route, context window, price) are memoized up to this many names:
 #: the names come from clients, so the memo is bounded.
 MODEL_MEMO = 1024
@@ -375,8 +378,10 @@ def validate(s: Settings) -> None:
             )
     if s.coalesce.mode not in MODES:
         raise ConfigError(f"coalesce.mode must be one of {', '.join(MODES)}, got {s.coalesce.mode!r}")
-    if s.coalesce.embed_precision not in ("int8", "fp32"):
-        raise ConfigError(f"coalesce.embed_precision must be int8 or fp32, got {s.coalesce.embed_precision!r}")
+    if s.coalesce.embed_precision not in EMBED_PRECISIONS:
+        raise ConfigError(
+            f"coalesce.embed_precision must be one of {', '.join(EMBED_PRECISIONS)}, got {s.coalesce.embed_precision!r}"
+        )
     if s.coalesce.upstream_stream not in ("auto", "always"):
         raise ConfigError(f"coalesce.upstream_stream must be auto or always, got {s.coalesce.upstream_stream!r}")
     if not 0.0 < s.coalesce.threshold <= 1.0:

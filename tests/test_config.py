@@ -148,3 +148,10 @@ def test_settings_repr_holds_no_secret():
         env={},
     )
     assert "SECRET" not in repr(s)
+
+
+def test_embed_precisions_are_the_embedders():
+    from embeddings.embedder import PRECISIONS
+    from proxy.config import EMBED_PRECISIONS
+
+    assert EMBED_PRECISIONS == PRECISIONS
