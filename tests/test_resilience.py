@@ -278,7 +278,10 @@ async def test_a_client_error_is_not_retried_nor_sent_to_the_fallback(sim):
 async def test_a_stream_that_breaks_after_sending_is_never_retried(sim):
     sim_reset(sim.url, ttft_ms=300, tokens_per_s=50, reply_tokens=10)
     sim_faults(sim.url, {"kind": "reset", "after_chunks": 3, "path": CHAT})
-    with HerdServer(settings(sim.url, {"retries": 2, "backoff_base_s": 0.05})) as herd:
+    # The flight must stream whichever request leads it: a non-stream upstream call that
+    # breaks has sent nobody anything, and is rightly retried.
+    always_stream = {"upstream_stream": "always"}
+    with HerdServer(settings(sim.url, {"retries": 2, "backoff_base_s": 0.05}, coalesce=always_stream)) as herd:
         outcomes = await burst(herd, "half a stream", 4)
     assert len(arrivals(sim, CHAT)) == 1 and arrivals(sim, MESSAGES) == []
     assert all(isinstance(o, openai.APIError) and "upstream" in o.message for o in outcomes)
