@@ -26,6 +26,7 @@ import orjson
 from benchmarks.procs import (
     Stack,
     machine_busy_seconds,
+    parse_override,
     prometheus,
     self_cpu_seconds,
     wait_for_quiet,
@@ -151,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     texts = prompts(args.requests)
     # the standalone embedder computes as herd's does
-    precision = next((o.split("=", 1)[1].strip().strip('"') for o in args.herd_option
-                      if o.replace(" ", "").startswith("coalesce.embed_precision=")), DEFAULT_PRECISION)
+    overrides = dict((".".join(path), value) for path, value in map(parse_override, args.herd_option))
+    precision = overrides.get("coalesce.embed_precision", DEFAULT_PRECISION)
     result: dict = {"requests": args.requests, "concurrency": args.concurrency}
     with Stack() as stack:
         sim = stack.simulator(ttft_ms=1)

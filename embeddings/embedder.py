@@ -12,6 +12,7 @@ checked against the pin below) or from a path you give; the tokenizer ships in
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -146,14 +147,17 @@ def int8_model(path: str, sha256: str) -> str | bytes:
             quantize_dynamic(folded, quantised, weight_type=QuantType.QInt8, per_channel=True)
         finally:
             root.removeFilter(quiet)
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
-            partial.write_bytes(quantised.read_bytes())
-            os.replace(partial, target)
-            return str(target)
-        except OSError:
-            return quantised.read_bytes()
+        graph = quantised.read_bytes()
+    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_bytes(graph)
+        os.replace(partial, target)
+        return str(target)
+    except OSError:
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)  # a half-written copy (a full disk) is not left behind
+        return graph
 
 
 class Embedder:

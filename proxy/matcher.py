@@ -1743,9 +1743,9 @@ class Matcher:
 
     def refusals(self, a: Probe, b: Probe, score: float | None = None, *, stop_at_first: bool = True) -> list[str]:
         """Names of the enabled guards that refuse the pair."""
-        if a.features is None or b.features is None:
-            return ["window"]
         fa, fb = a.features, b.features
+        if fa is None or fb is None:
+            return ["window"]
         if score is None:
             score = float(np.dot(a.vector, b.vector)) if a.vector is not None and b.vector is not None else 0.0
         out = []
