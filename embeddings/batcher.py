@@ -1,21 +1,22 @@
-"""An asyncio front for :class:`~embeddings.embedder.Embedder`: micro-batching, a worker thread, an LRU.
+"""An asyncio front for :class:`~embeddings.embedder.Embedder`: micro-batching, worker threads, an LRU.
 
 How a call flows:
 
 1. The text's hash is looked up in the LRU: a hit returns at once, no run.
 2. A text already queued or being embedded is joined, not embedded twice.
-3. Otherwise it is queued. If no run is busy, a run starts at once with whatever is
-   queued (the first caller never waits for a timer). Texts that arrive while a run is
-   busy wait for it and then go together in the next run, up to ``max_batch``.
+3. Otherwise it is queued and an idle worker is woken: the first caller never waits for a
+   timer. Texts that arrive while every worker is busy wait in the queue, and the next worker
+   to finish takes them all together (up to ``max_batch``) as its next run.
 
-Inference runs in a thread pool, never on the event loop: by default one worker per core,
+Inference runs on worker threads, never on the event loop: by default one worker per core,
 each running single-threaded ONNX Runtime (:func:`~embeddings.embedder.default_workers`),
 so a text that arrives while one run is busy starts at once on an idle worker instead of
 waiting behind it, and under load the cores run whole batches side by side rather than
-splitting each one between threads. When a run ends, the next one
-is started one loop turn later (``call_soon``, not a timer), so callers woken by the
-finished run can queue their next text and join it instead of being split into a run of
-one followed by a run of the rest.
+splitting each one between threads. A worker that finishes a run hands its vectors to the
+loop and takes its next run from the queue itself, without waiting for the loop: a loop
+busy with the callers of the last run never leaves a core idle with texts queued.
+
+One instance serves one event loop (the one of its first call).
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -45,7 +46,7 @@ class _Pending:
 
     def __init__(self, text: str) -> None:
         self.text = text
-        self.waiters: list[asyncio.Future[np.ndarray]] = []
+        self.waiters: list[asyncio.Future[np.ndarray]] = []  # touched on the loop only
 
 
 class BatchingEmbedder:
@@ -72,14 +73,15 @@ class BatchingEmbedder:
         self.cache_size = max(0, int(cache_size))
         self.workers = int(workers)
         self._on_batch = on_batch
-        self._pool = ThreadPoolExecutor(
-            max_workers=self.workers, thread_name_prefix="herd-embed", initializer=lower_thread_priority
-        )
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._threads: list[threading.Thread] = []
         self._cache: collections.OrderedDict[bytes, np.ndarray] = collections.OrderedDict()
+        # Shared with the workers, under _lock: what waits for a run, and what a run holds.
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)
         self._queue: collections.OrderedDict[bytes, _Pending] = collections.OrderedDict()
         self._inflight: dict[bytes, _Pending] = {}
-        self._running = 0  # runs in the pool, plus a start scheduled with call_soon
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._running = 0  # workers in a run
         self._closed = False
         self._batches = 0
         self._items = 0
@@ -109,15 +111,17 @@ class BatchingEmbedder:
             self._hits += 1
             return cached
         loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            self._bind(loop)
         fut: asyncio.Future[np.ndarray] = loop.create_future()
-        pending = self._inflight.get(key) or self._queue.get(key)
-        if pending is not None:
-            self._joined += 1
-        else:
-            pending = self._queue[key] = _Pending(text)
-        pending.waiters.append(fut)
-        if self._running < self.workers:
-            self._start(loop)
+        with self._work:
+            pending = self._inflight.get(key) or self._queue.get(key)
+            if pending is not None:
+                self._joined += 1
+            else:
+                pending = self._queue[key] = _Pending(text)
+                self._work.notify()
+            pending.waiters.append(fut)
         # Each caller owns its future: a cancelled caller never cancels the others' result.
         return await fut
 
@@ -141,17 +145,15 @@ class BatchingEmbedder:
 
     def close(self) -> None:
         """Stop accepting work; queued callers get an error. Does not wait for a running batch."""
-        self._closed = True
-        self._fail_queue(RuntimeError("BatchingEmbedder closed"))
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._shut()
 
     async def aclose(self) -> None:
-        """Stop accepting work, let running batches finish, then release the thread pool."""
-        self._closed = True
-        self._fail_queue(RuntimeError("BatchingEmbedder closed"))
-        if self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
-        await asyncio.get_running_loop().run_in_executor(None, self._pool.shutdown, True)
+        """Stop accepting work, let running batches finish and hand out their vectors."""
+        self._shut()
+        threads = [t for t in self._threads if t.is_alive()]
+        if threads:
+            await asyncio.get_running_loop().run_in_executor(None, lambda: [t.join() for t in threads])
+            await asyncio.sleep(0)  # the last runs' vectors, posted to the loop before the joins ended
 
     async def __aenter__(self) -> BatchingEmbedder:  # noqa: PYI034
         return self
@@ -161,71 +163,80 @@ class BatchingEmbedder:
 
     # -- internals ----------------------------------------------------------
 
-    def _start(self, loop: asyncio.AbstractEventLoop) -> None:
-        if not self._queue or self._closed:
-            return
+    def _bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            raise RuntimeError("a BatchingEmbedder serves the event loop of its first call")
+        with self._lock:
+            self._loop = loop
+        if not self._threads:
+            self._threads = [threading.Thread(target=self._worker, name=f"herd-embed-{i}", daemon=True)
+                             for i in range(self.workers)]
+            for t in self._threads:
+                t.start()
+
+    def _worker(self) -> None:
+        lower_thread_priority()
+        while True:
+            with self._work:
+                while not self._queue and not self._closed:
+                    self._work.wait()
+                if self._closed:
+                    return
+                batch = self._take()
+                if not batch:
+                    continue
+                self._running += 1
+                loop = self._loop
+            t0 = time.perf_counter()
+            try:
+                outcome: np.ndarray | Exception = self.embedder.embed([p.text for _, p in batch])
+            except Exception as exc:  # noqa: BLE001 - handed to the waiters; the worker goes on
+                outcome = exc
+            elapsed = time.perf_counter() - t0
+            try:
+                loop.call_soon_threadsafe(self._deliver, batch, outcome, elapsed)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                return
+
+    def _take(self) -> list[tuple[bytes, _Pending]]:
+        """The next run, from the head of the queue (caller holds the lock)."""
         batch: list[tuple[bytes, _Pending]] = []
         while self._queue and len(batch) < self.max_batch:
             key, pending = self._queue.popitem(last=False)
-            if all(w.done() for w in pending.waiters):
+            if pending.waiters and all(w.done() for w in pending.waiters):
                 continue  # everyone waiting for it has gone
             batch.append((key, pending))
             self._inflight[key] = pending
-        if not batch:
-            return
-        self._running += 1
-        task = loop.create_task(self._run(batch))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        return batch
 
-    async def _run(self, batch: list[tuple[bytes, _Pending]]) -> None:
-        loop = asyncio.get_running_loop()
-        texts = [p.text for _, p in batch]
-        t0 = time.perf_counter()
-        try:
-            vectors = await loop.run_in_executor(self._pool, self.embedder.embed, texts)
-        except BaseException as exc:
-            self._errors += 1
-            error = exc if isinstance(exc, Exception) else RuntimeError(f"embedding run ended: {exc!r}")
-            for key, pending in batch:
+    def _deliver(self, batch: list[tuple[bytes, _Pending]], outcome: np.ndarray | Exception,
+                 elapsed: float) -> None:
+        """On the loop: a finished run's vectors (or its error) to everyone waiting for them."""
+        with self._lock:
+            self._running -= 1
+            for key, _ in batch:
                 self._inflight.pop(key, None)
+        if isinstance(outcome, Exception):
+            self._errors += 1
+            for _, pending in batch:
                 for w in pending.waiters:
                     if not w.done():
-                        w.set_exception(error)
-            self._release(loop)
-            if not isinstance(exc, Exception):
-                raise
+                        w.set_exception(outcome)
             return
-        elapsed = time.perf_counter() - t0
         self._busy_s += elapsed
         if self._on_batch is not None:
             self._on_batch(len(batch), elapsed)
         self._batches += 1
         self._items += len(batch)
         self._last_sizes.append(len(batch))
-        for (key, pending), row in zip(batch, vectors):
+        for (key, pending), row in zip(batch, outcome):
             # A copy per row, not a view: a cached view would keep its whole batch alive.
             vec = np.array(row, dtype=np.float32, copy=True)
             vec.flags.writeable = False
-            self._inflight.pop(key, None)
             self._remember(key, vec)
             for w in pending.waiters:
                 if not w.done():
                     w.set_result(vec)
-        self._release(loop)
-
-    def _release(self, loop: asyncio.AbstractEventLoop) -> None:
-        # Keep the slot one more loop turn: the callers just woken queue their next texts
-        # first, and the next run takes them all together.
-        loop.call_soon(self._handoff, loop)
-
-    def _handoff(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._running -= 1
-        while self._queue and self._running < self.workers and not self._closed:
-            before = self._running
-            self._start(loop)
-            if self._running == before:
-                break
 
     def _remember(self, key: bytes, vec: np.ndarray) -> None:
         if self.cache_size <= 0:
@@ -235,9 +246,15 @@ class BatchingEmbedder:
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
 
-    def _fail_queue(self, error: Exception) -> None:
-        while self._queue:
-            _, pending = self._queue.popitem(last=False)
+    def _shut(self) -> None:
+        """Refuse new work, fail what is queued, and let idle workers end."""
+        with self._work:
+            self._closed = True
+            failed = list(self._queue.values())
+            self._queue.clear()
+            self._work.notify_all()
+        error = RuntimeError("BatchingEmbedder closed")
+        for pending in failed:
             for w in pending.waiters:
                 if not w.done():
                     w.set_exception(error)

@@ -388,3 +388,40 @@ async def test_with_two_workers_a_text_does_not_wait_behind_a_busy_run() -> None
     await first
     assert be.stats()["workers"] == 2 and be.stats()["items"] == 7
     await be.aclose()
+
+
+async def test_a_worker_takes_its_next_run_without_waiting_for_the_loop() -> None:
+    gate = threading.Event()
+    fake = FakeEmbedder(gate)
+    be = BatchingEmbedder(fake, max_batch=32, workers=1)
+    first = asyncio.create_task(be.embed("first"))
+    await _until(lambda: len(fake.runs) == 1)
+    rest = [asyncio.create_task(be.embed(f"text {i}")) for i in range(3)]
+    await asyncio.sleep(0.01)  # queued behind the busy run
+    gate.set()
+    # The loop is busy (blocked here) when the run ends: the worker starts the next one anyway.
+    deadline = time.monotonic() + 5
+    while len(fake.runs) < 2 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert fake.runs == [["first"], ["text 0", "text 1", "text 2"]]
+    await asyncio.gather(first, *rest)
+    assert be.stats()["batches"] == 2 and be.stats()["running"] == 0
+    await be.aclose()
+
+
+async def test_aclose_lets_a_running_batch_hand_out_its_vectors() -> None:
+    gate = threading.Event()
+    fake = FakeEmbedder(gate)
+    be = BatchingEmbedder(fake, workers=1)
+    running = asyncio.create_task(be.embed("running"))
+    await _until(lambda: len(fake.runs) == 1)
+    queued = asyncio.create_task(be.embed("queued"))
+    await asyncio.sleep(0.01)
+    closing = asyncio.create_task(be.aclose())
+    await asyncio.sleep(0.01)
+    gate.set()
+    await closing
+    assert (await running).shape == (4,)  # the run in progress finished and was delivered
+    with pytest.raises(RuntimeError, match="closed"):
+        await queued  # what had not started is refused
+    assert fake.runs == [["running"]]
