@@ -146,6 +146,26 @@ class Proc:
             return 0.0
         return (int(fields[11]) + int(fields[12])) / _CLK_TCK
 
+    def thread_cpu_seconds(self) -> tuple[float, float]:
+        """CPU time so far of (the main thread, all other threads together): herd's event loop
+        runs on its main thread, its embedding workers on others (Linux /proc; zeros elsewhere)."""
+        main = others = 0.0
+        try:
+            tids = os.listdir(f"/proc/{self.pid}/task")
+        except OSError:
+            return 0.0, 0.0
+        for tid in tids:
+            try:
+                fields = Path(f"/proc/{self.pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue  # the thread ended meanwhile
+            seconds = (int(fields[11]) + int(fields[12])) / _CLK_TCK
+            if int(tid) == self.pid:
+                main += seconds
+            else:
+                others += seconds
+        return main, others
+
     def rss_bytes(self) -> int:
         """Resident set size now (Linux /proc; 0 elsewhere)."""
         try:
@@ -400,6 +420,16 @@ def machine_busy_seconds() -> float:
     # traffic lands there, attributed to no process.
     values = [int(v) for v in fields[1:9]]
     return (values[0] + values[1] + values[2]) / _CLK_TCK
+
+
+def machine_idle_seconds() -> float:
+    """CPU seconds all CPUs have spent idle (idle + iowait) since boot (Linux /proc/stat; 0.0 elsewhere)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return 0.0
+    return (int(fields[4]) + int(fields[5])) / _CLK_TCK
 
 
 def self_cpu_seconds() -> float:

@@ -16,16 +16,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import time
 from pathlib import Path
+from typing import Self
 
 import aiohttp
 import orjson
 
 from benchmarks.procs import (
+    Proc,
     Stack,
     machine_busy_seconds,
+    machine_idle_seconds,
     parse_override,
     prometheus,
     self_cpu_seconds,
@@ -100,25 +104,48 @@ async def open_loop(url: str, texts: list[str], rate: float) -> tuple[list[float
     return [t for t, _ in results], sum(not ok for _, ok in results)
 
 
-class Foreign:
-    """CPU that processes outside this benchmark (not this process, not its stack) used while
-    a phase ran, in cores: other people's jobs share these CPUs and skew any one phase."""
+class Cpu:
+    """Where the machine's CPU went while a phase ran, in cores: herd's event loop (its main
+    thread) and its other threads (the embedding workers), the simulator, this process (the
+    load generator, or the standalone embedder), other people's jobs, and idle."""
 
-    def __init__(self, stack: Stack) -> None:
-        self.stack = stack
+    PARTS = ("herd_loop", "herd_threads", "simulator", "this_process", "foreign", "idle")
 
-    def _ours(self) -> float:
-        return self_cpu_seconds() + sum(p.cpu_seconds() for p in self.stack.procs)
+    def __init__(self, stack: Stack, sim: Proc) -> None:
+        self.stack, self.sim = stack, sim
+        self.herd: Proc | None = None
 
-    def __enter__(self) -> Foreign:
-        self.cores = 0.0
-        self._t0, self._m0, self._o0 = time.perf_counter(), machine_busy_seconds(), self._ours()
+    def of(self, herd: Proc | None) -> Cpu:
+        self.herd = herd
+        return self
+
+    def _sample(self) -> dict[str, float]:
+        loop, threads = self.herd.thread_cpu_seconds() if self.herd else (0.0, 0.0)
+        return {"wall": time.perf_counter(), "busy": machine_busy_seconds(), "idle": machine_idle_seconds(),
+                "herd_loop": loop, "herd_threads": threads, "simulator": self.sim.cpu_seconds(),
+                "this_process": self_cpu_seconds(), "stack": sum(p.cpu_seconds() for p in self.stack.procs)}
+
+    def __enter__(self) -> Self:
+        self.cores: dict[str, float] = dict.fromkeys(self.PARTS, 0.0)
+        self._t0 = self._sample()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        wall = time.perf_counter() - self._t0
-        foreign = (machine_busy_seconds() - self._m0) - (self._ours() - self._o0)
-        self.cores = max(0.0, foreign / wall) if wall > 0 else 0.0
+        t1 = self._sample()
+        d = {k: t1[k] - self._t0[k] for k in t1}
+        if d["wall"] <= 0:
+            return
+        foreign = d["busy"] - d["this_process"] - d["stack"]
+        self.cores = {"herd_loop": d["herd_loop"], "herd_threads": d["herd_threads"], "simulator": d["simulator"],
+                      "this_process": d["this_process"], "foreign": max(0.0, foreign), "idle": d["idle"]}
+        self.cores = {k: v / d["wall"] for k, v in self.cores.items()}
+
+    @property
+    def foreign_cores(self) -> float:
+        return self.cores["foreign"]
+
+    def ms_per_request(self, rate: float) -> dict[str, float]:
+        return {k: 1000 * v / rate for k, v in self.cores.items()}
 
 
 def embedding_counters(url: str) -> tuple[float, float, float]:
@@ -132,6 +159,26 @@ def batches_between(before: tuple[float, float, float], after: tuple[float, floa
     runs, texts, seconds = (a - b for a, b in zip(after, before))
     return {"runs": int(runs), "mean_batch": texts / runs if runs else 0.0,
             "ms_per_run": 1000 * seconds / runs if runs else 0.0, "ms_per_text": 1000 * seconds / texts if texts else 0.0}
+
+
+def cpu_budget(result: dict) -> dict:
+    """Whether 85% of the embedder's rate fits on this machine's cores at all: a semantic request
+    costs at least one embedding at the standalone embedder's CPU per text, plus the work that
+    herd's event loop, the simulator and the load generator do for it (measured per request)."""
+    cores = os.cpu_count() or 1
+    emb = result["embedder"]
+    busy = 1.0 - emb["cores"]["idle"] / cores
+    per_text = 1000 * cores * busy / emb["best_per_s"]
+    at_target = 1000 * cores / (0.85 * emb["best_per_s"])
+
+    def rest(mode: str) -> float:
+        ms = result[mode]["cpu_ms_per_req"]
+        return ms["herd_loop"] + ms["simulator"] + ms["this_process"]
+
+    return {"cores": cores, "embedder_ms_per_text": per_text, "embedder_busy_share": busy,
+            "ms_per_request_at_85pct": at_target, "room_besides_embedding_ms": at_target - per_text,
+            "exact_rest_ms": rest("exact"), "semantic_rest_ms": rest("semantic"),
+            "ceiling_share": (1000 * cores / (per_text + rest("semantic"))) / emb["best_per_s"]}
 
 
 def pct(values: list[float], q: float) -> float:
@@ -152,41 +199,43 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     texts = prompts(args.requests)
     # the standalone embedder computes as herd's does
-    overrides = dict((".".join(path), value) for path, value in map(parse_override, args.herd_option))
+    overrides = {".".join(path): value for path, value in map(parse_override, args.herd_option)}
     precision = overrides.get("coalesce.embed_precision", DEFAULT_PRECISION)
     result: dict = {"requests": args.requests, "concurrency": args.concurrency}
     with Stack() as stack:
         sim = stack.simulator(ttft_ms=1)
         herds = {mode: stack.herd(sim.url, mode, overrides=["server.access_log=false", *args.herd_option]) for mode in ("exact", "semantic")}
-        foreign = Foreign(stack)
+        cpu = Cpu(stack, sim)
         wait_for_quiet(args.wait_quiet)
-        with foreign:
+        with cpu.of(None):
             result["embedder"] = embedder_best(texts, precision)
-        result["embedder"]["foreign_cores"] = foreign.cores
+        result["embedder"]["foreign_cores"] = cpu.foreign_cores
+        result["embedder"]["cores"] = cpu.cores
         for mode, proc in herds.items():
             url = proc.url + "/v1/chat/completions"
             asyncio.run(closed_loop(url, prompts(200, offset=10**6), args.concurrency))  # warm-up, other prompts
             wait_for_quiet(args.wait_quiet)
             before, cpu0 = embedding_counters(proc.url), proc.cpu_seconds()
-            with foreign:
+            with cpu.of(proc):
                 rate, latencies, errors = asyncio.run(closed_loop(url, texts, args.concurrency))
             result[mode] = {"req_per_s": rate, "errors": errors, "p50_ms": pct(latencies, 0.5),
                             "herd_cpu_ms_per_req": 1000 * (proc.cpu_seconds() - cpu0) / len(texts),
                             "embedding": batches_between(before, embedding_counters(proc.url)),
-                            "foreign_cores": foreign.cores}
+                            "foreign_cores": cpu.foreign_cores, "cores": cpu.cores,
+                            "cpu_ms_per_req": cpu.ms_per_request(rate)}
         half = result["semantic"]["req_per_s"] / 2
         result["half_load_rate"] = half
         for mode, proc in herds.items():
             wait_for_quiet(args.wait_quiet)
             before = embedding_counters(proc.url)
-            with foreign:
+            with cpu.of(proc):
                 latencies, errors = asyncio.run(open_loop(proc.url + "/v1/chat/completions",
                                                           prompts(min(args.requests, int(half * 8)), offset=2 * 10**6 +
                                                                   (0 if mode == "exact" else 10**5)), half))
             result[mode]["half_load"] = {"p50_ms": pct(latencies, 0.5), "p99_ms": pct(latencies, 0.99),
                                          "mean_ms": statistics.fmean(latencies) * 1000, "errors": errors,
                                          "embedding": batches_between(before, embedding_counters(proc.url)),
-                                         "foreign_cores": foreign.cores}
+                                         "foreign_cores": cpu.foreign_cores}
     best = result["embedder"]["best_per_s"]
     share = result["semantic"]["req_per_s"] / best
     added = result["semantic"]["half_load"]["p50_ms"] - result["exact"]["half_load"]["p50_ms"]
@@ -212,6 +261,21 @@ def main(argv: list[str] | None = None) -> int:
               f"{e['ms_per_run']:.2f} ms/run, {e['ms_per_text']:.2f} ms/text")
     print(f"herd CPU ms/request at full load: exact {result['exact']['herd_cpu_ms_per_req']:.2f}, "
           f"semantic {result['semantic']['herd_cpu_ms_per_req']:.2f}")
+    budget = cpu_budget(result)
+    result["cpu_budget"] = budget
+    print(f"\nCPU per request at full load, ms (the {budget['cores']} cores give {budget['cores']} x wall / requests):")
+    print(f"{'target':<22}" + "".join(f"{k.replace('_', ' '):>14}" for k in Cpu.PARTS))
+    for mode in ("exact", "semantic"):
+        ms = result[mode]["cpu_ms_per_req"]
+        print(f"{'herd-' + mode:<22}" + "".join(f"{ms[k]:>14.2f}" for k in Cpu.PARTS))
+    print(f"The embedder alone spends {budget['embedder_ms_per_text']:.2f} ms of CPU per text (its {budget['cores']} "
+          f"cores {budget['embedder_busy_share']:.0%} busy). At 85% of its rate the cores give "
+          f"{budget['ms_per_request_at_85pct']:.2f} ms per request, so all else must fit in "
+          f"{budget['room_besides_embedding_ms']:.2f} ms;\nherd-exact's loop, simulator and load generator alone take "
+          f"{budget['exact_rest_ms']:.2f} ms per request, herd-semantic's loop, simulator and load generator "
+          f"{budget['semantic_rest_ms']:.2f} ms. Ceiling on this machine: "
+          f"{budget['ceiling_share']:.0%} of the embedder's rate (embedding at its standalone cost, plus herd-semantic's "
+          f"other work).")
     print(f"\nsemantic mode: {share:.0%} of the embedder's best throughput (target >= 85%); "
           f"adds {added:+.2f} ms p50 over exact mode at half load (target <= 10 ms)")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
