@@ -7,8 +7,10 @@ Scenarios (subcommands; `herd bench` alone runs `compare`):
            floor of this stack), herd in each coalescing mode, and any other proxy URL.
            Then the same at half of the passthrough's throughput (latency added at half load).
   burst    N identical requests at once: upstream calls, and how long after the leader's
-           answer the last follower gets its own.
-  fanout   N stream subscribers of one flight: the gaps between chunks that herd adds.
+           answer the last follower gets its own (herd, and the floor: a bare single-flight
+           coalescing proxy, benchmarks/fanout_floor.py, the least this stack can cost).
+  fanout   N stream subscribers of one flight: the gaps between chunks that herd adds (and
+           that the floor adds).
   soak     herd's resident memory sampled across many requests after a warm-up.
   list     the workloads.
 
@@ -52,10 +54,12 @@ from benchmarks.procs import (
 from benchmarks.workloads import Options, Request
 
 MODES = ("off", "exact", "semantic")
-BUILTIN_TARGETS = ("direct", "passthrough", *MODES)
+BUILTIN_TARGETS = ("direct", "passthrough", "floor", "floor-raw", *MODES)
+LEADER_KINDS = ("herd", "floor")  # targets whose answers say leader or follower (the x-herd header)
 SCHEMA = "herd-bench/1"
 DESCRIPTION = """Load-test herd side by side with its floors: the upstream simulator directly, a bare
-passthrough (the physical floor of this stack), herd in each coalescing mode, and any
+passthrough (the physical floor of this stack), a bare single-flight coalescing proxy
+("floor": the floor of this stack for coalescing), herd in each coalescing mode, and any
 other OpenAI-compatible proxy you name.
 
 Each run starts its own simulator, passthrough and herd on free loopback ports (or uses
@@ -69,7 +73,7 @@ results.json, summary.txt and PNG plots to --out (default benchmarks/out/<timest
 @dataclass
 class Target:
     name: str
-    kind: str  # direct | passthrough | herd | external
+    kind: str  # direct | passthrough | floor | herd | external
     url: str
     proc: Proc | None = None
     headers: dict[str, str] = field(default_factory=dict)  # added to every request
@@ -122,6 +126,9 @@ def setup(args: argparse.Namespace, stack: Stack, sim_settings: dict[str, Any], 
             elif name == "passthrough":
                 p = stack.passthrough(sim_url)
                 targets.append(Target("passthrough", "passthrough", p.url, p))
+            elif name in ("floor", "floor-raw"):
+                p = stack.floor(sim_url, server="raw" if name == "floor-raw" else "uvicorn")
+                targets.append(Target(name, "floor", p.url, p))
             elif args.herd_url:
                 targets.append(Target(f"herd-{name}", "herd", args.herd_url.rstrip("/").removesuffix("/v1"),
                                       headers={"x-herd-coalesce": name}))
@@ -488,7 +495,7 @@ def run_burst(args: argparse.Namespace, stack: Stack, out: Path) -> dict[str, An
         s = pools[t.name].summary(t)
         d = per[t.name]
         s["upstream_calls_per_burst"] = d["calls"]
-        s["leaders_per_burst"] = d["leaders"] if t.kind == "herd" else None
+        s["leaders_per_burst"] = d["leaders"] if t.kind in LEADER_KINDS else None
         s["first_answer_ms"] = [round(v * 1000, 2) for v in d["first"]]
         s["burst_wall_ms"] = [round(v * 1000, 2) for v in d["wall"]]
         s["send_spread_ms"] = [round(v * 1000, 2) for v in d["spread"]]
@@ -511,7 +518,8 @@ def run_burst(args: argparse.Namespace, stack: Stack, out: Path) -> dict[str, An
                          "lag after", "lag p50", "lag p90", "lag p99", "lag max", "burst wall ms", "send spread ms"],
                         rows,
                         f"burst: {n:,} identical requests at once, {args.rounds} round(s); "
-                        "lag = a request's answer after the leader's (herd) or after the first answer (others), ms")
+                        "lag = a request's answer after the leader's (herd, floor) or after the first answer "
+                        "(others), ms")
     text += report.background_note(targets)
     checks = []
     herd = targets.get("herd-exact")
@@ -533,11 +541,20 @@ def run_burst(args: argparse.Namespace, stack: Stack, out: Path) -> dict[str, An
             checks.append({"name": f"burst of {n:,}: herd's fan-out", "goal": "p99 within 10 ms of the flight's end",
                            "measured": f"p99 {fanout['p99']:.1f} ms (herd_fanout_lag_seconds, approx.)",
                            "value": fanout["p99"], "met": fanout["p99"] <= 10.0})
+        floor_lag = (targets.get("floor") or {}).get("follower_after_leader_ms")
+        if lag and floor_lag:
+            added = round(lag["p99"] - floor_lag["p99"], 3)
+            checks.append({"name": f"burst of {n:,}: herd over the floor",
+                           "goal": "(for reference: what the stack itself costs)",
+                           "measured": f"lag p99 {added:+.1f} ms over the floor's {floor_lag['p99']:.1f} ms "
+                                       f"(the floor: {floor_lag['p99'] * 1000 / max(n - 1, 1):.1f} us per follower)",
+                           "value": added, "met": None})
     plots = []
     if not args.no_plots:
         plots.append(report.plot_burst({name: np.asarray(per[name]["lag_leader"] or per[name]["lag_first"])
                                         for name in per}, out / "burst_lag.png",
-                                       f"Burst of {n:,} identical requests: answers after the first (herd: after the leader)"))
+                                       f"Burst of {n:,} identical requests: answers after the first "
+                                       "(herd, floor: after the leader)"))
         plots.append(report.plot_cdf({name: _ok_latency(p.rec) for name, p in pools.items()}, out / "latency_cdf.png",
                                      f"Burst of {n:,}: client latency CDF"))
         plots.append(report.plot_upstream_calls(targets, out / "upstream_calls.png",
@@ -590,9 +607,10 @@ def run_fanout(args: argparse.Namespace, stack: Stack, out: Path) -> dict[str, A
         if ref and ref.get("itl_ms") and s.get("itl_ms"):
             s["vs"]["itl_p99_added_ms_vs_direct"] = round(s["itl_ms"]["p99"] - ref["itl_ms"]["p99"], 3)
             s["vs"]["itl_p50_added_ms_vs_direct"] = round(s["itl_ms"]["p50"] - ref["itl_ms"]["p50"], 3)
-        if targets.get("passthrough", {}).get("itl_ms") and s.get("itl_ms"):
-            s["vs"]["itl_p99_added_ms_vs_passthrough"] = round(
-                s["itl_ms"]["p99"] - targets["passthrough"]["itl_ms"]["p99"], 3)
+        for ref_name in ("passthrough", "floor"):
+            if targets.get(ref_name, {}).get("itl_ms") and s.get("itl_ms"):
+                s["vs"][f"itl_p99_added_ms_vs_{ref_name}"] = round(
+                    s["itl_ms"]["p99"] - targets[ref_name]["itl_ms"]["p99"], 3)
     phase = {"name": "fanout", "load": _load_dict(load), "load_text": f"{n:,} stream subscribers of one prompt",
              "workload": "bursts (streams)", "targets": targets, "nominal_gap_ms": nominal}
     rows = []
@@ -618,6 +636,15 @@ def run_fanout(args: argparse.Namespace, stack: Stack, out: Path) -> dict[str, A
                        "measured": f"{added:+.2f} ms vs direct" + (f", {over_pass:+.2f} ms vs passthrough"
                                                                   if over_pass is not None else ""),
                        "value": added, "met": added <= 5.0})
+    floor = targets.get("floor")
+    if herd and floor and "itl_p99_added_ms_vs_floor" in herd["vs"]:
+        over_floor = herd["vs"]["itl_p99_added_ms_vs_floor"]
+        measured = f"ITL p99 {over_floor:+.2f} ms over the floor's {floor['itl_ms']['p99']:.1f} ms"
+        if floor["vs"].get("itl_p99_added_ms_vs_direct") is not None:
+            measured += f" (the floor: {floor['vs']['itl_p99_added_ms_vs_direct']:+.2f} ms vs direct)"
+        checks.append({"name": f"{n:,} stream subscribers: herd over the floor",
+                       "goal": "(for reference: what the stack itself costs)", "measured": measured,
+                       "value": over_floor, "met": None})
     plots = []
     if not args.no_plots:
         plots.append(report.plot_cdf({name: np.frombuffer(p.rec.itl, dtype=float) for name, p in pools.items()
@@ -737,9 +764,9 @@ DEFAULTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "compare": ({"concurrency": 256, "duration": 5.0, "rounds": 2, "warmup": 1.0, "half_load": True,
                  "targets": "direct,passthrough,off,exact"},
                 {"concurrency": 64, "duration": 1.5, "rounds": 1, "warmup": 0.3, "half_load": False}),
-    "burst": ({"requests": 1000, "rounds": 3, "targets": "direct,passthrough,exact"},
+    "burst": ({"requests": 1000, "rounds": 3, "targets": "direct,passthrough,floor,exact"},
               {"requests": 200, "rounds": 1, "ttft_ms": 500.0}),
-    "fanout": ({"subscribers": 500, "rounds": 3, "targets": "direct,passthrough,exact"},
+    "fanout": ({"subscribers": 500, "rounds": 3, "targets": "direct,passthrough,floor,exact"},
                {"subscribers": 100, "rounds": 1, "reply_tokens": 20}),
     "soak": ({"requests": 200_000, "warmup_requests": 20_000, "concurrency": 64, "targets": "exact"},
              {"requests": 20_000, "warmup_requests": 5_000}),
@@ -759,14 +786,15 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="before each measured run, wait up to S seconds for the CPUs to be idle (other jobs on a "
                         "shared machine skew results; each run records the CPU others used meanwhile)")
     g.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
-    g.add_argument("--profile", action="store_true", help="sample each herd/passthrough process with py-spy during "
-                   "measured runs (pip install py-spy); writes profile_*.txt (collapsed stacks) and a summary. "
+    g.add_argument("--profile", action="store_true", help="sample each herd/passthrough/floor process with py-spy "
+                   "during measured runs (pip install py-spy); writes profile_*.txt (collapsed stacks) and a summary. "
                         "py-spy pauses the process for each sample: the numbers of a profiled run are a little worse")
     g.add_argument("--profile-seconds", type=float, default=4.0, metavar="S",
                    help="how long to sample a run bounded by a request count rather than a duration (default 4)")
     t = p.add_argument_group("targets")
     t.add_argument("--targets", help=f"comma-separated, from {', '.join(BUILTIN_TARGETS)} "
-                   "(off/exact/semantic: herd in that coalescing mode)")
+                   "(floor: a bare single-flight coalescing proxy; floor-raw: the same without ASGI/uvicorn, "
+                   "not run by default; off/exact/semantic: herd in that coalescing mode)")
     t.add_argument("--url", action="append", metavar="NAME=URL",
                    help="also measure another OpenAI-compatible proxy (point its upstream at the simulator "
                         "URL printed at start, or use --sim-url); repeatable")
@@ -836,7 +864,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("burst", help="N identical requests at once: upstream calls, follower lag",
                        description="Send N identical requests at the same moment over warm connections. herd should "
-                                   "make 1 upstream call and answer the last follower right after the leader.")
+                                   "make 1 upstream call and answer the last follower right after the leader; "
+                                   "the floor (a bare coalescing proxy) shows the least this stack can do.")
     b.add_argument("-n", "--requests", type=int, help="requests in a burst (default 1000; quick 200)")
     b.add_argument("--rounds", type=int, help="bursts per target, interleaved (default 3; quick 1)")
     _common(b)
@@ -844,7 +873,8 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fanout", help="N stream subscribers of one flight: inter-chunk gaps",
                        description="N clients stream the same prompt at once; the simulator sends a chunk every "
                                    "1/tokens-per-s seconds (default 20/s, 40 words, 200 ms TTFT). Compares the "
-                                   "gaps between chunks each client sees through herd and directly.")
+                                   "gaps between chunks each client sees through herd, through the floor (a bare "
+                                   "coalescing proxy) and directly.")
     f.add_argument("-n", "--subscribers", type=int, help="stream clients (default 500; quick 100)")
     f.add_argument("--rounds", type=int, help="runs per target, interleaved (default 3; quick 1)")
     _common(f)

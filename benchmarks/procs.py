@@ -1,4 +1,5 @@
-"""The processes a benchmark runs against: the upstream simulator, a bare passthrough, herd.
+"""The processes a benchmark runs against: the upstream simulator, a bare passthrough, a bare
+coalescing proxy (the floor), herd.
 
 Each runs as a subprocess of its own on a free loopback port and is stopped when the
 benchmark ends, normally, on an error, on Ctrl-C or on SIGTERM (and, on Linux, when this
@@ -309,6 +310,14 @@ class Stack:
     def passthrough(self, upstream_url: str, client: str = "aiohttp") -> Proc:
         return self.start("passthrough", lambda port: [sys.executable, "-m", "benchmarks.passthrough", "--upstream",
                                                        upstream_url, "--port", str(port), "--client", client])
+
+    def floor(self, upstream_url: str, server: str = "uvicorn") -> Proc:
+        """The bare single-flight coalescing proxy (benchmarks/fanout_floor.py) on ``server``: uvicorn
+        (an ASGI app) or raw (an asyncio.Protocol with httptools)."""
+        name = "floor" if server == "uvicorn" else f"floor-{server}"
+        return self.start(name, lambda port: [sys.executable, "-m", "benchmarks.fanout_floor", "--upstream",
+                                              upstream_url, "--port", str(port), "--server", server],
+                          ready_path="/health")
 
     def herd(self, upstream_url: str, mode: str = "exact", **config: Any) -> Proc:
         path = self.dir / f"herd-{mode}.toml"

@@ -95,6 +95,73 @@ def test_tiny_burst_makes_one_upstream_call(tmp_path: Path) -> None:
     assert png_size(out / "burst_lag.png") == (800, 500)
 
 
+def test_tiny_burst_and_fanout_measure_the_floor_after_its_leader(tmp_path: Path) -> None:
+    out = tmp_path / "burst"
+    proc = run_bench("burst", "-n", "40", "--rounds", "1", "--targets", "floor,exact", "--ttft-ms", "300",
+                     "--no-progress", "--no-plots", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    floor = results["phases"][0]["targets"]["floor"]
+    assert floor["requests"] == 40 and floor["errors"] == 0
+    assert floor["upstream_calls_per_burst"] == [1] and floor["leaders_per_burst"] == [1]
+    assert floor["follower_after_leader_ms"]["n"] == 39
+    assert [c["name"] for c in results["checks"]][-1] == "burst of 40: herd over the floor"
+
+    out = tmp_path / "fanout"
+    proc = run_bench("fanout", "-n", "20", "--rounds", "1", "--targets", "direct,floor,exact", "--ttft-ms", "100",
+                     "--tokens-per-s", "50", "--reply-tokens", "5", "--no-progress", "--no-plots", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    floor = results["phases"][0]["targets"]["floor"]
+    assert floor["requests"] == 20 and floor["errors"] == 0 and floor["upstream_calls_per_round"] == [1]
+    assert "itl_p99_added_ms_vs_floor" in results["phases"][0]["targets"]["herd-exact"]["vs"]
+    assert results["checks"][-1]["name"] == "20 stream subscribers: herd over the floor"
+
+
+@pytest.mark.parametrize("server", ["uvicorn", "raw"])
+def test_floor_makes_one_upstream_call_per_flight(server: str) -> None:
+    """benchmarks/fanout_floor.py, on either server: concurrent identical requests share one upstream call and
+    get the same answer (a stream: the same bytes); a request after the flight's end makes a new call."""
+    import asyncio
+
+    import aiohttp
+
+    from benchmarks.procs import Stack, chat_calls, sim_reset, sim_stats
+
+    n = 50
+
+    async def burst(url: str, stream: bool, count: int) -> list[tuple[int, str, str, bytes]]:
+        body = json.dumps({"model": "m", "stream": stream,
+                           "messages": [{"role": "user", "content": f"floor {stream}"}]}).encode()
+
+        async def one(session: aiohttp.ClientSession) -> tuple[int, str, str, bytes]:
+            async with session.post(url + "/v1/chat/completions", data=body,
+                                    headers={"content-type": "application/json"}) as r:
+                return r.status, r.headers["x-herd"], r.headers["content-type"], await r.read()
+
+        async with aiohttp.ClientSession() as session:
+            return await asyncio.gather(*[one(session) for _ in range(count)])
+
+    with Stack() as stack:
+        sim = stack.simulator(ttft_ms=300, tokens_per_s=100, reply_tokens=8)
+        floor = stack.floor(sim.url, server=server)
+        for stream in (False, True):
+            sim_reset(sim.url)
+            answers = asyncio.run(burst(floor.url, stream, n))
+            assert chat_calls(sim_stats(sim.url)) == 1
+            assert Counter(a[1] for a in answers) == {"leader": 1, "follower": n - 1}
+            assert {a[0] for a in answers} == {200}
+            assert len({a[3] for a in answers}) == 1, "every subscriber gets the same bytes"
+            body = answers[0][3]
+            if stream:
+                assert answers[0][2].startswith("text/event-stream")
+                assert body.count(b"data: {") == 1 + 8 + 1 and body.endswith(b"data: [DONE]\n\n")  # role, words, stop
+            else:
+                assert json.loads(body)["choices"][0]["message"]["content"].startswith("echo: floor")
+            (again,) = asyncio.run(burst(floor.url, stream, 1))  # the flight has ended: a new call
+            assert again[1] == "leader" and chat_calls(sim_stats(sim.url)) == 2
+
+
 def test_help_lists_the_scenarios() -> None:
     proc = subprocess.run([sys.executable, "-m", "proxy", "bench", "--help"], cwd=ROOT, capture_output=True,
                           text=True, timeout=30, check=False)
