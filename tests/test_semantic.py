@@ -186,3 +186,24 @@ def test_event_loop_stays_responsive_while_the_embedder_is_saturated(tmp_path):
             if p is not None:
                 p.terminate()
                 p.wait(timeout=15)
+
+
+def test_semantic_mode_shortens_the_gil_switch_interval_and_exact_mode_does_not():
+    # Embedding workers hand each vector back through the GIL; at CPython's default 5 ms a
+    # busy event loop kept them waiting with their cores idle (benchmarks/SEMANTIC.md).
+    code = (
+        "import asyncio, sys\n"
+        "from tests.harness import herd_settings\n"
+        "from proxy.gateway import Gateway, EMBED_SWITCH_INTERVAL_S\n"
+        "async def interval(mode):\n"
+        "    g = Gateway(herd_settings('http://127.0.0.1:9', coalesce={'mode': mode}))\n"
+        "    await g.start()\n"
+        "    await g.aclose()\n"
+        "    return sys.getswitchinterval()\n"
+        "before = sys.getswitchinterval()\n"
+        "print(before, asyncio.run(interval('exact')), asyncio.run(interval('semantic')), EMBED_SWITCH_INTERVAL_S)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    before, exact, semantic, wanted = map(float, out.stdout.split())
+    assert exact == before == 0.005
+    assert semantic == pytest.approx(wanted, rel=0.01) and wanted <= 0.0002
