@@ -16,7 +16,7 @@ splitting each one between threads. A worker that finishes a run hands its vecto
 loop and takes its next run from the queue itself, without waiting for the loop: a loop
 busy with the callers of the last run never leaves a core idle with texts queued.
 
-One instance serves one event loop (the one of its first call).
+One instance serves one event loop at a time (the one of its first call, until that one closes).
 """
 
 from __future__ import annotations
