@@ -417,28 +417,29 @@ def finish_profiler(handle: tuple[subprocess.Popen, Path] | None) -> dict[str, A
 # --------------------------------------------------------------------------- the machine's other work
 
 
-def machine_busy_seconds() -> float:
-    """CPU seconds all CPUs have spent busy since boot (Linux /proc/stat; 0.0 elsewhere)."""
+def _cpu_times() -> list[int]:
+    """The machine's CPU times since boot in clock ticks, from /proc/stat's first line: user nice
+    system idle iowait irq softirq steal (Linux; zeros elsewhere)."""
     try:
         with open("/proc/stat") as f:
             fields = f.readline().split()
     except OSError:
-        return 0.0
-    # cpu user nice system idle iowait irq softirq steal: processes' time only (user, nice, system).
-    # irq and softirq are left out: the kernel's loopback networking for this benchmark's own
-    # traffic lands there, attributed to no process.
-    values = [int(v) for v in fields[1:9]]
-    return (values[0] + values[1] + values[2]) / _CLK_TCK
+        return [0] * 8
+    return [int(v) for v in fields[1:9]]
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all CPUs have spent busy since boot: processes' time only (user, nice, system).
+    irq and softirq are left out: the kernel's loopback networking for this benchmark's own
+    traffic lands there, attributed to no process."""
+    user, nice, system = _cpu_times()[:3]
+    return (user + nice + system) / _CLK_TCK
 
 
 def machine_idle_seconds() -> float:
-    """CPU seconds all CPUs have spent idle (idle + iowait) since boot (Linux /proc/stat; 0.0 elsewhere)."""
-    try:
-        with open("/proc/stat") as f:
-            fields = f.readline().split()
-    except OSError:
-        return 0.0
-    return (int(fields[4]) + int(fields[5])) / _CLK_TCK
+    """CPU seconds all CPUs have spent idle (idle + iowait) since boot."""
+    idle, iowait = _cpu_times()[3:5]
+    return (idle + iowait) / _CLK_TCK
 
 
 def self_cpu_seconds() -> float:
