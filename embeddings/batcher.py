@@ -168,11 +168,13 @@ class BatchingEmbedder:
             raise RuntimeError("a BatchingEmbedder serves the event loop of its first call")
         with self._lock:
             self._loop = loop
-        if not self._threads:
-            self._threads = [threading.Thread(target=self._worker, name=f"herd-embed-{i}", daemon=True)
-                             for i in range(self.workers)]
-            for t in self._threads:
-                t.start()
+        # Workers start with the first call, and again for a new loop: a worker ends when the
+        # loop it delivers to has closed.
+        self._threads = [t for t in self._threads if t.is_alive()]
+        for i in range(len(self._threads), self.workers):
+            t = threading.Thread(target=self._worker, name=f"herd-embed-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
 
     def _worker(self) -> None:
         lower_thread_priority()

@@ -425,3 +425,25 @@ async def test_aclose_lets_a_running_batch_hand_out_its_vectors() -> None:
     with pytest.raises(RuntimeError, match="closed"):
         await queued  # what had not started is refused
     assert fake.runs == [["running"]]
+
+
+def test_a_batcher_serves_a_new_event_loop_once_the_first_has_closed() -> None:
+    gate = threading.Event()
+    fake = FakeEmbedder(gate)
+    be = BatchingEmbedder(fake, workers=1)
+
+    async def leave_a_run_behind() -> None:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(be.embed("first loop"), 0.05)
+
+    asyncio.run(leave_a_run_behind())
+    gate.set()  # the run ends after its loop closed: its vectors have nowhere to go, its worker ends
+    deadline = time.monotonic() + 5
+    while any(t.is_alive() for t in be._threads) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+    async def embed_again() -> np.ndarray:
+        return await asyncio.wait_for(be.embed("second loop"), 5)
+
+    assert asyncio.run(embed_again()).shape == (4,)  # a new worker serves the new loop
+    assert fake.runs == [["first loop"], ["second loop"]]
