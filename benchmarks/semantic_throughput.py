@@ -10,6 +10,9 @@
    herd's req/s as a share of the embedder's best prompts/s.
 3. At half of herd-semantic's req/s (open loop, fixed rate): p50 and p99 latency of exact
    and semantic mode, and what semantic mode adds.
+4. Where the CPU went per request at full load (herd's event loop, its embedding threads,
+   the simulator, this process, other jobs, idle), and the share of the embedder's rate
+   that fits on this machine's cores at all (:func:`cpu_budget`).
 """
 
 from __future__ import annotations
