@@ -59,35 +59,52 @@ class Flight:
         changed, self.changed = self.changed, asyncio.get_running_loop().create_future()
         changed.set_result(None)
 
+    def start(self, status: int, ctype: bytes) -> None:
+        """A stream's head: its subscribers start answering."""
+        self.head.set_result((status, ctype))
+
+    def chunk(self, data: bytes) -> None:
+        self.chunks.append(data)
+        self.wake()
+
+    def end(self, status: int, ctype: bytes, body: bytes) -> None:
+        """The answer is complete: a whole body (no stream started), or a stream's end."""
+        if not self.head.done():  # a non-stream answer waits for the head only
+            self.chunks[:] = [body]
+            self.head.set_result((status, ctype))
+        self.done = True
+        self.wake()
+
+
+async def relay(session: aiohttp.ClientSession, url: str, key: bytes, flight, flights: dict) -> None:
+    """The leader's upstream call, told to `flight` (either server's): a stream's head and each
+    chunk as they come, then the end; a 502 for all when no answer came."""
+    status, ctype, body, error = 502, b"application/json", None, b"no answer"
+    started = False
+    try:
+        async with session.post(url, data=key, headers=_JSON) as r:
+            status, ctype = r.status, r.headers.get("content-type", "application/json").encode()
+            if flight.stream:
+                flight.start(status, ctype)
+                started = True
+                async for chunk in r.content.iter_any():
+                    flight.chunk(chunk)
+            else:
+                body = await r.read()
+    except (OSError, aiohttp.ClientError) as exc:
+        error = type(exc).__name__.encode()
+    finally:
+        del flights[key]  # a later request makes a new call
+        if body is None and not started:  # no answer: a 502 for all; a stream broken midway just ends
+            status, ctype = 502, b"application/json"
+            body = b'{"error":{"message":"upstream: %s","type":"bad_gateway"}}' % error
+        flight.end(status, ctype, body or b"")
+
 
 def create_app(upstream: str):
     url = upstream.rstrip("/").removesuffix("/v1") + CHAT_PATH
     flights: dict[bytes, Flight] = {}
     state: dict[str, aiohttp.ClientSession] = {}
-
-    async def call(key: bytes, flight: Flight) -> None:
-        """The leader's upstream call: publish its head, then each chunk, then the end."""
-        error = b"no answer"
-        try:
-            async with state["session"].post(url, data=key, headers=_JSON) as r:
-                head = (r.status, r.headers.get("content-type", "application/json").encode())
-                if flight.stream:
-                    flight.head.set_result(head)
-                    async for chunk in r.content.iter_any():
-                        flight.chunks.append(chunk)
-                        flight.wake()
-                else:  # the whole body, then the head: a non-stream answer waits for the head only
-                    flight.chunks.append(await r.read())
-                    flight.head.set_result(head)
-        except (OSError, aiohttp.ClientError) as exc:
-            error = type(exc).__name__.encode()
-        finally:
-            del flights[key]  # a later request makes a new call
-            if not flight.head.done():  # no answer: a 502 for all; a stream broken midway just ends
-                flight.chunks[:] = [b'{"error":{"message":"upstream: %s","type":"bad_gateway"}}' % error]
-                flight.head.set_result((502, b"application/json"))
-            flight.done = True
-            flight.wake()
 
     async def answer(send, flight: Flight, role: tuple[bytes, bytes]) -> None:
         status, ctype = await flight.head
@@ -149,7 +166,7 @@ def create_app(upstream: str):
         except (orjson.JSONDecodeError, AttributeError):
             return await plain(send, 400, b"the body must be a JSON object")
         flight = flights[key] = Flight(stream)
-        flight.task = asyncio.get_running_loop().create_task(call(key, flight))
+        flight.task = asyncio.get_running_loop().create_task(relay(state["session"], url, key, flight, flights))
         await answer(send, flight, _LEADER)
 
     return app
@@ -288,28 +305,7 @@ class RawFloor:
         except (orjson.JSONDecodeError, AttributeError):
             return conn.respond(400, b"the body must be a JSON object")
         flight = self.flights[body] = RawFlight(stream, conn)
-        flight.task = asyncio.get_running_loop().create_task(self.call(body, flight))
-
-    async def call(self, key: bytes, flight: RawFlight) -> None:
-        """The leader's upstream call: a stream's head and chunks as they come, then the end."""
-        status, ctype, body, error = 502, b"application/json", None, b"no answer"
-        try:
-            async with self.session.post(self.url, data=key, headers=_JSON) as r:
-                status, ctype = r.status, r.headers.get("content-type", "application/json").encode()
-                if flight.stream:
-                    flight.start(status, ctype)
-                    async for chunk in r.content.iter_any():
-                        flight.chunk(chunk)
-                else:
-                    body = await r.read()
-        except (OSError, aiohttp.ClientError) as exc:
-            error = type(exc).__name__.encode()
-        finally:
-            del self.flights[key]  # a later request makes a new call
-            if body is None and flight.heads is None:  # no answer: a 502 for all
-                status, ctype = 502, b"application/json"
-                body = b'{"error":{"message":"upstream: %s","type":"bad_gateway"}}' % error
-            flight.end(status, ctype, body or b"")
+        flight.task = asyncio.get_running_loop().create_task(relay(self.session, self.url, body, flight, self.flights))
 
     async def serve(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
