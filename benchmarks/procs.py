@@ -67,6 +67,15 @@ def http_text(url: str, timeout: float = 5.0) -> str:
         return resp.read().decode()
 
 
+def _stat_cpu_seconds(path: str) -> float:
+    """User + system CPU time from a /proc stat file (a process's or a thread's); 0.0 if unreadable."""
+    try:
+        fields = Path(path).read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
 class Proc:
     """One subprocess serving HTTP on ``port``."""
 
@@ -141,11 +150,7 @@ class Proc:
 
     def cpu_seconds(self) -> float:
         """User + system CPU time of the process so far (Linux /proc; 0.0 elsewhere)."""
-        try:
-            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            return 0.0
-        return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+        return _stat_cpu_seconds(f"/proc/{self.pid}/stat")
 
     def thread_cpu_seconds(self) -> tuple[float, float]:
         """CPU time so far of (the main thread, all other threads together): herd's event loop
@@ -156,11 +161,7 @@ class Proc:
         except OSError:
             return 0.0, 0.0
         for tid in tids:
-            try:
-                fields = Path(f"/proc/{self.pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue  # the thread ended meanwhile
-            seconds = (int(fields[11]) + int(fields[12])) / _CLK_TCK
+            seconds = _stat_cpu_seconds(f"/proc/{self.pid}/task/{tid}/stat")  # 0.0: the thread ended meanwhile
             if int(tid) == self.pid:
                 main += seconds
             else:
