@@ -33,6 +33,7 @@ from proxy.logs import flush_logs, log_access
 from proxy.metrics import CONTENT_TYPE_LATEST, Metrics
 from proxy.responses import FlightResponse
 from proxy.upstream import CallOptions
+from proxy.upstream.base import forward_path
 
 log = logging.getLogger("herd.app")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -166,6 +167,8 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> ChatFirst:
         return Response(orjson.dumps({"object": "list", "data": list(seen.values())}), media_type="application/json")
 
     async def forward(request: Request) -> Response:
+        # checked before anything else: a path that could leave /v1 is never sent anywhere
+        path = forward_path(request.method, request.path_params["path"])
         identity = gateway.auth.identify(request.headers)
         body = await read_body(request.receive, limit, request.headers.get("content-length"))
         model = None
@@ -179,7 +182,7 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> ChatFirst:
             upstream = gateway.upstreams[settings.routes[0].upstream]
         resp = await upstream.forward(
             request.method,
-            request.path_params["path"],
+            path,
             request.url.query,
             dict(request.headers),
             body,

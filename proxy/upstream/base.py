@@ -9,9 +9,13 @@ as proxy.errors types: UpstreamError (the upstream's status and body), UpstreamU
 from __future__ import annotations
 
 import asyncio
+import re
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from typing import TypeVar
+
+import yarl
 
 from proxy.chunks import Chunk
 from proxy.config import UpstreamConfig
@@ -35,6 +39,42 @@ HOP_BY_HOP = frozenset(
         "accept-encoding",
     }
 )
+
+
+# A path segment below /v1, after percent-decoding: the characters of every API path, id
+# and model name (files/file-abc/content, models/ft:gpt-4o-mini:org::id) and none that a
+# URL parser or server reads as structure: no '%' (a second decoding), '\\', ';' (Tomcat's
+# '..;'), '?', '#', spaces or control characters. Segments of dots alone are refused too.
+_SEGMENT = re.compile(r"[A-Za-z0-9_.~:-]+")
+_DOTS = re.compile(r"\.+")
+# Query characters kept as the client sent them; anything else (spaces, non-ASCII) is quoted.
+_QUERY_SAFE = "!#$%&'()*+,/:;=?@[]~"
+
+
+def forward_path(method: str, path: str) -> str:
+    """`path` (the part below /v1, percent-decoded) if it stays below /v1 on any server:
+    segments of plain characters, none of them empty, '.' or '..'. Anything else is a 404,
+    as OpenAI answers an unknown URL: it is never sent anywhere (invariant 12)."""
+    for segment in path.split("/"):
+        if not _SEGMENT.fullmatch(segment) or _DOTS.fullmatch(segment):
+            raise NotFound(f"Invalid URL ({method} /v1/{path[:200]})", code="unknown_url")
+    return path
+
+
+def url_under(base_url: str, path: str, query: str = "") -> yarl.URL:
+    """The URL of `path` (checked by forward_path) under `base_url`, sent exactly as built:
+    no URL parser gets to decode or normalize it on the way."""
+    base = yarl.URL(base_url.rstrip("/"), encoded=True)
+    target = f"{base_url.rstrip('/')}/{path}"
+    if query:
+        target += "?" + urllib.parse.quote(query, safe=_QUERY_SAFE)
+    url = yarl.URL(target, encoded=True)
+    below = base.raw_path.rstrip("/") + "/"
+    if (url.scheme, url.raw_host, url.port) != (base.scheme, base.raw_host, base.port) or not url.raw_path.startswith(
+        below
+    ):
+        raise NotFound(f"Invalid URL (/v1/{path[:200]})", code="unknown_url")  # never, after forward_path
+    return url
 
 
 @dataclass

@@ -23,6 +23,8 @@ from proxy.upstream.base import (
     ForwardResponse,
     Upstream,
     Watchdog,
+    forward_path,
+    url_under,
 )
 
 CLIENT_AUTH_HEADERS = frozenset({"authorization", "api-key", "x-api-key"})
@@ -179,7 +181,7 @@ class OpenAIUpstream(Upstream):
     async def forward(
         self, method: str, path: str, query: str, headers: dict[str, str], body: bytes, options: CallOptions
     ) -> ForwardResponse:
-        url = f"{self.cfg.base_url}/{path}" + (f"?{query}" if query else "")
+        url = url_under(self.cfg.base_url, forward_path(method, path), query)
         out = {k: v for k, v in headers.items() if k not in HOP_BY_HOP and k not in CLIENT_AUTH_HEADERS}
         out.update(self._auth_headers(options))
         with self._failures():
