@@ -32,6 +32,8 @@ from proxy.ids import unique_id
 from proxy.logs import flush_logs, log_access
 from proxy.metrics import CONTENT_TYPE_LATEST, Metrics
 from proxy.responses import FlightResponse
+from proxy.sampling import HEADER as SAMPLED_HEADER
+from proxy.sampling import parse_header as sampled_policy
 from proxy.upstream import CallOptions
 from proxy.upstream.base import forward_path
 
@@ -96,10 +98,12 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> ChatFirst:
         identity = gateway.auth.identify(headers)
         req = parse_chat(await read_body(request.receive, limit, headers.get("content-length")))
         mode = gateway.mode_for(headers.get("x-herd-coalesce"))
+        sampled = sampled_policy(headers.get(SAMPLED_HEADER))
         control = headers.get("cache-control")
         directives = {d.strip().lower() for d in control.split(",")} if control else set()
         ticket = await gateway.submit(
-            req, identity, mode, read_cache="no-cache" not in directives, write_cache="no-store" not in directives
+            req, identity, mode, read_cache="no-cache" not in directives, write_cache="no-store" not in directives,
+            sampled=sampled,
         )
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -113,6 +117,8 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> ChatFirst:
                 metrics.disconnects.labels(ticket.role).inc()
             else:
                 metrics.requests.labels(ticket.role).inc()
+                if response.shared_sample:
+                    metrics.shared_samples.labels(ticket.role).inc()
                 gateway.accountant.record(ticket.role, req.model, identity.tenant, usage_of(ticket.flight.chunks))
                 finished = ticket.flight.finished_at
                 if finished is not None and response.answered_at is not None:
@@ -138,6 +144,7 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> ChatFirst:
             ticket,
             stream=req.stream,
             include_usage=req.include_usage,
+            sampled=req.sampled,
             deadline=started + settings.server.request_timeout_s,
             release=gateway.release,
             on_done=done,

@@ -24,6 +24,7 @@ log = logging.getLogger("herd.auth")
 class Identity:
     tenant: str  # a hash or a configured tenant name, safe to log and to use in keys
     client_key: str | None  # the client's own key, only kept to forward it upstream
+    sampled: str = ""  # its [[auth.keys]] entry's sampled policy; empty: not set
 
 
 def client_key_from(headers: Mapping[str, str]) -> str | None:
@@ -44,6 +45,7 @@ class Authenticator:
             self._hash_key = secrets.token_bytes(32)
             log.info("auth.hash_key is not set: tenant hashes are random per process (set it to share across replicas)")
         self._keys = {k["sha256"]: k.get("tenant") for k in cfg.keys}
+        self._sampled = {k["sha256"]: k.get("sampled", "") for k in cfg.keys}
         holding = any(u.api_key for u in settings.upstreams.values())
         self.check_keys = cfg.mode == "keys" or (cfg.mode == "auto" and holding)
 
@@ -52,13 +54,14 @@ class Authenticator:
 
     def identify(self, headers: Mapping[str, str]) -> Identity:
         key = client_key_from(headers)
+        sampled = ""
         if self.check_keys:
             if key is None:
                 raise AuthenticationError("You didn't provide an API key. Send it as 'Authorization: Bearer KEY'.")
             digest = hashlib.sha256(key.encode()).hexdigest()
             if digest not in self._keys:
                 raise AuthenticationError("Incorrect API key provided.")
-            name = self._keys[digest]
+            name, sampled = self._keys[digest], self._sampled[digest]
             tenant = f"t:{name}" if name else f"k:{self.keyed_hash(key)}"
         else:
             tenant = f"k:{self.keyed_hash(key)}" if key else "anonymous"
@@ -66,4 +69,4 @@ class Authenticator:
             extra = headers.get(self.cfg.tenant_header.lower())
             if extra:
                 tenant = f"{tenant}/h:{self.keyed_hash(extra)}"
-        return Identity(tenant=tenant, client_key=key)
+        return Identity(tenant=tenant, client_key=key, sampled=sampled)

@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 
 from proxy.errors import InvalidRequest
+from proxy.sampling import is_sampled
 
 # Fields that change how an answer is delivered, never what it says.
 STREAM_ONLY = frozenset({"stream", "stream_options"})
@@ -30,6 +31,7 @@ class ChatRequest:
     messages: list[dict[str, Any]]
     stream: bool
     include_usage: bool
+    sampled: bool = False  # a random draw (proxy.sampling.is_sampled)
     # filled by `keys()`
     scope: str = ""
     key: str = ""
@@ -157,7 +159,8 @@ def parse_chat(raw: bytes) -> ChatRequest:
         value = body.get(name)
         if value is not None and not isinstance(value, bool):
             raise _fail(f"'{name}' must be a boolean", name, "invalid_type")
-    return ChatRequest(body=body, model=model, messages=messages, stream=bool(stream), include_usage=include_usage)
+    return ChatRequest(body=body, model=model, messages=messages, stream=bool(stream), include_usage=include_usage,
+                       sampled=is_sampled(body))
 
 
 def text_of(content: Any) -> str | None:

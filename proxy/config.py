@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from proxy.sampling import POLICIES as SAMPLED_POLICIES
+
 
 class ConfigError(ValueError):
     """The configuration is invalid; the message says where and why."""
@@ -41,7 +43,7 @@ class AuthConfig:
     mode: str = "auto"
     hash_key: str = field(default="", repr=False)  # secret for keyed tenant hashes; empty: random per process
     tenant_header: str = ""  # narrows the tenant further, e.g. "x-tenant-id"
-    keys: list[dict] = field(default_factory=list)  # [{sha256 = "...", tenant = "..."}]
+    keys: list[dict] = field(default_factory=list)  # [{sha256 = "...", tenant = "...", sampled = "..."}]
 
 
 @dataclass
@@ -86,6 +88,7 @@ class RouteConfig:
     model_rewrite: str = ""  # send this model name upstream instead of the client's
     fallbacks: list[str] = field(default_factory=list)  # upstreams tried in order when this one fails
     fallback_models: dict[str, str] = field(default_factory=dict)  # model name sent to each fallback
+    sampled: str = ""  # share | distinct for this route's sampled requests; empty: [coalesce] sampled
 
     def matches(self, model: str) -> bool:
         return fnmatch.fnmatchcase(model, self.model)
@@ -113,12 +116,16 @@ class CoalesceConfig:
     # auto: a flight calls the upstream the way its first request asked (stream or not);
     # always: always streaming, so stream requests joining a non-stream flight get live chunks
     upstream_stream: str = "auto"
+    # sampled requests (temperature > 0, no seed): share one draw, or each get their own
+    # (proxy.sampling); deterministic requests are shared either way
+    sampled: str = "share"
 
 
 @dataclass
 class CacheConfig:
     enabled: bool = True
     ttl_seconds: float = 300.0
+    sampled_ttl_seconds: float = 10.0  # sampled answers (at most ttl_seconds); 0: never cache them
     max_entries: int = 10_000  # memory backend: least recently used answers go first
     backend: str = "auto"  # auto: redis when [redis] url is set, else memory | memory | redis
 
@@ -143,6 +150,8 @@ def _validate_redis(s: "Settings") -> None:
         raise ConfigError('cache.backend = "redis" needs [redis] url')
     if c.ttl_seconds <= 0 or c.max_entries < 1:
         raise ConfigError("cache.ttl_seconds must be > 0 and cache.max_entries >= 1")
+    if c.sampled_ttl_seconds < 0:
+        raise ConfigError("cache.sampled_ttl_seconds must be >= 0 (0: sampled answers are never cached)")
     if r.url and not r.url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError("redis.url must start with redis://, rediss:// or unix://")
     if r.cluster and r.url.startswith("unix://"):
@@ -356,6 +365,27 @@ def _validate_resilience(s: Settings) -> None:
     check(s.tokens.default_context_window >= 0, "tokens.default_context_window", "must be >= 0")
 
 
+def _validate_sampled(s: Settings) -> None:
+    """[coalesce] sampled, and its per-route and per-tenant settings (proxy.sampling)."""
+
+    def check(value: object, where: str, empty_ok: bool = True) -> None:
+        if not ((empty_ok and value == "") or value in SAMPLED_POLICIES):
+            raise ConfigError(f"{where} must be share or distinct{' (or empty)' if empty_ok else ''}, got {value!r}")
+
+    check(s.coalesce.sampled, "coalesce.sampled", empty_ok=False)
+    for i, route in enumerate(s.routes):
+        check(route.sampled, f"routes[{i}].sampled")
+    by_tenant: dict[str, object] = {}
+    for i, key in enumerate(s.auth.keys):
+        check(key.get("sampled", ""), f"auth.keys[{i}].sampled")
+        tenant = key.get("tenant")
+        if tenant:
+            first = by_tenant.setdefault(tenant, key.get("sampled", ""))
+            if first != key.get("sampled", ""):
+                raise ConfigError(f"auth.keys[{i}].sampled: the keys of tenant {tenant!r} share answers, "
+                                  "so they must all set the same sampled policy")
+
+
 def validate(s: Settings) -> None:
     if not s.upstreams:
         raise ConfigError("no upstreams configured: add at least one [upstreams.NAME] table")
@@ -384,6 +414,7 @@ def validate(s: Settings) -> None:
         )
     if s.coalesce.upstream_stream not in ("auto", "always"):
         raise ConfigError(f"coalesce.upstream_stream must be auto or always, got {s.coalesce.upstream_stream!r}")
+    _validate_sampled(s)
     if not 0.0 < s.coalesce.threshold <= 1.0:
         raise ConfigError(f"coalesce.threshold must be in (0, 1], got {s.coalesce.threshold}")
     if s.auth.mode not in AUTH_MODES:
@@ -392,8 +423,8 @@ def validate(s: Settings) -> None:
         digest = key.get("sha256", "")
         if not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
             raise ConfigError(f"auth.keys[{i}].sha256 must be the hex sha256 of a client key (64 hex digits)")
-        if set(key) - {"sha256", "tenant"}:
-            raise ConfigError(f"auth.keys[{i}] takes only sha256 and tenant")
+        if set(key) - {"sha256", "tenant", "sampled"}:
+            raise ConfigError(f"auth.keys[{i}] takes only sha256, tenant and sampled")
     holding = [n for n, u in s.upstreams.items() if u.api_key]
     if holding and s.auth.mode == "auto" and not s.auth.keys:
         raise ConfigError(

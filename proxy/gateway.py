@@ -29,6 +29,7 @@ from proxy.dispatch import Dispatcher
 from proxy.errors import InvalidRequest, NotFound
 from proxy.metrics import Metrics
 from proxy.redis_cache import RedisCache
+from proxy.sampling import distinct
 from proxy.shared import Claim, RedisLink, SharedFlights
 from proxy.upstream import CallOptions, Upstream, make_upstream
 
@@ -140,14 +141,18 @@ class Gateway:
 
     # -- the data path -----------------------------------------------------------------
     async def submit(
-        self, req: ChatRequest, identity: Identity, mode: str, *, read_cache: bool = True, write_cache: bool = True
+        self, req: ChatRequest, identity: Identity, mode: str, *, read_cache: bool = True, write_cache: bool = True,
+        sampled: str | None = None,
     ) -> Ticket:
         """Answer `req` from a flight in progress, the cache, or a new flight that it leads.
 
         Never waits for a window: the first request of a flight starts the upstream call at
-        once (in semantic mode, after its own embedding).
+        once (in semantic mode, after its own embedding). `sampled`: the request's own
+        x-herd-sampled policy; a sampled request under "distinct" gets a private flight.
         """
         route, upstream = self.route(req.model)
+        if distinct(req.sampled, sampled, identity.sampled, route.sampled, self.settings.coalesce.sampled):
+            mode = "off"  # its own draw: nobody joins it, no cache read or write
         assign_keys(req, identity.tenant, route.upstream)
         options = CallOptions(client_key=identity.client_key)
         store = write_cache and self.cache is not None and mode != "off"
@@ -204,6 +209,8 @@ class Gateway:
             ticket = self._ticket(flight, "leader", upstream)
         if probe is not None:
             flight.memo["probe"] = probe
+        if req.sampled:
+            flight.memo["ttl"] = min(self.settings.cache.sampled_ttl_seconds, self.settings.cache.ttl_seconds)
         return ticket
 
     async def _shared_work(self, req: ChatRequest, route: RouteConfig, options: CallOptions, work, store: bool,
@@ -234,8 +241,10 @@ class Gateway:
 
     async def _store(self, flight: Flight) -> None:
         """Keep a cleanly finished flight's answer for later identical (or similar) requests."""
+        ttl = flight.memo.get("ttl", self.settings.cache.ttl_seconds)  # sampled answers: their own
+        if ttl <= 0:
+            return
         chunks = [c.data for c in flight.chunks]
-        ttl = self.settings.cache.ttl_seconds
         for key in flight.keys:
             await self.cache.put(key, chunks, ttl)
         probe = flight.memo.get("probe")

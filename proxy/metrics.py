@@ -82,6 +82,13 @@ class Metrics:
             "From a flight's end to each of its waiters' answer being written in full (the fan-out)",
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 1), registry=r,
         )
+        self.shared_samples = Counter(
+            "herd_shared_samples",
+            "Sampled requests (temperature > 0, no seed) answered with a draw made for another request, by how",
+            ["outcome"], registry=r,
+        )
+        for outcome in ("follower", "cache"):
+            self.shared_samples.labels(outcome)
         self.disconnects = Counter(
             "herd_client_disconnects", "Requests whose client went away before its answer", ["role"], registry=r
         )

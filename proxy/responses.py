@@ -97,8 +97,10 @@ class FlightResponse:
         release: Callable[[Ticket], None],
         on_done: Callable[[FlightResponse], None] | None = None,
         request_id: str = "",
+        sampled: bool = False,
     ) -> None:
         self.ticket = ticket
+        self.sampled = sampled  # the request asked for a random draw (proxy.sampling)
         self.request_id = request_id
         self.stream = stream
         self.include_usage = include_usage
@@ -123,7 +125,16 @@ class FlightResponse:
             headers.append((b"x-request-id", self.request_id.encode()))
         if ticket.similarity is not None:
             headers.append((b"x-herd-similarity", f"{ticket.similarity:.4f}".encode()))
+        if self.shared_sample:
+            headers.append((b"x-herd-shared-sample", b"1"))
         return headers
+
+    @property
+    def shared_sample(self) -> bool:
+        """A sampled request answered with a draw made for another request (a flight's
+        follower, or the cache). A leader's answer is its own fresh draw; whether others
+        join it later is not known when its headers go out."""
+        return self.sampled and self.ticket.role in ("follower", "cache")
 
     async def __call__(self, scope: dict, receive: Receive, send: Send) -> None:
         try:
