@@ -36,18 +36,13 @@ import numpy as np
 
 from benchmarks import loadgen, report, workloads
 from benchmarks.loadgen import Load, Phase, Records
+from benchmarks.harness import Proc, ProcError, Stack, chat_calls, sim_reset, sim_stats
 from benchmarks.procs import (
     REPO_ROOT,
-    Proc,
-    ProcError,
-    Stack,
-    chat_calls,
     finish_profiler,
     machine_busy_seconds,
     prometheus,
     self_cpu_seconds,
-    sim_reset,
-    sim_stats,
     start_profiler,
     wait_for_quiet,
 )
@@ -92,9 +87,14 @@ class Bench:
     unavailable: dict[str, str]
     out: Path = Path(".")
     profiles: dict[str, Any] = field(default_factory=dict)
+    has_sim: bool = field(init=False, default=False)  # the upstream is herd's simulator: its counters are read
 
-    def is_sim(self) -> bool:
-        return sim_stats(self.sim_url) is not None
+    def __post_init__(self) -> None:
+        try:
+            sim_stats(self.sim_url, log=False)
+            self.has_sim = True
+        except (OSError, ValueError):
+            self.has_sim = False
 
 
 def _parse_targets(text: str) -> list[str]:
@@ -218,14 +218,14 @@ def measure(bench: Bench, target: Target, load: Load, requests: Callable[[], Ite
         if bench.args.profile and target.proc is not None:
             seconds = load.duration or bench.args.profile_seconds
             snap["spy"] = start_profiler(target.proc.pid, seconds, bench.out / f"profile_{label_slug}.txt")
-        snap["reset"] = sim_reset(sim_url)
-        snap["calls"] = chat_calls(sim_stats(sim_url)) if not snap["reset"] else 0
+        if bench.has_sim:
+            sim_reset(sim_url)
         snap["metrics"] = prometheus(target.url) if target.kind == "herd" else None
         snap["cpu_target"] = target.proc.cpu_seconds() if target.proc else None
         snap["cpu_sim"] = bench.sim.cpu_seconds() if bench.sim else None
 
     def upstream_now() -> int | None:
-        return chat_calls(sim_stats(sim_url))
+        return chat_calls(sim_url) if bench.has_sim else None
 
     rec = loadgen.run(Phase(
         url=target.url, requests=factory(requests), load=load, warmup=warmup, warmup_requests=warm_factory,
@@ -237,10 +237,8 @@ def measure(bench: Bench, target: Target, load: Load, requests: Callable[[], Ite
     background = round(other / max(time.monotonic() - t0, 1e-9), 3)
     if snap.get("spy") is not None:
         bench.profiles[label_slug] = finish_profiler(snap["spy"])
-    stats = sim_stats(sim_url)
-    calls = chat_calls(stats)
-    if calls is not None and snap.get("calls") is not None:
-        calls -= snap["calls"]
+    stats = sim_stats(sim_url, log=False) if bench.has_sim else None
+    calls = chat_calls(sim_url) if bench.has_sim else None
     metrics_after = prometheus(target.url) if target.kind == "herd" else None
     diff = None
     if snap.get("metrics") is not None and metrics_after is not None:

@@ -35,6 +35,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from benchmarks.harness import free_port, stat_cpu_seconds
 from benchmarks.passthrough import CLIENTS
 
 HOST = "127.0.0.1"
@@ -256,21 +257,6 @@ def wait_for_port(port: int, p: subprocess.Popen[str], timeout: float = 20.0) ->
     raise RuntimeError(f"nothing listened on {HOST}:{port} within {timeout:.0f}s")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of a process so far (Linux /proc), or None elsewhere."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 # --------------------------------------------------------------------------- the benchmark
 
 
@@ -308,10 +294,10 @@ def measure(
             url = f"http://{HOST}:{port}{PATH}"
             if args.warmup > 0:
                 drive(url, args.warmup)
-            before = cpu_seconds(proxy.pid)
+            before = stat_cpu_seconds(f"/proc/{proxy.pid}/stat")
             load = drive(url, args.duration)
-            after = cpu_seconds(proxy.pid)
-        cpu = (after - before) / load.ok * 1e6 if before is not None and after is not None and load.ok else None
+            after = stat_cpu_seconds(f"/proc/{proxy.pid}/stat")
+        cpu = (after - before) / load.ok * 1e6 if after and load.ok else None  # 0.0: no /proc
     return Run(target, round_, load.rps, load.p50_ms, load.p99_ms, load.ok, load.errors, load.seconds, cpu)
 
 

@@ -15,7 +15,7 @@ to herd shows up here without the noise of the 2-core end-to-end runs. Three mea
    for each chunk, the time until the last subscriber has it handed to `send`.
 
 The upstream adapter's `chat` is replaced by one that answers at once (1) or when told
-(2, 3). Everything else is herd as configured by `tests.harness.herd_settings`, started and
+(2, 3). Everything else is herd as configured by `benchmarks.harness.herd_settings`, started and
 stopped by its own lifespan. (1) also counts the full garbage collections and their pauses.
 """
 
@@ -38,7 +38,7 @@ import uvloop
 from proxy.app import create_app
 from proxy.chunks import Chunk, split
 from proxy.logs import setup_logging
-from tests.harness import herd_settings
+from benchmarks.harness import herd_settings
 
 COMPLETION = {
     "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "m",

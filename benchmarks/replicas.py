@@ -27,18 +27,15 @@ import argparse
 import asyncio
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import httpx
 import orjson
 
-from tests.redis_servers import RedisCluster, RedisServer, free_port, start_replicas
+from benchmarks.harness import RedisCluster, RedisServer, Stack, chat_calls, sim_reset, start_replicas
 
 HASH_KEY = "benchmark-hash-key"
 
@@ -54,39 +51,6 @@ def sections(sim_url: str, redis: dict | None) -> dict:
     if redis:
         out["redis"] = redis
     return out
-
-
-class Simulator:
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(workdir / "simulator.log", "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.simulator", "--port", str(self.port)],
-                                     stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise RuntimeError("the simulator did not start")
-            time.sleep(0.05)
-
-    def reset(self, **settings: Any) -> None:
-        httpx.post(self.url + "/_sim/reset", timeout=10).raise_for_status()
-        if settings:
-            httpx.post(self.url + "/_sim/settings", json=settings, timeout=10).raise_for_status()
-
-    def calls(self) -> int:
-        stats = httpx.get(self.url + "/_sim/stats?log=0", timeout=10).json()
-        return stats["by_path"].get("/v1/chat/completions", 0)
-
-    def close(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
-        self.log.close()
 
 
 async def request(http: aiohttp.ClientSession, url: str, text: str, stream: bool) -> dict:
@@ -113,15 +77,15 @@ def session() -> aiohttp.ClientSession:
     return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=120))
 
 
-async def burst(replicas, sim: Simulator, text: str, n: int) -> dict:
-    before = sim.calls()
+async def burst(replicas, sim_url: str, text: str, n: int) -> dict:
+    before = chat_calls(sim_url)
     async with session() as http:
         results = await asyncio.gather(*[request(http, replicas[i % len(replicas)].url, text,
                                                  stream=(i // len(replicas)) % 2 == 0) for i in range(n)])
-    return {"requests": n, "failed": sum(r["status"] != 200 for r in results), "upstream_calls": sim.calls() - before}
+    return {"requests": n, "failed": sum(r["status"] != 200 for r in results), "upstream_calls": chat_calls(sim_url) - before}
 
 
-async def follower_latency(leader, remote, sim: Simulator, flights: int, tag: str, concurrency: int = 4) -> dict:
+async def follower_latency(leader, remote, sim_url: str, flights: int, tag: str, concurrency: int = 4) -> dict:
     lags: list[float] = []
     ttft = {"local": [], "remote": []}
     done = {"local": [], "remote": []}
@@ -144,16 +108,16 @@ async def follower_latency(leader, remote, sim: Simulator, flights: int, tag: st
         for i in queue:
             await one(http, i)
 
-    before = sim.calls()
+    before = chat_calls(sim_url)
     async with session() as http:
         await asyncio.gather(*[worker(http) for _ in range(concurrency)])
-    calls = sim.calls() - before
+    calls = chat_calls(sim_url) - before
     return {"flights": flights, "upstream_calls": calls, "chunk_lag_ms": summary(lags),
             "ttft_ms": {k: summary(v) for k, v in ttft.items()}, "total_ms": {k: summary(v) for k, v in done.items()},
             "lags": lags}
 
 
-async def leader_ttft(replica, sim: Simulator, count: int, tag: str) -> dict:
+async def leader_ttft(replica, sim_url: str, count: int, tag: str) -> dict:
     out = []
     async with session() as http:
         for i in range(count):
@@ -181,42 +145,37 @@ def stop_all(replicas) -> None:
 
 async def run(args: argparse.Namespace) -> dict:
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count()}, "settings": vars(args).copy()}
-    with tempfile.TemporaryDirectory(prefix="herd-bench-replicas-") as d:
-        workdir = Path(d)
-        sim = Simulator(workdir)
-        try:
-            with RedisServer() as redis_server, RedisCluster() as cluster:
-                setups = {
-                    "local-only (no Redis)": None,
-                    "one Redis": {"url": redis_server.url},
-                    "Redis Cluster (3 masters)": {"url": cluster.url, "cluster": True},
-                }
-                bursts = {}
-                for name, redis in setups.items():
-                    replicas = start_replicas(3, sections(sim.url, redis), workdir)
-                    try:
-                        sim.reset(ttft_ms=args.burst_ttft_ms, tokens_per_s=50, reply_tokens=20)
-                        rounds = [await burst(replicas, sim, f"{name} burst {k}", args.burst) for k in range(args.rounds)]
-                        bursts[name] = {"requests_per_burst": args.burst, "rounds": rounds,
-                                        "upstream_calls": [r["upstream_calls"] for r in rounds],
-                                        "failed": sum(r["failed"] for r in rounds)}
-                        if redis is not None and "Cluster" not in name:
-                            sim.reset(ttft_ms=args.ttft_ms, tokens_per_s=args.tokens_per_s,
-                                      reply_tokens=args.reply_tokens)
-                            results["follower"] = await follower_latency(replicas[0], replicas[1], sim, args.flights,
-                                                                         "bench")
-                            results["leader_ttft_ms"] = {"redis": await leader_ttft(replicas[0], sim, args.leaders,
-                                                                                    "redis")}
-                        if redis is None:
-                            sim.reset(ttft_ms=args.ttft_ms, tokens_per_s=args.tokens_per_s,
-                                      reply_tokens=args.reply_tokens)
-                            local = await leader_ttft(replicas[0], sim, args.leaders, "local")
-                    finally:
-                        stop_all(replicas)
-                results["bursts"] = bursts
-                results.setdefault("leader_ttft_ms", {})["local-only"] = local
-        finally:
-            sim.close()
+    with Stack() as stack, RedisServer() as redis_server, RedisCluster() as cluster:
+        sim = stack.simulator()
+        setups = {
+            "local-only (no Redis)": None,
+            "one Redis": {"url": redis_server.url},
+            "Redis Cluster (3 masters)": {"url": cluster.url, "cluster": True},
+        }
+        bursts = {}
+        for name, redis in setups.items():
+            replicas = start_replicas(3, sections(sim.url, redis), stack.dir)
+            try:
+                sim_reset(sim.url, ttft_ms=args.burst_ttft_ms, tokens_per_s=50, reply_tokens=20)
+                rounds = [await burst(replicas, sim.url, f"{name} burst {k}", args.burst) for k in range(args.rounds)]
+                bursts[name] = {"requests_per_burst": args.burst, "rounds": rounds,
+                                "upstream_calls": [r["upstream_calls"] for r in rounds],
+                                "failed": sum(r["failed"] for r in rounds)}
+                if redis is not None and "Cluster" not in name:
+                    sim_reset(sim.url, ttft_ms=args.ttft_ms, tokens_per_s=args.tokens_per_s,
+                              reply_tokens=args.reply_tokens)
+                    results["follower"] = await follower_latency(replicas[0], replicas[1], sim.url, args.flights,
+                                                                 "bench")
+                    results["leader_ttft_ms"] = {"redis": await leader_ttft(replicas[0], sim.url, args.leaders,
+                                                                            "redis")}
+                if redis is None:
+                    sim_reset(sim.url, ttft_ms=args.ttft_ms, tokens_per_s=args.tokens_per_s,
+                              reply_tokens=args.reply_tokens)
+                    local = await leader_ttft(replicas[0], sim.url, args.leaders, "local")
+            finally:
+                stop_all(replicas)
+        results["bursts"] = bursts
+        results.setdefault("leader_ttft_ms", {})["local-only"] = local
     return results
 
 

@@ -28,12 +28,10 @@ from typing import Self
 import aiohttp
 import orjson
 
+from benchmarks.harness import Proc, Stack, parse_override
 from benchmarks.procs import (
-    Proc,
-    Stack,
     machine_busy_seconds,
     machine_idle_seconds,
-    parse_override,
     prometheus,
     self_cpu_seconds,
     wait_for_quiet,

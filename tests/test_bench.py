@@ -126,7 +126,7 @@ def test_floor_makes_one_upstream_call_per_flight(server: str) -> None:
 
     import aiohttp
 
-    from benchmarks.procs import Stack, chat_calls, sim_reset, sim_stats
+    from benchmarks.harness import Stack, chat_calls, sim_reset
 
     n = 50
 
@@ -148,7 +148,7 @@ def test_floor_makes_one_upstream_call_per_flight(server: str) -> None:
         for stream in (False, True):
             sim_reset(sim.url)
             answers = asyncio.run(burst(floor.url, stream, n))
-            assert chat_calls(sim_stats(sim.url)) == 1
+            assert chat_calls(sim.url) == 1
             assert Counter(a[1] for a in answers) == {"leader": 1, "follower": n - 1}
             assert {a[0] for a in answers} == {200}
             assert len({a[3] for a in answers}) == 1, "every subscriber gets the same bytes"
@@ -159,7 +159,7 @@ def test_floor_makes_one_upstream_call_per_flight(server: str) -> None:
             else:
                 assert json.loads(body)["choices"][0]["message"]["content"].startswith("echo: floor")
             (again,) = asyncio.run(burst(floor.url, stream, 1))  # the flight has ended: a new call
-            assert again[1] == "leader" and chat_calls(sim_stats(sim.url)) == 2
+            assert again[1] == "leader" and chat_calls(sim.url) == 2
 
 
 def test_help_lists_the_scenarios() -> None:
