@@ -62,8 +62,9 @@ class UpstreamConfig:
     retries: int = 2  # extra tries of a retryable failure (connect, 408/409/429/5xx), never mid-stream
     backoff_base_s: float = 0.5  # try k waits uniform(0, min(backoff_max_s, backoff_base_s * 2**k))
     backoff_max_s: float = 8.0  # also the longest Retry-After herd waits for; longer: fail over at once
-    circuit_failures: int = 5  # consecutive failed calls that open the circuit; 0: no breaker
-    circuit_reset_s: float = 30.0  # open this long, then one trial call (half-open)
+    circuit_failures: int = 5  # failed calls in a row (concurrent ones count once) that open the circuit; 0: off
+    circuit_reset_s: float = 1.0  # open this long, then one probe call (half-open); others wait for it
+    circuit_reset_max_s: float = 30.0  # each failed probe doubles the time open, up to this
     requests_per_minute: float = 0.0  # token bucket shared by all flights; 0: unlimited
     tokens_per_minute: float = 0.0  # prompt + max_tokens reserved, settled with the usage; 0: unlimited
     rate_limit_burst_s: float = 10.0  # a bucket holds this many seconds' worth of its rate
@@ -343,7 +344,7 @@ def _validate_resilience(s: Settings) -> None:
             check(getattr(up, key) >= 0, at + key, "must be >= 0")
         for key in ("backoff_base_s", "backoff_max_s", "requests_per_minute", "tokens_per_minute", "rate_limit_wait_s"):
             check(getattr(up, key) >= 0, at + key, "must be >= 0")
-        for key in ("circuit_reset_s", "rate_limit_burst_s", "queue_timeout_s", "poll_interval_s"):
+        for key in ("circuit_reset_s", "circuit_reset_max_s", "rate_limit_burst_s", "queue_timeout_s", "poll_interval_s"):
             check(getattr(up, key) > 0, at + key, "must be > 0")
         check(up.default_max_tokens >= 1, at + "default_max_tokens", "must be >= 1")
         check(1 <= up.min_concurrency <= up.max_concurrency, at + "min_concurrency",

@@ -4,7 +4,9 @@ Every waiter of a flight depends on this call, so `Dispatcher.stream` gives it e
 (it yields the answer's chunks in batches, as the adapter does):
 
     pre-flight   count the prompt's tokens; over the model's context window -> 400 at once
-    per try      rate limits (wait, or 429) -> circuit breaker (or 503) -> the adapter's call
+    per try      circuit breaker (an open circuit: fall back at once, or, on the last upstream
+                 of the plan, wait out a cool-down or a probe's verdict of up to backoff_max_s;
+                 longer: 503) -> rate limits (wait, or 429) -> the adapter's call
                  (its own timeouts; a vLLM backend's capacity queue)
     retries      retryable failures only, with backoff and full jitter, honouring Retry-After,
                  and never once a chunk has gone to the flight
@@ -94,7 +96,9 @@ class Dispatcher:
             started = False
             try:
                 count = await self._preflight(name, target)
-                async with contextlib.aclosing(self._tries(name, target, options, count, stream)) as batches:
+                last = position == len(plan) - 1  # nothing to fall back to: worth waiting for the circuit
+                tries = self._tries(name, target, options, count, stream, last)
+                async with contextlib.aclosing(tries) as batches:
                     async for batch in batches:
                         if not started:
                             served_by(name)
@@ -128,38 +132,39 @@ class Dispatcher:
         return count
 
     async def _tries(
-        self, name: str, body: dict, options: CallOptions, count: TokenCount | None, stream: bool
+        self, name: str, body: dict, options: CallOptions, count: TokenCount | None, stream: bool, last: bool = True
     ) -> AsyncIterator[list[Chunk]]:
         """One upstream's answer, tried again on retryable failures until a chunk has gone out."""
         upstream, guard, m = self.upstreams[name], self.guards[name], self.metrics
+        circuit_wait = guard.retry.max_s if last else 0.0
         want = 0
         if count is not None:
             want = count.tokens + (body.get("max_completion_tokens") or body.get("max_tokens") or 0)
         attempt = 0
         while True:
+            ticket = await guard.circuit.enter(name, circuit_wait)
             try:
                 permit = await guard.limits.acquire(want)
-            except RateLimited:
-                m.rate_limited.labels(name).inc()
+            except BaseException as error:
+                guard.circuit.release(ticket)
+                if isinstance(error, RateLimited):
+                    m.rate_limited.labels(name).inc()
                 raise
             if permit.waited_s:
                 m.rate_limit_wait.labels(name).observe(permit.waited_s)
-            try:
-                guard.circuit.enter(name)
-            except HerdError:
-                guard.limits.settle(permit, 0)
-                raise
             m.upstream_calls.labels(name).inc()
             started, usage = False, None
             try:
                 async with contextlib.aclosing(upstream.chat(body, options, stream)) as batches:
                     async for batch in batches:
-                        started = True
+                        if not started:
+                            guard.circuit.success(ticket)  # it answers: a probe's waiters may go
+                            started = True
                         for chunk in batch:
                             usage = chunk.data.get("usage") or usage
                         yield batch
             except HerdError as error:
-                guard.circuit.record(error)
+                guard.circuit.record(error, ticket)
                 guard.limits.settle(permit, 0 if not started else None)
                 delay = None if started else guard.retry.delay(attempt, error)
                 if delay is None:
@@ -175,10 +180,11 @@ class Dispatcher:
                 attempt += 1
                 continue
             except BaseException:
-                guard.circuit.release()  # cancelled, or closed by the flight: no verdict
+                guard.circuit.release(ticket)  # cancelled, or closed by the flight: no verdict
                 guard.limits.settle(permit, None)
                 raise
-            guard.circuit.success()
+            if not started:
+                guard.circuit.success(ticket)
             guard.limits.settle(permit, usage.get("total_tokens") if usage else None)
             return
 

@@ -96,6 +96,7 @@ class RetryPolicy:
 
 class CircuitOpen(Overloaded):
     code = "circuit_open"
+    wait: float | None = None  # seconds until the cool-down ends; None: a probe call is deciding
 
 
 def counts_against_circuit(error: BaseException) -> bool | None:
@@ -114,71 +115,133 @@ def counts_against_circuit(error: BaseException) -> bool | None:
 
 
 class CircuitBreaker:
-    """closed --`failures` failed calls in a row--> open --`reset_s`--> half-open (one trial call)
-    half-open --trial succeeds--> closed;  --trial fails--> open again.
-    `failures` = 0 turns the breaker off."""
+    """Stop calling an upstream that keeps failing, and find out soon when it is back.
+
+        closed --`failures` failed rounds in a row--> open --cool-down--> half-open
+        half-open: ONE probe call; other calls wait for its verdict (or are refused, 503)
+        probe answers --> closed;  probe fails --> open again, the cool-down doubled
+        (from `reset_s` up to `reset_max_s`); any call that answers closes the circuit.
+
+    A round: calls that were running together fail together, so a failure counts only if
+    its call started after the last failure that counted. A burst of 50 concurrent calls
+    into a one-second blip is one failure, not 50; calls made one after another (retries
+    included) each count. `failures` = 0 turns the breaker off.
+
+    Every call holds a ticket from `admit` (or `enter`) and ends with exactly one of
+    `success`, `failure` or `release` (no verdict: cancelled, refused by herd, 429).
+    """
 
     CLOSED, HALF_OPEN, OPEN = "closed", "half_open", "open"
 
-    def __init__(self, failures: int = 5, reset_s: float = 30.0, clock: Clock = time.monotonic) -> None:
+    def __init__(
+        self, failures: int = 5, reset_s: float = 1.0, reset_max_s: float = 30.0, clock: Clock = time.monotonic
+    ) -> None:
         self.failures = failures
         self.reset_s = reset_s
+        self.reset_max_s = max(reset_s, reset_max_s)
         self.clock = clock
-        self.failed = 0  # consecutive failed calls
+        self.failed = 0  # failed rounds in a row
         self.opened_at: float | None = None
-        self.trial = False  # the half-open trial call is in progress
+        self.cooldown = reset_s  # how long this opening lasts
+        self.calls = 0  # tickets given so far: a call's ticket is its number
+        self.counted = 0  # `calls` when the last failure counted: calls up to it are of that round
+        self.probe: int | None = None  # the half-open probe's ticket, while it runs
+        self._verdict: asyncio.Future[None] | None = None  # done when the probe's verdict is in
 
     @property
     def state(self) -> str:
         if self.opened_at is None:
             return self.CLOSED
-        if self.clock() - self.opened_at < self.reset_s:
+        if self.clock() - self.opened_at < self.cooldown:
             return self.OPEN
         return self.HALF_OPEN
 
     def retry_after(self) -> float:
-        """Seconds until the next trial call may go (0 when calls may go now)."""
+        """Seconds until the next probe may go (0 when calls may go now)."""
         if self.opened_at is None:
             return 0.0
-        return max(0.0, self.opened_at + self.reset_s - self.clock())
+        return max(0.0, self.opened_at + self.cooldown - self.clock())
 
-    def enter(self, upstream: str) -> None:
-        """Permission for one call, or CircuitOpen (503 with Retry-After)."""
+    def admit(self, upstream: str) -> int:
+        """A ticket for one call now, or CircuitOpen (503 with Retry-After; `wait` says for what)."""
         state = self.state
-        if state == self.CLOSED:
-            return
-        if state == self.HALF_OPEN and not self.trial:
-            self.trial = True
-            return
-        wait = self.retry_after() or 1.0  # half-open: a trial call is running and will decide soon
-        raise CircuitOpen(
+        if state == self.CLOSED or (state == self.HALF_OPEN and self.probe is None):
+            self.calls += 1
+            if state == self.HALF_OPEN:
+                self.probe = self.calls
+            return self.calls
+        wait = self.retry_after() if state == self.OPEN else None  # None: the probe's verdict
+        error = CircuitOpen(
             f"The upstream {upstream!r} is failing; herd stopped calling it for a while (circuit open).",
-            headers=retry_after_header(wait),
+            headers=retry_after_header(wait or 1.0),
         )
+        error.wait = wait
+        raise error
 
-    def success(self) -> None:
+    async def enter(self, upstream: str, max_wait: float = 0.0) -> int:
+        """`admit`, waiting up to `max_wait` seconds for the cool-down to end or for the
+        probe's verdict; a longer wait is a CircuitOpen at once."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max_wait
+        while True:
+            try:
+                return self.admit(upstream)
+            except CircuitOpen as refused:
+                left = deadline - loop.time()
+                if refused.wait is not None:
+                    if refused.wait > left:
+                        raise
+                    await asyncio.sleep(refused.wait)
+                    continue
+                if left <= 0:
+                    raise
+                if self._verdict is None or self._verdict.done():
+                    self._verdict = loop.create_future()
+                try:
+                    await asyncio.wait_for(asyncio.shield(self._verdict), left)
+                except TimeoutError:
+                    raise refused from None
+
+    def success(self, ticket: int = 0) -> None:
+        """The upstream answered this call (its first chunk came): closed."""
         self.failed = 0
         self.opened_at = None
-        self.trial = False
+        self.cooldown = self.reset_s
+        self._end_probe(self.probe)  # a probe still running no longer decides anything
 
-    def failure(self) -> None:
-        self.trial = False
+    def failure(self, ticket: int = 0) -> None:
+        if ticket and ticket == self.probe:
+            self._end_probe(ticket)
+            self.cooldown = min(self.reset_max_s, self.cooldown * 2)
+            self.opened_at = self.clock()
+            self.counted = self.calls
+            return
+        if ticket and ticket <= self.counted:
+            return  # it ran alongside a failure that counted: the same round
+        self.counted = self.calls
         self.failed += 1
-        if self.failures and (self.opened_at is not None or self.failed >= self.failures):
-            self.opened_at = self.clock()  # open, or open again after a failed trial
+        if self.failures and self.opened_at is None and self.failed >= self.failures:
+            self.opened_at = self.clock()
+            self.cooldown = self.reset_s
 
-    def release(self) -> None:
-        """The call ended with no verdict on the upstream (cancelled, refused by herd, 429)."""
-        self.trial = False
+    def release(self, ticket: int = 0) -> None:
+        """The call ended with no verdict on the upstream; a probe's turn passes to the next call."""
+        self._end_probe(ticket)
 
-    def record(self, error: BaseException) -> None:
+    def record(self, error: BaseException, ticket: int = 0) -> None:
         verdict = counts_against_circuit(error)
         if verdict is True:
-            self.failure()
+            self.failure(ticket)
         elif verdict is False:
-            self.success()
+            self.success(ticket)
         else:
-            self.release()
+            self.release(ticket)
+
+    def _end_probe(self, ticket: int | None) -> None:
+        if ticket and ticket == self.probe:
+            self.probe = None
+            if self._verdict is not None and not self._verdict.done():
+                self._verdict.set_result(None)
 
 
 # -- rate limits -------------------------------------------------------------------------
@@ -423,5 +486,5 @@ class Guard:
 
     def __init__(self, cfg: UpstreamConfig, clock: Clock = time.monotonic) -> None:
         self.retry = RetryPolicy(cfg.retries, cfg.backoff_base_s, cfg.backoff_max_s)
-        self.circuit = CircuitBreaker(cfg.circuit_failures, cfg.circuit_reset_s, clock)
+        self.circuit = CircuitBreaker(cfg.circuit_failures, cfg.circuit_reset_s, cfg.circuit_reset_max_s, clock)
         self.limits = RateLimiter(cfg, clock)

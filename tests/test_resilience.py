@@ -95,37 +95,86 @@ def test_retry_after_is_a_floor_and_too_long_a_wait_is_not_waited():
 
 def test_circuit_opens_after_repeated_failures_and_half_opens_later():
     clock = FakeClock()
-    breaker = CircuitBreaker(failures=3, reset_s=10, clock=clock)
+    breaker = CircuitBreaker(failures=3, reset_s=10, reset_max_s=25, clock=clock)
     for _ in range(2):
-        breaker.enter("u")
-        breaker.record(UpstreamError(502))
-    breaker.enter("u")
-    breaker.record(UpstreamError(400))  # the upstream answered: the count starts over
+        breaker.record(UpstreamError(502), breaker.admit("u"))
+    breaker.record(UpstreamError(400), breaker.admit("u"))  # the upstream answered: the count starts over
     for _ in range(3):
-        breaker.enter("u")
-        breaker.record(UpstreamUnavailable("down"))
+        breaker.record(UpstreamUnavailable("down"), breaker.admit("u"))
     assert breaker.state == "open"
     with pytest.raises(CircuitOpen) as info:
-        breaker.enter("u")
-    assert info.value.status == 503 and info.value.headers["retry-after"] == "10"
+        breaker.admit("u")
+    assert info.value.status == 503 and info.value.headers["retry-after"] == "10" and info.value.wait == 10
 
     clock.now += 10
     assert breaker.state == "half_open"
-    breaker.enter("u")  # the one trial call
-    with pytest.raises(CircuitOpen):
-        breaker.enter("u")  # others wait for its verdict
-    breaker.record(UpstreamTimeout("slow"))
-    assert breaker.state == "open"  # the trial failed: open again, for a full period
-    clock.now += 9
+    probe = breaker.admit("u")  # the one probe call
+    with pytest.raises(CircuitOpen) as info:
+        breaker.admit("u")  # others wait for its verdict
+    assert info.value.wait is None and info.value.headers["retry-after"] == "1"
+    breaker.record(UpstreamTimeout("slow"), probe)
+    assert breaker.state == "open"  # the probe failed: open again, for twice as long
+    clock.now += 19
     assert breaker.state == "open"
     clock.now += 1
-    breaker.enter("u")
-    breaker.release()  # cancelled trial: no verdict, the next call may try
-    breaker.enter("u")
-    breaker.record(UpstreamError(429))  # throttled is not broken
-    breaker.enter("u")
-    breaker.success()
+    breaker.release(breaker.admit("u"))  # cancelled probe: no verdict, the next call may probe
+    probe = breaker.admit("u")
+    breaker.record(UpstreamUnavailable("still down"), probe)
+    assert breaker.retry_after() == 25  # doubled again, up to reset_max_s
+    clock.now += 25
+    probe = breaker.admit("u")
+    breaker.record(UpstreamError(429), probe)  # throttled is not broken: no verdict
+    probe = breaker.admit("u")
+    breaker.success(probe)
     assert breaker.state == "closed"
+    for _ in range(2):
+        breaker.failure(breaker.admit("u"))
+    breaker.failure(breaker.admit("u"))
+    assert breaker.retry_after() == 10  # a success starts the next opening from reset_s again
+
+
+def test_concurrent_failures_are_one_failed_round():
+    """Calls that ran together and failed together count once: a burst into a blip is one failure."""
+    clock = FakeClock()
+    breaker = CircuitBreaker(failures=3, reset_s=1, clock=clock)
+    burst = [breaker.admit("u") for _ in range(50)]
+    for ticket in burst:
+        breaker.failure(ticket)
+    assert breaker.failed == 1 and breaker.state == "closed"
+    retries = [breaker.admit("u") for _ in range(50)]  # they started after the first failure: a new round
+    for ticket in retries:
+        breaker.failure(ticket)
+    assert breaker.failed == 2 and breaker.state == "closed"
+    late = breaker.admit("u")
+    breaker.failure(breaker.admit("u"))
+    assert breaker.state == "open"
+    breaker.failure(late)  # started before the failure that opened it: that round is over
+    clock.now += 1
+    assert breaker.state == "half_open" and breaker.retry_after() == 0
+
+
+async def test_enter_waits_out_a_short_cool_down_and_one_probe_decides_for_all():
+    breaker = CircuitBreaker(failures=1, reset_s=0.2)
+    breaker.failure(breaker.admit("u"))
+    with pytest.raises(CircuitOpen):
+        await breaker.enter("u", max_wait=0.01)  # too long to wait: 503 at once
+    tickets = asyncio.gather(*[breaker.enter("u", max_wait=30) for _ in range(20)])
+    while breaker.probe is None:  # the cool-down ends: one of them probes, the others wait
+        await asyncio.sleep(0.01)
+    probe = breaker.probe
+    await asyncio.sleep(0.05)
+    assert breaker.calls == probe and not tickets.done()
+    breaker.success(probe)
+    assert len(set(await tickets)) == 20 and breaker.state == "closed"
+    # a failed probe: the others are refused once their wait is used up, never hang
+    breaker = CircuitBreaker(failures=1, reset_s=0.3, reset_max_s=60)
+    breaker.failure(breaker.admit("u"))
+    waiting = asyncio.gather(*[breaker.enter("u", max_wait=0.5) for _ in range(5)], return_exceptions=True)
+    while breaker.probe is None:
+        await asyncio.sleep(0.01)
+    breaker.failure(breaker.probe)  # open again for 0.6 s: past what they may wait
+    outcomes = await waiting
+    assert sum(isinstance(o, CircuitOpen) for o in outcomes) == 4 and breaker.state == "open"
 
 
 def test_token_bucket_bursts_then_holds_the_rate():
@@ -350,7 +399,7 @@ async def test_circuit_opens_after_repeated_failures_then_half_opens(sim):
 
 async def test_open_circuit_without_fallback_is_a_503_with_retry_after(sim):
     sim_faults(sim.url, {"kind": "status", "status": 502, "times": -1, "path": CHAT})
-    primary = {"retries": 0, "circuit_failures": 2, "circuit_reset_s": 5}
+    primary = {"retries": 0, "circuit_failures": 2, "circuit_reset_s": 20, "backoff_max_s": 5}
     with HerdServer(settings(sim.url, primary, fallback=False)) as herd:
         c = aclient(herd)
         for i in range(2):
@@ -360,8 +409,24 @@ async def test_open_circuit_without_fallback_is_a_503_with_retry_after(sim):
         with pytest.raises(openai.InternalServerError) as info:
             await c.chat.completions.create(model="m", messages=user("fail 2"))
     assert info.value.status_code == 503 and info.value.body["code"] == "circuit_open"
-    assert 1 <= int(info.value.response.headers["retry-after"]) <= 5
+    assert 1 <= int(info.value.response.headers["retry-after"]) <= 20
     assert len(arrivals(sim, CHAT)) == 2
+
+
+async def test_without_a_fallback_a_request_waits_out_a_short_cool_down_and_probes(sim):
+    sim_faults(sim.url, {"kind": "status", "status": 502, "times": 2, "path": CHAT})
+    primary = {"retries": 0, "circuit_failures": 2, "circuit_reset_s": 0.5}
+    with HerdServer(settings(sim.url, primary, fallback=False)) as herd:
+        c = aclient(herd)
+        for i in range(2):
+            with pytest.raises(openai.APIStatusError):
+                await c.chat.completions.create(model="m", messages=user(f"fail {i}"))
+        circuit = herd.gateway.dispatcher.guards["primary"].circuit
+        assert herd.call(lambda: circuit.state) == "open"
+        answers = await asyncio.gather(*[c.chat.completions.create(model="m", messages=user(f"ok {i}"))
+                                         for i in range(10)])
+    assert [a.choices[0].message.content for a in answers] == [f"echo: ok {i}" for i in range(10)]
+    assert len(arrivals(sim, CHAT)) == 12  # nothing refused: each waited for the probe, then called
 
 
 async def test_rate_limits_hold_under_a_burst_of_distinct_prompts(sim):
