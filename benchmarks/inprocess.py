@@ -35,10 +35,10 @@ from pathlib import Path
 import orjson
 import uvloop
 
+from benchmarks.harness import herd_settings
 from proxy.app import create_app
 from proxy.chunks import Chunk, split
 from proxy.logs import setup_logging
-from benchmarks.harness import herd_settings
 
 COMPLETION = {
     "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "m",

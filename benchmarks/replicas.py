@@ -35,7 +35,14 @@ from typing import Any
 import aiohttp
 import orjson
 
-from benchmarks.harness import RedisCluster, RedisServer, Stack, chat_calls, sim_reset, start_replicas
+from benchmarks.harness import (
+    RedisCluster,
+    RedisServer,
+    Stack,
+    chat_calls,
+    sim_reset,
+    start_replicas,
+)
 
 HASH_KEY = "benchmark-hash-key"
 
