@@ -257,3 +257,12 @@ async def test_a_tenant_can_ask_for_distinct_samples(sim):
 def test_bad_sampled_settings_stop_herd_at_start(sections, where):
     with pytest.raises(ConfigError, match=where.replace("[", r"\[").replace("]", r"\]")):
         herd_settings("http://127.0.0.1:9", **sections)
+
+
+def test_the_grafana_dashboard_shows_shared_samples():
+    import json
+    from pathlib import Path
+
+    dashboard = json.loads((Path(__file__).resolve().parents[1] / "config" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    assert any("herd_shared_samples_total" in e for e in exprs)
