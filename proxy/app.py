@@ -153,7 +153,7 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> ChatFirst:
 
     async def list_models(request: Request) -> Response:
         identity = gateway.auth.identify(request.headers)
-        options = CallOptions(client_key=identity.client_key)
+        options = CallOptions(client_key=identity.client_key, headers=identity.headers)
         seen: dict[str, dict] = {}
         last_error: HerdError | None = None
         for upstream in gateway.upstreams.values():
@@ -193,7 +193,7 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> ChatFirst:
             request.url.query,
             dict(request.headers),
             body,
-            CallOptions(client_key=identity.client_key),
+            CallOptions(client_key=identity.client_key, headers=identity.headers),
         )
         headers = [(k, v) for k, v in resp.headers] + [("x-herd", "bypass"), ("x-herd-upstream", upstream.name)]
 

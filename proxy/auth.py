@@ -11,13 +11,18 @@ import hashlib
 import hmac
 import logging
 import secrets
-from dataclasses import dataclass
-from typing import Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from proxy.config import AuthConfig, Settings
 from proxy.errors import AuthenticationError
 
 log = logging.getLogger("herd.auth")
+
+# OpenAI's request headers that choose what a call is billed to and whose settings apply:
+# sent upstream with the call, and part of the tenant, so a different organization or
+# project never shares a flight or a cached answer. (header, its mark in the tenant id)
+ACCOUNT_HEADERS = (("openai-organization", "o"), ("openai-project", "p"))
 
 
 @dataclass(frozen=True)
@@ -25,6 +30,7 @@ class Identity:
     tenant: str  # a hash or a configured tenant name, safe to log and to use in keys
     client_key: str | None  # the client's own key, only kept to forward it upstream
     sampled: str = ""  # its [[auth.keys]] entry's sampled policy; empty: not set
+    headers: dict[str, str] = field(default_factory=dict)  # ACCOUNT_HEADERS the client sent
 
 
 def client_key_from(headers: Mapping[str, str]) -> str | None:
@@ -69,4 +75,10 @@ class Authenticator:
             extra = headers.get(self.cfg.tenant_header.lower())
             if extra:
                 tenant = f"{tenant}/h:{self.keyed_hash(extra)}"
-        return Identity(tenant=tenant, client_key=key, sampled=sampled)
+        account = {}
+        for header, mark in ACCOUNT_HEADERS:
+            value = headers.get(header)
+            if value:
+                account[header] = value
+                tenant = f"{tenant}/{mark}:{self.keyed_hash(value)}"
+        return Identity(tenant=tenant, client_key=key, sampled=sampled, headers=account)

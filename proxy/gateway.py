@@ -154,7 +154,7 @@ class Gateway:
         if distinct(req.sampled, sampled, identity.sampled, route.sampled, self.settings.coalesce.sampled):
             mode = "off"  # its own draw: nobody joins it, no cache read or write
         assign_keys(req, identity.tenant, route.upstream)
-        options = CallOptions(client_key=identity.client_key)
+        options = CallOptions(client_key=identity.client_key, headers=identity.headers)
         store = write_cache and self.cache is not None and mode != "off"
         # A flight led by a non-stream request calls the upstream non-stream ([coalesce]
         # upstream_stream = "auto"); stream requests that join it get the answer when it is done.

@@ -90,7 +90,7 @@ class CallOptions:
     """Per-call facts an adapter needs besides the body."""
 
     client_key: str | None = None  # the client's own key, used when the upstream holds none
-    headers: dict[str, str] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)  # sent with every call (OpenAI-Organization, -Project)
 
 
 class Upstream:

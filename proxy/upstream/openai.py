@@ -60,15 +60,17 @@ class OpenAIUpstream(Upstream):
         return self._session
 
     def _auth_headers(self, options: CallOptions) -> dict[str, str]:
-        headers = dict(self.cfg.headers)
+        """The configured headers, the client's organization and project, and the key."""
+        headers = {**self.cfg.headers, **options.headers}
         key = self.api_key(options)
         if key:
             headers["authorization"] = f"Bearer {key}"
         return headers
 
     def _chat_headers(self, options: CallOptions, accept: str) -> dict[str, str]:
-        """A chat call's headers; made once per `accept` when herd holds the upstream's key."""
-        if self.cfg.api_key:
+        """A chat call's headers; made once per `accept` when herd holds the upstream's key
+        and the client sent no organization or project."""
+        if self.cfg.api_key and not options.headers:
             headers = self._fixed_headers.get(accept)
             if headers is None:
                 headers = self._fixed_headers[accept] = self._build_chat_headers(options, accept)
