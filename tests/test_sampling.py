@@ -13,6 +13,7 @@ import pytest
 from proxy.config import ConfigError
 from proxy.sampling import is_sampled, policy
 from tests.harness import HerdServer, chat_calls, herd_settings, sim_reset
+from tests.redis_servers import RedisServer, herd_keys
 
 SHARED = "x-herd-shared-sample"
 
@@ -266,3 +267,35 @@ def test_the_grafana_dashboard_shows_shared_samples():
     dashboard = json.loads((Path(__file__).resolve().parents[1] / "config" / "grafana-dashboard.json").read_text())
     exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
     assert any("herd_shared_samples_total" in e for e in exprs)
+
+
+# -- across replicas (Redis) -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("policy_, calls", [("share", 1), ("distinct", 6)])
+async def test_the_policy_holds_across_replicas(sim, policy_, calls):
+    """Two replicas sharing flights and the cache through Redis: a follower on the other
+    replica only learns it follows after the claim, and still marks its shared sample."""
+    sim_reset(sim.url, ttft_ms=1000)
+    with RedisServer() as redis:
+        def settings():
+            return herd_settings(sim.url, auth={"hash_key": "sampling-replicas"},
+                                 cache={"enabled": True, "ttl_seconds": 300, "sampled_ttl_seconds": 5},
+                                 coalesce={"sampled": policy_}, redis={"url": redis.url, "timeout_s": 0.5})
+        with HerdServer(settings()) as a, HerdServer(settings()) as b:
+            first = asyncio.ensure_future(burst(a, "across replicas", n=3))
+            await asyncio.sleep(0.3)  # a's flight is claimed in Redis before b's requests arrive
+            second = await burst(b, "across replicas", n=3)
+            results = await first + second
+            assert chat_calls(sim.url) == calls
+            if policy_ == "share":  # b's requests followed a's flight, not the cache
+                assert [r.headers["x-herd"] for r in second] == ["follower"] * 3
+            shared = [r for r in results if r.headers["x-herd"] in ("follower", "cache")]
+            assert all(r.headers[SHARED] == "1" for r in shared)
+            if policy_ == "share":
+                assert len(shared) == 5
+                await asyncio.sleep(0.3)  # the store runs after the answer
+                answers = [v for k, v in herd_keys(redis).items() if k.endswith(":answer")]
+                assert len(answers) == 1 and 0 < answers[0]["pttl"] <= 5000
+            else:
+                assert not shared and not [k for k in herd_keys(redis) if k.endswith(":answer")]
