@@ -101,7 +101,7 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> ChatFirst:
         sampled = sampled_policy(headers.get(SAMPLED_HEADER))
         control = headers.get("cache-control")
         directives = {d.strip().lower() for d in control.split(",")} if control else set()
-        ticket = await gateway.submit(
+        ticket = gateway.submit(
             req, identity, mode, read_cache="no-cache" not in directives, write_cache="no-store" not in directives,
             sampled=sampled,
         )
@@ -121,19 +121,19 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> ChatFirst:
                     metrics.shared_samples.labels(ticket.role).inc()
                 gateway.accountant.record(ticket.role, req.model, identity.tenant, usage_of(ticket.flight.chunks))
                 finished = ticket.flight.finished_at
-                if finished is not None and response.answered_at is not None:
+                if finished is not None and response.answered_at is not None and ticket.role != "cache":
                     metrics.fanout_lag.observe(max(0.0, response.answered_at - finished))
             if access_log:
                 extra = {
                     "request_id": request_id,
-                    "flight": ticket.flight.id,
+                    "flight": ticket.flight.public_id,
                     "role": ticket.role,
                     "status": response.error.status if response.error is not None else 200,
                     "disconnected": response.disconnected,
                     "stream": req.stream,
                     "model": req.model,
                     "tenant": identity.tenant,
-                    "upstream": ticket.flight.memo.get("upstream", ticket.upstream),
+                    "upstream": ticket.flight.served_by,
                     "ms": round((loop.time() - started) * 1000, 2),
                 }
                 if settings.server.log_prompts and req.final_text is not None:

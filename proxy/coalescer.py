@@ -1,10 +1,14 @@
-"""The coalescer: one upstream call per flight, any number of waiters.
+"""The coalescer: one piece of work per flight, any number of waiters.
 
 The vocabulary follows Go's singleflight. A `Group` holds the flights in progress. A
-request `acquire`s the flight of its key: it joins one that is in progress (a follower) or
-starts a new one (the leader). The leader's work runs in a task of its own, so no single
-client can cancel it by going away; each waiter `release`s the flight when it is done with
-it, and the last one out cancels the work.
+request `acquire`s a `Ticket` for its keys: it joins the flight in progress under any of
+them (a follower) or starts a new one that runs `work` (the leader). The work runs in a
+task of its own, so no single client can cancel it by going away; each waiter `release`s
+its ticket when it is done, and the last one out cancels the work.
+
+    ticket = group.acquire(keys, work)     # never suspends: join or lead, at once
+    async for batch in ticket.flight.follow(): ...
+    group.release(ticket)                  # exactly once
 
 A flight's life, in one screen:
 
@@ -14,6 +18,10 @@ A flight's life, in one screen:
 
 Every chunk the work publishes is kept, so a waiter that joins late replays the flight
 from its first chunk and then follows it live: in order, with no gaps and no duplicates.
+
+What the work finds out about its answer it records in the flight's typed fields (where
+the answer came from, which upstream gave it, the id other replicas know it by); a
+ticket's role is read from them, so nobody edits a ticket after it was handed out.
 Nothing here knows HTTP; the chunks are whatever the work publishes.
 """
 
@@ -23,11 +31,19 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
 
 from proxy.ids import unique_id
 
 log = logging.getLogger("herd.coalescer")
+
+#: Where a flight's answer comes from, decided by its work before it publishes anything.
+#: upstream: its own upstream call (its first waiter is the leader); cache: a stored answer;
+#: follow: another flight's answer (a similar flight here, or this flight led by another replica).
+Source = Literal["upstream", "cache", "follow"]
+#: What a waiter is, as x-herd reports it.
+Role = Literal["leader", "follower", "cache", "bypass"]
 
 
 class FlightCancelled(Exception):
@@ -35,28 +51,44 @@ class FlightCancelled(Exception):
 
 
 class Flight:
-    def __init__(self, keys: Iterable[str]) -> None:
+    def __init__(self, keys: Iterable[str], *, private: bool = False) -> None:
         self.id = unique_id()
         self.keys = tuple(keys)
+        self.private = private  # nobody can join it (bypass)
         self.chunks: list[Any] = []
         self.done = False
         self.error: BaseException | None = None
-        self.waiters = 0
-        self.joined = 0  # followers that ever joined
         self.started = time.monotonic()
         self.finished_at: float | None = None  # perf_counter() when it finished
-        self.group: str | None = None  # semantic group this flight is indexed under
-        self.memo: dict[str, Any] = {}  # things derived once per flight (an assembled body...)
+        # Set by the work, read by whoever renders the answer:
+        self.source: Source = "upstream"
+        self.served_by: str | None = None  # the upstream that answered, once known
+        self.shared_id: str | None = None  # the id of this flight across replicas, when another leads it
+        self.similarity: float | None = None  # set when it follows a similar flight or cached answer
+        self.probe: Any = None  # its semantic probe, once embedded
+        self.body: bytes | None = None  # the non-stream body, made once (proxy.responses.json_body)
+        # Kept by the Group:
+        self.group: str | None = None  # the semantic group this flight is indexed under
         self.task: asyncio.Task | None = None
+        self._waiters = 0
         self._waiting: list[asyncio.Future] = []  # woken by the next publish or finish
+
+    @property
+    def public_id(self) -> str:
+        """The id clients see (x-herd-flight): the same on every replica sharing the flight."""
+        return self.shared_id or self.id
+
+    @property
+    def waiters(self) -> int:
+        return self._waiters
 
     @classmethod
     def completed(cls, keys: Iterable[str], chunks: list[Any]) -> Flight:
         """A flight that is already done, e.g. an answer from the cache."""
-        flight = cls(keys)
+        flight = cls(keys, private=True)
         flight.chunks = list(chunks)
         flight.done = True
-        flight.waiters = 1
+        flight.source = "cache"
         return flight
 
     def publish(self, chunk: Any) -> None:
@@ -111,6 +143,29 @@ class Flight:
             await self._changed()
 
 
+@dataclass(eq=False)
+class Ticket:
+    """A waiter's claim on a flight, from `Group.acquire` or `Group.join`; release it once."""
+
+    flight: Flight
+    leads: bool = False  # this waiter started the flight
+    similarity: float | None = None  # joined a similar flight (not an equal one)
+
+    @property
+    def role(self) -> Role:
+        flight = self.flight
+        if flight.source == "cache":
+            return "cache"
+        if flight.private:
+            return "bypass"
+        return "leader" if self.leads and flight.source == "upstream" else "follower"
+
+    @property
+    def score(self) -> float | None:
+        """How similar this waiter's request is to the answer it gets, if not equal."""
+        return self.similarity if self.similarity is not None else self.flight.similarity
+
+
 class Index(Protocol):
     """A semantic index of the flights of one group (see proxy.matcher.SemanticIndex)."""
 
@@ -137,12 +192,46 @@ class Group:
     def waiters(self) -> int:
         return sum(f.waiters for f in self._by_id.values())
 
+    def acquire(self, keys: Iterable[str], work: Work, *, private: bool = False) -> Ticket:
+        """Join the flight in progress under any of `keys`, or start one that runs `work`.
+
+        It never suspends, so every request that arrives while a flight runs joins it:
+        whatever the work awaits (a cache read, a claim, the upstream) is done once per
+        flight. private=True always starts a flight that nobody can join (bypass).
+        """
+        keys = tuple(keys)
+        if not private and (flight := self.get(keys)) is not None:
+            return self.join(flight)
+        flight = Flight(keys, private=private)
+        flight._waiters = 1
+        if not private:
+            for key in keys:
+                self._flights[key] = flight
+            self._by_id[flight.id] = flight
+        flight.task = asyncio.get_running_loop().create_task(self._run(flight, work), name=f"flight-{flight.id}")
+        return Ticket(flight, leads=True)
+
     def get(self, keys: Iterable[str]) -> Flight | None:
         for key in keys:
             flight = self._flights.get(key)
             if flight is not None:
                 return flight
         return None
+
+    def join(self, flight: Flight, similarity: float | None = None) -> Ticket:
+        """Wait on `flight` (one found by `get` or `find_similar`, or one a work follows)."""
+        flight._waiters += 1
+        return Ticket(flight, similarity=similarity)
+
+    def index(self, flight: Flight, group: str, probe: Any) -> None:
+        """Make a running flight findable by similarity within `group`."""
+        if self._index_factory is None or flight.done or flight.id not in self._by_id or flight.group is not None:
+            return
+        flight.group = group
+        index = self._indexes.get(group)
+        if index is None:
+            index = self._indexes[group] = self._index_factory()
+        index.add(flight.id, probe)
 
     def find_similar(self, group: str, probe: Any) -> tuple[Flight, float] | None:
         index = self._indexes.get(group)
@@ -152,37 +241,11 @@ class Group:
         flight_id, score = found
         return self._by_id[flight_id], score
 
-    def join(self, flight: Flight) -> Flight:
-        flight.waiters += 1
-        flight.joined += 1
-        return flight
-
-    def lead(
-        self, keys: Iterable[str], work: Work, *, group: str | None = None, probe: Any = None, shared: bool = True
-    ) -> Flight:
-        """Start a flight and run `work` for it in its own task; the caller is its first waiter.
-
-        shared=False makes a private flight that nobody can join (bypass).
-        """
-        flight = Flight(keys)
-        flight.waiters = 1
-        if shared:
-            for key in flight.keys:
-                self._flights[key] = flight
-            self._by_id[flight.id] = flight
-            if group is not None and probe is not None and self._index_factory is not None:
-                flight.group = group
-                index = self._indexes.get(group)
-                if index is None:
-                    index = self._indexes[group] = self._index_factory()
-                index.add(flight.id, probe)
-        flight.task = asyncio.get_running_loop().create_task(self._run(flight, work), name=f"flight-{flight.id}")
-        return flight
-
-    def release(self, flight: Flight) -> None:
-        """A waiter is done with `flight`; the last one out cancels work still running."""
-        flight.waiters -= 1
-        if flight.waiters == 0 and not flight.done:
+    def release(self, ticket: Ticket) -> None:
+        """A waiter is done with its flight; the last one out cancels work still running."""
+        flight = ticket.flight
+        flight._waiters -= 1
+        if flight._waiters == 0 and not flight.done:
             self._forget(flight)
             if flight.task is not None:
                 flight.task.cancel()

@@ -23,7 +23,7 @@ from proxy.auth import Authenticator, Identity
 from proxy.cache import AnswerCache, MemoryCache, SimilarAnswers
 from proxy.canonical import ChatRequest, assign_keys, digest
 from proxy.chunks import Chunk
-from proxy.coalescer import Flight, Group
+from proxy.coalescer import Flight, Group, Ticket
 from proxy.config import MODEL_MEMO, RouteConfig, Settings
 from proxy.dispatch import Dispatcher
 from proxy.errors import InvalidRequest, NotFound
@@ -40,14 +40,18 @@ EMBED_SWITCH_INTERVAL_S = 0.0001
 log = logging.getLogger("herd.gateway")
 
 
-@dataclass
-class Ticket:
-    """A waiter's claim on a flight; release it exactly once."""
+@dataclass(frozen=True)
+class Plan:
+    """What a flight's work needs to know about the request that started it."""
 
-    flight: Flight
-    role: str  # leader | follower | bypass
-    upstream: str
-    similarity: float | None = None
+    req: ChatRequest
+    route: RouteConfig
+    options: CallOptions
+    stream: bool  # call the upstream in streaming mode
+    read_cache: bool
+    store: bool  # keep a clean answer in the cache
+    semantic: bool  # match by meaning, not only by key
+    ttl: float  # how long the cache keeps its answer
 
 
 class Gateway:
@@ -140,115 +144,136 @@ class Gateway:
         return mode
 
     # -- the data path -----------------------------------------------------------------
-    async def submit(
+    def submit(
         self, req: ChatRequest, identity: Identity, mode: str, *, read_cache: bool = True, write_cache: bool = True,
         sampled: str | None = None,
     ) -> Ticket:
-        """Answer `req` from a flight in progress, the cache, or a new flight that it leads.
+        """A ticket on the flight that answers `req`: one in progress, or a new one it leads.
 
-        Never waits for a window: the first request of a flight starts the upstream call at
-        once (in semantic mode, after its own embedding). `sampled`: the request's own
-        x-herd-sampled policy; a sampled request under "distinct" gets a private flight.
+        It never suspends: a request joins or starts its flight at once, and everything that
+        waits (the cache read, the embedding, the claim across replicas, the upstream call)
+        is the flight's own work, done once however many requests join it. The first request
+        of a flight starts that work at once: no window.
+
+        `sampled`: the request's own x-herd-sampled policy; a sampled request under
+        "distinct" gets a private flight.
         """
-        route, upstream = self.route(req.model)
+        route, _ = self.route(req.model)
         if distinct(req.sampled, sampled, identity.sampled, route.sampled, self.settings.coalesce.sampled):
             mode = "off"  # its own draw: nobody joins it, no cache read or write
         assign_keys(req, identity.tenant, route.upstream)
-        options = CallOptions(client_key=identity.client_key, headers=identity.headers)
-        store = write_cache and self.cache is not None and mode != "off"
-        # A flight led by a non-stream request calls the upstream non-stream ([coalesce]
-        # upstream_stream = "auto"); stream requests that join it get the answer when it is done.
-        stream = req.stream or self.settings.coalesce.upstream_stream == "always"
-
-        async def work(flight: Flight) -> None:
-            await self._call(route, req.body, options, flight, stream)
-            if store:
-                self._spawn(self._store(flight))
-
+        cache = self.settings.cache
+        plan = Plan(
+            req=req,
+            route=route,
+            options=CallOptions(client_key=identity.client_key, headers=identity.headers),
+            # A flight led by a non-stream request calls the upstream non-stream ([coalesce]
+            # upstream_stream = "auto"); stream requests that join it get the answer when it is done.
+            stream=req.stream or self.settings.coalesce.upstream_stream == "always",
+            read_cache=read_cache and self.cache is not None and mode != "off",
+            store=write_cache and self.cache is not None and mode != "off",
+            semantic=mode == "semantic" and req.final_text is not None,
+            # sampled answers are kept for their own (shorter) time
+            ttl=min(cache.sampled_ttl_seconds, cache.ttl_seconds) if req.sampled else cache.ttl_seconds,
+        )
         if mode == "off":
-            return self._ticket(self.group.lead([req.key], work, shared=False), "bypass", upstream)
-
-        semantic = mode == "semantic" and req.final_text is not None
+            return self.group.acquire([req.key], functools.partial(self._lead, plan), private=True)
         keys = [req.key]
-        if semantic:
+        if plan.semantic:
             # normalized text, or the text itself when it is over the embedder's window
             merge_key = self.matcher.key(req.final_text)
             keys.append(digest(b"norm", req.group.encode(), merge_key.encode()))
-        if (flight := self.group.get(keys)) is not None:
-            return self._ticket(self.group.join(flight), "follower", upstream)
-        if read_cache and self.cache is not None:
-            for key in keys:
+        return self.group.acquire(keys, functools.partial(self._answer, plan))
+
+    async def _answer(self, plan: Plan, flight: Flight) -> None:
+        """The work of a flight: a cached answer, a similar flight's, the flight another
+        replica leads, or this replica's own upstream call, in that order."""
+        flight.served_by = plan.route.upstream
+        req = plan.req
+        if plan.read_cache:
+            for key in flight.keys:
                 if (chunks := await self.cache.get(key)) is not None:
-                    return self._cached(keys, chunks, upstream)
-        probe = None
-        if semantic:
+                    return self._replay(flight, chunks)
+        if plan.semantic:
             probe = await self.matcher.probe(req.final_text)
-            if probe.vector is not None and (flight := self.group.get(keys)) is None:
+            if probe.vector is not None:
+                flight.probe = probe
+                # Find and index without an await between: of two similar flights, one follows.
                 if (found := self.group.find_similar(req.group, probe)) is not None:
-                    flight, score = found
-                    self.metrics.similarity.observe(score)
-                    return self._ticket(self.group.join(flight), "follower", upstream, score)
-                if read_cache and self.similar is not None:
+                    return await self._follow(flight, *found)
+                self.group.index(flight, req.group, probe)
+                if plan.read_cache and self.similar is not None:
                     if (hit := self.similar.best(req.group, probe)) is not None:
                         key, score = hit
                         if (chunks := await self.cache.get(key)) is not None:
-                            return self._cached(keys, chunks, upstream, score)
+                            flight.similarity = score
+                            return self._replay(flight, chunks)
                         self.similar.discard(req.group, key)
-        # Anything above may have awaited: an equal request may have started meanwhile.
-        if (flight := self.group.get(keys)) is not None:
-            return self._ticket(self.group.join(flight), "follower", upstream)
         if self.shared is not None and self.shared.usable:
-            # The local flight exists before the claim's round trip, so equal requests that
-            # arrive meanwhile join it; its work decides who calls the upstream.
-            ticket = Ticket(None, "leader", upstream.name)  # type: ignore[arg-type]
-            shared_work = functools.partial(self._shared_work, req, route, options, work, store, ticket)
-            flight = self.group.lead(keys, shared_work, group=req.group if probe else None, probe=probe)
-            ticket.flight = flight
-        else:
-            flight = self.group.lead(keys, work, group=req.group if probe else None, probe=probe)
-            ticket = self._ticket(flight, "leader", upstream)
-        if probe is not None:
-            flight.memo["probe"] = probe
-        if req.sampled:
-            flight.memo["ttl"] = min(self.settings.cache.sampled_ttl_seconds, self.settings.cache.ttl_seconds)
-        return ticket
+            return await self._shared_work(plan, flight)
+        await self._lead(plan, flight)
 
-    async def _shared_work(self, req: ChatRequest, route: RouteConfig, options: CallOptions, work, store: bool,
-                           ticket: Ticket, flight: Flight) -> None:
+    async def _lead(self, plan: Plan, flight: Flight) -> None:
+        """Call the upstream for `flight`, and keep a clean answer in the cache."""
+        flight.served_by = plan.route.upstream
+        await self._call(plan.route, plan.req.body, plan.options, flight, plan.stream)
+        if plan.store:
+            self._spawn(self._store(plan, flight))
+
+    def _replay(self, flight: Flight, chunks: list[dict]) -> None:
+        flight.source = "cache"
+        flight.served_by = "cache"
+        flight.extend([Chunk(c) for c in chunks])
+
+    async def _follow(self, flight: Flight, other: Flight, score: float) -> None:
+        """Answer `flight` with a similar flight's answer: wait on it like any of its waiters."""
+        self.metrics.similarity.observe(score)
+        flight.source = "follow"
+        flight.similarity = score
+        ticket = self.group.join(other, score)
+        try:
+            async for batch in other.follow():
+                flight.served_by = other.served_by
+                flight.extend(batch)
+        finally:
+            self.group.release(ticket)
+        if other.error is not None:
+            raise other.error
+
+    async def _shared_work(self, plan: Plan, flight: Flight) -> None:
         """Claim the flight across replicas: lead it (and publish it), or mirror the one that leads."""
-        claim = await self.shared.claim(req.key, flight.id)
-        secrets = (options.client_key or "", *(u.cfg.api_key for u in self.upstreams.values()))
+        assert self.shared is not None
+        key = plan.req.key
+        claim = await self.shared.claim(key, flight.id)
+        secrets = (plan.options.client_key or "", *(u.cfg.api_key for u in self.upstreams.values()))
         if claim is None or claim.lead:  # None: Redis just failed, so lead locally
             if claim is not None:
-                self.shared.lead(req.key, flight, claim, redact=secrets)
-            await work(flight)
+                self.shared.lead(key, flight, claim, redact=secrets)
+            await self._lead(plan, flight)
             return
-        ticket.role = "follower"  # read when its response starts, after this point
+        flight.source = "follow"
+        flight.shared_id = claim.flight_id
 
         def on_lead(new: Claim) -> None:
-            self.shared.lead(req.key, flight, new, redact=secrets)
+            self.shared.lead(key, flight, new, redact=secrets)
 
         called = await self.shared.mirror(
-            req.key, claim, flight, functools.partial(self._call, route, req.body, options), on_lead
+            key, claim, flight, functools.partial(self._call, plan.route, plan.req.body, plan.options), on_lead
         )
-        if called and store:
-            self._spawn(self._store(flight))
+        if called and plan.store:
+            self._spawn(self._store(plan, flight))
 
-    def _cached(self, keys: list[str], chunks: list[dict], upstream: Upstream, score: float | None = None) -> Ticket:
-        flight = Flight.completed(keys, [Chunk(c) for c in chunks])
-        flight.memo["upstream"] = "cache"
-        return self._ticket(flight, "cache", upstream, score)
-
-    async def _store(self, flight: Flight) -> None:
+    async def _store(self, plan: Plan, flight: Flight) -> None:
         """Keep a cleanly finished flight's answer for later identical (or similar) requests."""
-        ttl = flight.memo.get("ttl", self.settings.cache.ttl_seconds)  # sampled answers: their own
-        if ttl <= 0:
+        await flight.wait()
+        ttl = plan.ttl
+        if flight.error is not None or ttl <= 0:
             return
         chunks = [c.data for c in flight.chunks]
         for key in flight.keys:
             await self.cache.put(key, chunks, ttl)
-        probe = flight.memo.get("probe")
-        if self.similar is not None and probe is not None and probe.vector is not None:
+        probe = flight.probe
+        if self.similar is not None and probe is not None and probe.vector is not None and flight.group is not None:
             self.similar.add(flight.group, flight.keys[0], probe, ttl)
 
     def _spawn(self, coro) -> None:
@@ -257,11 +282,8 @@ class Gateway:
         task.add_done_callback(self._background.discard)
         task.add_done_callback(_log_failure)
 
-    def _ticket(self, flight: Flight, role: str, upstream: Upstream, similarity: float | None = None) -> Ticket:
-        return Ticket(flight, role, upstream.name, similarity)
-
     def release(self, ticket: Ticket) -> None:
-        self.group.release(ticket.flight)
+        self.group.release(ticket)
 
     async def _call(
         self, route: RouteConfig, body: dict, options: CallOptions, flight: Flight, stream: bool = True
@@ -271,11 +293,13 @@ class Gateway:
         started = time.perf_counter()
         first = True
         try:
-            served_by = functools.partial(flight.memo.__setitem__, "upstream")
+            def served_by(name: str) -> None:
+                flight.served_by = name
+
             async for batch in self.dispatcher.stream(route, body, options, served_by, stream):
                 if first:
                     # after a fallback, the upstream that answered is not the route's primary
-                    answered = flight.memo.get("upstream", route.upstream)
+                    answered = flight.served_by or route.upstream
                     m.upstream_ttft.labels(answered).observe(time.perf_counter() - started)
                     first = False
                 flight.extend(batch)
@@ -283,7 +307,7 @@ class Gateway:
             m.upstream_errors.labels(route.upstream, type(e).__name__).inc()
             raise
         finally:
-            answered = flight.memo.get("upstream", route.upstream)
+            answered = flight.served_by or route.upstream
             m.upstream_latency.labels(answered).observe(time.perf_counter() - started)
 
 

@@ -15,9 +15,8 @@ from collections.abc import Awaitable, Callable
 import orjson
 
 from proxy.chunks import assemble
-from proxy.coalescer import Flight
+from proxy.coalescer import Flight, Ticket
 from proxy.errors import DeadlineExceeded, HerdError
-from proxy.gateway import Ticket
 
 log = logging.getLogger("herd.responses")
 
@@ -115,16 +114,16 @@ class FlightResponse:
     def headers(self) -> list[tuple[bytes, bytes]]:
         """herd's own response headers; the upstream is the one that answered, if known."""
         ticket = self.ticket
-        upstream = ticket.flight.memo.get("upstream", ticket.upstream)
+        flight = ticket.flight
         headers = [
             (b"x-herd", ticket.role.encode()),
-            (b"x-herd-flight", ticket.flight.id.encode()),
-            (b"x-herd-upstream", upstream.encode()),
+            (b"x-herd-flight", flight.public_id.encode()),
+            (b"x-herd-upstream", (flight.served_by or "").encode()),
         ]
         if self.request_id:
             headers.append((b"x-request-id", self.request_id.encode()))
-        if ticket.similarity is not None:
-            headers.append((b"x-herd-similarity", f"{ticket.similarity:.4f}".encode()))
+        if ticket.score is not None:
+            headers.append((b"x-herd-similarity", f"{ticket.score:.4f}".encode()))
         if self.shared_sample:
             headers.append((b"x-herd-shared-sample", b"1"))
         return headers
@@ -221,8 +220,7 @@ class FlightResponse:
 def json_body(flight: Flight) -> bytes:
     """The non-stream body of a finished flight: the upstream's own, when it sent one, else
     assembled from the chunks; made once per flight."""
-    body = flight.memo.get("json")
-    if body is None:
+    if flight.body is None:
         whole = flight.chunks[0].whole if flight.chunks else None
-        body = flight.memo["json"] = whole if whole is not None else orjson.dumps(assemble(flight.chunks))
-    return body
+        flight.body = whole if whole is not None else orjson.dumps(assemble(flight.chunks))
+    return flight.body

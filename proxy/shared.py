@@ -51,7 +51,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeout
 
 from proxy.chunks import Chunk
-from proxy.coalescer import Flight, FlightCancelled, Group
+from proxy.coalescer import Flight, FlightCancelled, Group, Ticket
 from proxy.config import RedisConfig
 from proxy.errors import HerdError, UpstreamError, UpstreamUnavailable
 from proxy.metrics import Metrics
@@ -217,7 +217,6 @@ class Splice:
 
     def __init__(self, flight: Flight) -> None:
         self.flight = flight
-        self.memo = flight.memo
         self.index = 0
 
     def restart(self) -> None:
@@ -309,7 +308,7 @@ class SharedFlights:
         chunks = aiter(flight.follow())
         upcoming = asyncio.ensure_future(anext(chunks, None))
         sent = 0
-        held = False  # whether we keep the flight alive for followers on other replicas
+        held: Ticket | None = None  # held while followers on other replicas wait on the flight
         next_tick = loop.time()  # the first round checks for followers at once
         try:
             while True:
@@ -374,8 +373,8 @@ class SharedFlights:
     @staticmethod
     def _entries(flight: Flight, chunks: list[Chunk], first: bool) -> list[dict[str, Any]]:
         entries: list[dict[str, Any]] = [{"c": chunk.raw} for chunk in chunks]
-        if first and entries and flight.memo.get("upstream"):
-            entries[0]["u"] = flight.memo["upstream"]  # who answered, for x-herd-upstream
+        if first and entries and flight.served_by:
+            entries[0]["u"] = flight.served_by  # who answered, for x-herd-upstream
         return entries
 
     def _append(self, pipe, stream: str, entries: list[dict[str, Any]]) -> None:
@@ -387,14 +386,13 @@ class SharedFlights:
                 args += (name, value)
         pipe.eval(_APPEND, 1, stream, *args)
 
-    def _hold(self, flight: Flight, held: bool, want: bool) -> bool:
+    def _hold(self, flight: Flight, held: Ticket | None, want: bool) -> Ticket | None:
         """Be (or stop being) a waiter of `flight` for the followers on other replicas."""
-        if want and not held and not flight.done and flight.waiters > 0:
-            flight.waiters += 1
-            return True
-        if held and not want:
-            self.group.release(flight)
-            return False
+        if want and held is None and not flight.done and flight.waiters > 0:
+            return self.group.join(flight)
+        if held is not None and not want:
+            self.group.release(held)
+            return None
         return held
 
     # -- follower side -----------------------------------------------------------------
@@ -450,7 +448,7 @@ class SharedFlights:
                     last = entry_id
                     if b"c" in fields:
                         if b"u" in fields:
-                            splice.memo.setdefault("upstream", fields[b"u"].decode(errors="replace"))
+                            splice.flight.served_by = fields[b"u"].decode(errors="replace")
                         raw = fields[b"c"]
                         try:
                             chunk = Chunk(orjson.loads(raw), raw)

@@ -25,9 +25,11 @@ async def test_followers_join_and_everyone_sees_every_chunk():
             await gate.wait()
             flight.publish(i)
 
-    leader = group.lead(["k"], work)
-    followers = [group.join(group.get(["k"])) for _ in range(3)]
-    assert all(f is leader for f in followers) and leader.waiters == 4
+    first = group.acquire(["k"], work)
+    leader = first.flight
+    followers = [group.acquire(["k"], work) for _ in range(3)]
+    assert all(t.flight is leader for t in followers) and leader.waiters == 4
+    assert first.role == "leader" and {t.role for t in followers} == {"follower"}
     readers = [asyncio.create_task(drain(leader)) for _ in range(4)]
     gate.set()
     results = await asyncio.gather(*readers)
@@ -44,13 +46,13 @@ async def test_late_joiner_replays_from_the_first_chunk_without_gaps_or_duplicat
         while (item := await step.get()) is not None:
             flight.publish(item)
 
-    flight = group.lead(["k"], work)
+    flight = group.acquire(["k"], work).flight
     early = asyncio.create_task(drain(flight))
     for i in range(3):
         await step.put(i)
     await asyncio.sleep(0.01)
     assert flight.chunks == [0, 1, 2]
-    late = asyncio.create_task(drain(group.join(group.get(["k"]))))
+    late = asyncio.create_task(drain(group.acquire(["k"], work).flight))
     for i in range(3, 6):
         await step.put(i)
     await step.put(None)
@@ -65,7 +67,7 @@ async def test_leader_is_not_delayed_by_coalescing():
         started.set()
         flight.publish("x")
 
-    group.lead(["k"], work)
+    group.acquire(["k"], work)
     # The work runs at the next loop iteration: no window, no timer.
     await asyncio.sleep(0)
     assert started.is_set()
@@ -79,7 +81,7 @@ async def test_error_reaches_every_waiter_and_the_flight_is_forgotten():
         await asyncio.sleep(0.01)
         raise RuntimeError("upstream broke")
 
-    flight = group.lead(["k"], work)
+    flight = group.acquire(["k"], work).flight
     group.join(flight)
     await flight.wait()
     assert isinstance(flight.error, RuntimeError) and flight.chunks == ["partial"]
@@ -98,12 +100,13 @@ async def test_one_waiter_leaving_keeps_the_work_and_the_last_cancels_it():
             cancelled.set()
             raise
 
-    flight = group.lead(["k"], work)
-    group.join(flight)
-    group.release(flight)
+    leader = group.acquire(["k"], work)
+    flight = leader.flight
+    follower = group.acquire(["k"], work)
+    group.release(follower)
     await asyncio.sleep(0.01)
     assert not flight.done and group.get(["k"]) is flight
-    group.release(flight)
+    group.release(leader)
     await asyncio.wait_for(cancelled.wait(), 1)
     await asyncio.sleep(0)
     assert flight.done and isinstance(flight.error, FlightCancelled)
@@ -116,9 +119,10 @@ async def test_private_flights_cannot_be_joined():
     async def work(flight):
         flight.publish(1)
 
-    flight = group.lead(["k"], work, shared=False)
-    assert group.get(["k"]) is None
-    assert await drain(flight) == [1]
+    ticket = group.acquire(["k"], work, private=True)
+    assert group.get(["k"]) is None and ticket.role == "bypass"
+    assert group.acquire(["k"], work, private=True).flight is not ticket.flight
+    assert await drain(ticket.flight) == [1]
 
 
 async def test_a_flight_answers_under_all_its_keys():
@@ -127,7 +131,7 @@ async def test_a_flight_answers_under_all_its_keys():
     async def work(flight):
         await asyncio.sleep(0.01)
 
-    flight = group.lead(["exact", "normalized"], work)
+    flight = group.acquire(["exact", "normalized"], work).flight
     assert group.get(["normalized"]) is flight and group.get(["other", "exact"]) is flight
     await flight.wait()
     await asyncio.sleep(0)
@@ -160,7 +164,9 @@ async def test_similar_flights_are_found_within_their_group_only():
     async def work(flight):
         await asyncio.sleep(0.01)
 
-    flight = group.lead(["a"], work, group="g1", probe=("reset password",))
+    flight = group.acquire(["a"], work).flight
+    assert group.find_similar("g1", ("reset password",)) is None
+    group.index(flight, "g1", ("reset password",))
     assert group.find_similar("g1", ("reset password",)) == (flight, 0.97)
     assert group.find_similar("g2", ("reset password",)) is None
     await flight.wait()
@@ -175,7 +181,49 @@ async def test_publish_after_done_is_refused():
     async def work(flight):
         pass
 
-    flight = group.lead(["k"], work)
+    flight = group.acquire(["k"], work).flight
     await flight.wait()
     with pytest.raises(RuntimeError):
         flight.publish("late")
+
+
+async def test_a_ticket_reads_its_role_from_what_the_work_found():
+    group = Group()
+    found = asyncio.Event()
+
+    async def work(flight):
+        flight.source = "follow"  # e.g. another replica leads this flight
+        flight.shared_id = "remote-id"
+        found.set()
+        flight.publish("x")
+
+    leader = group.acquire(["k"], work)
+    follower = group.acquire(["k"], work)
+    assert leader.role == "leader" and follower.role == "follower"
+    await found.wait()
+    assert leader.role == follower.role == "follower"
+    assert leader.flight.public_id == "remote-id"
+
+    async def cached(flight):
+        flight.source = "cache"
+
+    assert group.acquire(["c"], cached).role == "leader"
+    ticket = group.acquire(["c"], cached)
+    await ticket.flight.wait()
+    assert ticket.role == "cache"
+
+
+async def test_acquire_never_suspends_so_a_burst_runs_the_work_once():
+    group = Group()
+    calls = 0
+
+    async def work(flight):
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.01)  # e.g. a cache read
+        flight.publish("answer")
+
+    tickets = [group.acquire(["k"], work) for _ in range(100)]
+    results = await asyncio.gather(*[drain(t.flight) for t in tickets])
+    assert calls == 1 and results == [["answer"]] * 100
+    assert [t.leads for t in tickets].count(True) == 1

@@ -358,7 +358,7 @@ def test_bad_coalesce_header_and_unknown_paths_get_openai_errors(herd, sim):
 
 def test_an_internal_error_on_the_chat_path_is_an_openai_500_and_counted(sim):
     with HerdServer(herd_settings(sim.url)) as herd:
-        async def broken(*args, **kwargs):
+        def broken(*args, **kwargs):
             raise RuntimeError("a bug")
 
         herd.gateway.submit = broken

@@ -176,6 +176,24 @@ async def test_300_requests_across_three_replicas_make_one_upstream_call(replica
     check_keys(redis_server)
 
 
+async def test_a_cold_burst_with_the_cache_on_makes_one_call_and_keeps_sharing_on(sim, redis_server, workdir):
+    """Every request of a cold burst used to read the Redis cache before it joined a flight:
+    a connection per request, a timeout, and each replica serving local-only (3 calls)."""
+    replicas = start_replicas(3, replica_sections(sim.url, redis_server.url, cache=True, timeout_s=0.25), workdir)
+    try:
+        sim_reset(sim.url, ttft_ms=1500, tokens_per_s=40, reply_tokens=20)
+        answers = await burst(replicas, "a cold burst, cache on")
+        check_burst(answers, replicas, "a cold burst, cache on", reply_tokens=20)
+        assert chat_calls(sim.url) == 1
+        assert len({a.flight for a in answers}) == 1  # one flight, one id on every replica
+        assert all(r.ready()["redis"] == "up" for r in replicas)
+        assert all(not re.search(r"^herd_redis_errors_total\{", r.metrics(), re.MULTILINE) for r in replicas)
+    finally:
+        for r in replicas:
+            r.stop()
+    check_keys(redis_server)
+
+
 async def leader_killed_mid_stream(replicas, sim, text: str) -> None:
     """The leader's process dies mid-stream: the followers on the other replicas finish by takeover."""
     sim_reset(sim.url, ttft_ms=100, tokens_per_s=12, reply_tokens=36)  # a 3 s stream
