@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("eval", help="evaluate the semantic matcher on labelled pairs", add_help=False)
     sub.add_parser("bench", help="run the load benchmarks", add_help=False)
     if argv and argv[0] == "eval":
-        from proxy.evaluate import main as evaluate
+        from proxy.semantic.evaluate import main as evaluate
 
         return evaluate(argv[1:])
     if argv and argv[0] == "bench":

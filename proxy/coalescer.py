@@ -167,7 +167,7 @@ class Ticket:
 
 
 class Index(Protocol):
-    """A semantic index of the flights of one group (see proxy.matcher.SemanticIndex)."""
+    """A semantic index of the flights of one group (see proxy.semantic.SemanticIndex)."""
 
     def add(self, item_id: str, probe: Any) -> None: ...
     def remove(self, item_id: str) -> None: ...

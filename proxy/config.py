@@ -108,8 +108,8 @@ class TokensConfig:
 @dataclass
 class CoalesceConfig:
     mode: str = "exact"  # off | exact | semantic
-    threshold: float = 0.62  # calibrated on fow-cache with all guards on: see benchmarks/SEMANTIC.md
-    guards: list[str] = field(default_factory=lambda: ["all"])
+    threshold: float = 0.40  # the embedding's second witness to the verifier: benchmarks/SEMANTIC.md
+    guards: list[str] = field(default_factory=lambda: ["all"])  # ignored: the verifier replaced the guards
     model_path: str = ""  # ONNX model; empty: the bundled all-MiniLM-L6-v2 int8
     embed_precision: str = "int8"  # int8: matrix products in 8-bit integers (about 2x cheaper a text) | fp32
     embed_batch: int = 32

@@ -107,7 +107,7 @@ class Gateway:
     def _load_matcher(self):
         from embeddings.batcher import BatchingEmbedder
         from embeddings.embedder import Embedder
-        from proxy.matcher import MatchConfig, Matcher
+        from proxy.semantic import MatchConfig, Matcher
 
         cfg = self.settings.coalesce
         embedder = Embedder(model_path=cfg.model_path or None, precision=cfg.embed_precision)
@@ -121,7 +121,7 @@ class Gateway:
         return Matcher(batcher, MatchConfig.from_settings(cfg, max_tokens=embedder.max_tokens))
 
     def _new_index(self):
-        from proxy.matcher import SemanticIndex
+        from proxy.semantic import SemanticIndex
 
         return SemanticIndex(self.matcher)
 

@@ -41,8 +41,8 @@ def user(text: str) -> list[dict]:
 
 PARAPHRASES = [
     ("How do I reset my password?", "how can I reset my password"),
-    ("How can I change my email address?", "How do I update my email address?"),
-    ("Can I get a refund for my order?", "Is it possible to get my money back for my order?"),
+    ("How can I change my email address?", "Hi, how do I change my email address, please?"),
+    ("Can I get a refund for my order?", "Is it possible to get a refund for my order?"),
     ("How do I cancel my subscription?", "How can I cancel my subscription?"),
 ]
 
@@ -94,15 +94,19 @@ NEAR_MISSES = {
     "format": ("Give me the list of planets as JSON", "Give me the list of planets as a table"),
     "language": ("Translate 'good morning' into French", "Translate 'good morning' into Spanish"),
     "identifiers": ("What is the status of order A-1234?", "What is the status of order A-1243?"),
+    "roles": ("How do I gain fat and lose muscle?", "How do I lose fat and gain muscle?"),
+    "script": ("启用通知", "禁用通知"),
+    "long": ("I manage a bakery with two shops and a van. " * 12 + "Should I keep the van?",
+             "I manage a bakery with two shops and a van. " * 12 + "Should I sell the van?"),
 }
 
 
-@pytest.mark.parametrize("guard", sorted(NEAR_MISSES))
-async def test_near_misses_of_each_guard_class_make_two_calls(semantic_herd, sim, guard):
+@pytest.mark.parametrize("kind", sorted(NEAR_MISSES))
+async def test_near_misses_of_each_class_make_two_calls(semantic_herd, sim, kind):
     sim_reset(sim.url, ttft_ms=1000)
-    a, b = NEAR_MISSES[guard]
+    a, b = NEAR_MISSES[kind]
     first, second = await pair(semantic_herd, user(a), user(b))
-    assert chat_calls(sim.url) == 2, guard
+    assert chat_calls(sim.url) == 2, kind
     assert first.headers["x-herd"] == second.headers["x-herd"] == "leader"
 
 
