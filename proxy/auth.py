@@ -34,11 +34,17 @@ class Identity:
 
 
 def client_key_from(headers: Mapping[str, str]) -> str | None:
+    """The client's key: `Authorization: Bearer KEY` (the scheme in any case), else `api-key`
+    or `x-api-key`. An Authorization header in any other form is refused, never ignored: a
+    key sent as Basic credentials or bare would otherwise become the anonymous tenant."""
     auth = headers.get("authorization")
-    if auth:
-        scheme, _, value = auth.partition(" ")
+    if auth is not None:
+        scheme, _, value = auth.strip().partition(" ")
         if scheme.lower() == "bearer" and value.strip():
             return value.strip()
+        raise AuthenticationError(
+            "The Authorization header is not a bearer token: send your API key as 'Authorization: Bearer KEY'."
+        )
     return headers.get("api-key") or headers.get("x-api-key") or None
 
 

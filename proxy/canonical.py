@@ -94,12 +94,35 @@ def _check_message(i: int, m: Any) -> None:
         return
     if isinstance(content, list):
         for j, part in enumerate(content):
-            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
-                raise _fail(
-                    f"'{where}.content[{j}]' must be an object with a 'type'", f"{where}.content[{j}]", "invalid_type"
-                )
+            _check_part(f"{where}.content[{j}]", part)
         return
     raise _fail(f"'{where}.content' must be a string or an array of content parts", f"{where}.content", "invalid_type")
+
+
+# Content parts whose payload is one string field, checked as the API checks them: that
+# field is required and a string, and nothing else may be in the part. (Other kinds of part
+# go to the upstream and into the keys as they are.)
+STRING_PARTS = {"text": "text", "refusal": "refusal"}
+
+
+def _check_part(where: str, part: Any) -> None:
+    if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+        raise _fail(f"'{where}' must be an object with a 'type'", where, "invalid_type")
+    field_name = STRING_PARTS.get(part["type"])
+    if field_name is None:
+        return
+    value = part.get(field_name)
+    if value is None:
+        raise _fail(f"'{where}.{field_name}' is required", f"{where}.{field_name}", "missing_required_parameter")
+    if not isinstance(value, str):
+        raise _fail(
+            f"'{where}.{field_name}' must be a string, got {type(value).__name__}", f"{where}.{field_name}",
+            "invalid_type",
+        )
+    extra = sorted(set(part) - {"type", field_name})
+    if extra:
+        raise _fail(f"Additional properties are not allowed ({extra[0]!r} was unexpected) in '{where}'", where,
+                    "invalid_value")
 
 
 def parse_chat(raw: bytes) -> ChatRequest:
@@ -164,22 +187,32 @@ def parse_chat(raw: bytes) -> ChatRequest:
 
 
 def text_of(content: Any) -> str | None:
-    """The text of a message's content: a string, or a list made only of text parts."""
+    """The text of a message's content: a string, or a list of exactly one (validated) text part.
+
+    Several text parts are left alone: how the API joins them is its business, so they
+    never merge with one string that holds the same characters.
+    """
     if isinstance(content, str):
         return content
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-        return "".join(str(p.get("text", "")) for p in content)
+    if isinstance(content, list) and len(content) == 1 and content[0].get("type") == "text":
+        return content[0]["text"]
     return None
 
 
 def _canonical_message(m: dict) -> dict:
     # A content list made of one text part says the same as a plain string.
     content = m.get("content")
-    if isinstance(content, list) and len(content) == 1:
+    if isinstance(content, list):
         text = text_of(content)
         if text is not None:
             return {**m, "content": text}
     return m
+
+
+# Parameters whose objects are plain maps: the order of their keys means nothing. In any
+# other object (a JSON schema in response_format or tools, an unknown parameter) the order
+# is kept: structured outputs write an answer's fields in its schema's order.
+UNORDERED_PARAMS = frozenset({"logit_bias", "metadata", "audio", "prediction", "web_search_options"})
 
 
 def _canonical_params(body: dict) -> dict:
@@ -189,6 +222,8 @@ def _canonical_params(body: dict) -> dict:
             continue
         if k in FLOAT_PARAMS and _is_number(v):
             v = float(v)
+        elif isinstance(v, (dict, list)) and k not in UNORDERED_PARAMS:
+            v = orjson.Fragment(orjson.dumps(v))  # serialized as it came: not sorted by _dumps
         out[k] = v
     return out
 
