@@ -60,10 +60,11 @@ def _positive(v: Any) -> bool:
 
 
 def parse_header(value: str | None) -> str | None:
-    """The request's own policy from its `x-herd-sampled` header; None when absent."""
-    if value is None:
+    """The request's own policy from its `x-herd-sampled` header; None when absent or empty
+    (as an empty x-herd-coalesce is)."""
+    policy_ = (value or "").strip().lower()
+    if not policy_:
         return None
-    policy_ = value.strip().lower()
     if policy_ not in POLICIES:
         raise InvalidRequest(f"{HEADER} must be share or distinct, got {value!r}", param=HEADER)
     return policy_

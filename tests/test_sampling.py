@@ -204,13 +204,17 @@ async def test_the_request_header_beats_the_config(sim):
 
 def test_a_bad_sampled_header_is_an_openai_400(sim):
     with sampled_herd(sim) as herd:
-        for bad in ("sometimes", ""):
+        for bad in ("sometimes", "share,distinct", "0"):
             r = httpx.post(herd.url + "/v1/chat/completions", json={"model": "m", "messages": user("x")},
                            headers={"x-herd-sampled": bad})
             assert r.status_code == 400, bad
             assert r.json()["error"]["param"] == "x-herd-sampled"
             assert r.json()["error"]["type"] == "invalid_request_error"
         assert chat_calls(sim.url) == 0
+        # an empty value is no value, as with x-herd-coalesce: the configured policy applies
+        r = httpx.post(herd.url + "/v1/chat/completions", json={"model": "m", "messages": user("x")},
+                       headers={"x-herd-sampled": ""})
+        assert r.status_code == 200 and chat_calls(sim.url) == 1
 
 
 async def test_a_route_can_ask_for_distinct_samples(sim):
