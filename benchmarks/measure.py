@@ -228,10 +228,6 @@ def rotation(targets: Sequence[Target], r: int) -> list[Target]:
     return list(targets[k:]) + list(targets[:k])
 
 
-def _ms(v: float | None) -> float | None:
-    return None if v is None else round(v * 1000.0, 4)
-
-
 class Pool:
     """One target's measurements over the rounds of a phase."""
 

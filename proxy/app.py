@@ -26,6 +26,7 @@ from proxy.errors import (
     NotFound,
     PayloadTooLarge,
     UpstreamError,
+    as_herd_error,
 )
 from proxy.gateway import Gateway
 from proxy.ids import unique_id
@@ -236,12 +237,8 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> ChatFirst:
             error = InvalidRequest(str(exc.detail), status=exc.status_code, code="invalid_request")
         return error_response(error)
 
-    def internal_error(request: Request, exc: Exception) -> HerdError:
-        log.error("unhandled error on %s: %s", request.url.path, type(exc).__name__, exc_info=exc)
-        return HerdError("herd hit an internal error", code="internal_error")
-
     async def on_exception(request: Request, exc: Exception) -> Response:
-        return error_response(internal_error(request, exc))
+        return error_response(as_herd_error(exc, f"on {request.url.path}"))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -267,7 +264,7 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> ChatFirst:
         except ClientDisconnect:
             return  # gone while sending its body: nobody to answer
         except Exception as exc:
-            error = exc if isinstance(exc, HerdError) else internal_error(request, exc)
+            error = as_herd_error(exc, f"on {request.url.path}")
             count_error(error)
             response = error_response(error)
         await response(scope, receive, send)

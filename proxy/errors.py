@@ -7,7 +7,11 @@ with the right HTTP status. Upstream errors keep the upstream's own status and b
 
 from __future__ import annotations
 
+import logging
+
 import orjson
+
+log = logging.getLogger("herd.errors")
 
 
 class HerdError(Exception):
@@ -160,3 +164,13 @@ def is_retryable(error: BaseException) -> bool:
     if isinstance(error, UpstreamError):
         return error.status in (408, 409, 429) or error.status >= 500
     return False
+
+
+def as_herd_error(error: BaseException, where: str) -> HerdError:
+    """What a client is told about `error`: the error itself when herd raised it on purpose;
+    anything else is a 500 internal_error that names nothing of it, and is logged with its
+    traceback as having happened `where` ("on /v1/models", "in a flight")."""
+    if isinstance(error, HerdError):
+        return error
+    log.error("internal error %s: %s", where, type(error).__name__, exc_info=error)
+    return HerdError("herd hit an internal error", code="internal_error")

@@ -16,19 +16,12 @@ import orjson
 
 from proxy.chunks import assemble
 from proxy.coalescer import Flight, Ticket
-from proxy.errors import DeadlineExceeded, HerdError
+from proxy.errors import DeadlineExceeded, HerdError, as_herd_error
 
 log = logging.getLogger("herd.responses")
 
 Send = Callable[[dict], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict]]
-
-
-def as_herd_error(error: BaseException) -> HerdError:
-    if isinstance(error, HerdError):
-        return error
-    log.error("internal error in a flight: %s", type(error).__name__, exc_info=error)
-    return HerdError("herd hit an internal error while serving this request", code="internal_error")
 
 
 async def send_error(send: Send, error: HerdError, extra: list[tuple[bytes, bytes]] = ()) -> None:
@@ -147,7 +140,7 @@ class FlightResponse:
                 log.exception("on_done failed for flight %s", self.ticket.flight.id)
 
     async def _error(self, send: Send, error: BaseException) -> None:
-        self.error = as_herd_error(error)
+        self.error = as_herd_error(error, "in a flight")
         await send_error(send, self.error, self.headers)
 
     async def _json(self, send: Send) -> None:
@@ -212,7 +205,7 @@ class FlightResponse:
 
     async def _end_with_error(self, send: Send, error: BaseException) -> None:
         """The stream has started: the error goes as a final SSE event, as OpenAI does."""
-        self.error = as_herd_error(error)
+        self.error = as_herd_error(error, "in a flight")
         body = b"data: " + orjson.dumps(self.error.body()) + b"\n\n"
         await send({"type": "http.response.body", "body": body, "more_body": False})
 

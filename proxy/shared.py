@@ -53,7 +53,7 @@ from redis.exceptions import TimeoutError as RedisTimeout
 from proxy.chunks import Chunk
 from proxy.coalescer import Flight, FlightCancelled, Group, Ticket
 from proxy.config import RedisConfig
-from proxy.errors import HerdError, UpstreamError, UpstreamUnavailable
+from proxy.errors import HerdError, UpstreamError, UpstreamUnavailable, as_herd_error
 from proxy.metrics import Metrics
 
 log = logging.getLogger("herd.shared")
@@ -494,7 +494,7 @@ def _end_fields(error: BaseException | None, redact: tuple[str, ...]) -> dict[st
     """The stream's last entry: ok, or the error every follower will answer with."""
     if error is None:
         return {"e": "ok"}
-    herd = error if isinstance(error, HerdError) else HerdError("herd hit an internal error", code="internal_error")
+    herd = as_herd_error(error, "in a flight shared over Redis")
     body = herd.body_bytes()
     for secret in redact:
         if secret:

@@ -1,11 +1,9 @@
-"""Server-sent events: reading an upstream's stream and writing one to a client."""
+"""Server-sent events: reading an upstream's stream, and the marker that ends one."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 
-import orjson
 
 DONE = b"data: [DONE]\n\n"
 
@@ -45,16 +43,6 @@ class EventParser:
         return [event] if event is not None else []
 
 
-async def read_events(chunks: AsyncIterable[bytes]) -> AsyncIterator[Event]:
-    """Parse SSE from byte chunks of any size, one event at a time."""
-    parser = EventParser()
-    async for chunk in chunks:
-        for event in parser.feed(chunk):
-            yield event
-    for event in parser.close():
-        yield event
-
-
 def _lf(data: bytes) -> bytes:
     return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
 
@@ -74,7 +62,3 @@ def _parse(block: bytes) -> Event | None:
         elif name == b"event":
             event = value.decode("utf-8", "replace")
     return Event(b"\n".join(data), event) if data else None
-
-
-def encode(obj: dict) -> bytes:
-    return b"data: " + orjson.dumps(obj) + b"\n\n"

@@ -2,15 +2,12 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.sse import Event, read_events
+from proxy.sse import Event, EventParser
 
 
 async def parse(*chunks: bytes) -> list[Event]:
-    async def source():
-        for c in chunks:
-            yield c
-
-    return [e async for e in read_events(source())]
+    parser = EventParser()
+    return [e for c in chunks for e in parser.feed(c)] + parser.close()
 
 
 STREAM = b'data: {"a": 1}\n\n: keep-alive\n\nevent: message_stop\ndata: {"b": 2}\n\ndata: line one\ndata: line two\n\ndata: [DONE]\n\n'
