@@ -117,3 +117,10 @@ def test_split_keeps_alternate_pairs() -> None:
     assert [i["id"] for i in odd] == [i["id"] for i in every[1::2]]
     with pytest.raises(ValueError):
         evaluate.load_items("herd", split="third")
+
+
+def test_scrambled_pairs_swap_two_words_of_one_question() -> None:
+    items = evaluate.load_items("scrambled")
+    assert len(items) > 500 and not any(i["should_merge"] for i in items)
+    strip = lambda s: sorted(w.strip("?.,!").lower() for w in s.split())
+    assert all(i["a"] != i["b"] and strip(i["a"]) == strip(i["b"]) for i in items)

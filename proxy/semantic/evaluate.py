@@ -10,6 +10,9 @@ Datasets:
 * ``conversations``: fow-cache's 240 conversation pairs. herd's rule applies: everything
   but the final user message must be identical, or there is no semantic merge at all.
 * ``herd``: herd's own hand-written pairs (HERD_PAIRS below), per kind and language.
+* ``scrambled``: word-order traps made here from fow-cache's questions: each question
+  against itself with two of its words (4+ letters, different) swapped. Not every swap
+  changes the answer, but none is neutral by herd's tables, so all count as traps.
 * ``--pairs FILE.jsonl``: anyone's pairs, one JSON object a line::
 
       {"a": "...", "b": "...", "label": "same" | "different", "kind": "paraphrase", "lang": "en"}
@@ -319,6 +322,8 @@ def load_items(name: str, ambiguous: str = "different", limit: int | None = None
             if lab is not None:
                 items.append({"id": c["id"], "kind": c.get("ambiguous") or c["subtype"], "lang": "en",
                               "should_merge": lab, "a": c["a"], "b": c["b"]})
+    elif name == "scrambled":
+        items = scrambled(_fow().load_questions())
     elif name == "herd":
         for i, (kind, lab, a, b, lang) in enumerate(HERD_PAIRS):
             items.append({"id": f"herd-{i:03d}", "kind": kind, "lang": lang, "should_merge": lab, "a": a, "b": b})
@@ -338,6 +343,28 @@ def load_items(name: str, ambiguous: str = "different", limit: int | None = None
                 per[it["kind"]] = per.get(it["kind"], 0) + 1
                 kept.append(it)
         items = kept
+    return items
+
+
+def scrambled(questions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each distinct question with its first and last long words swapped (deterministic)."""
+    items, seen = [], set()
+    for q in questions:
+        for text in (q["a"], q["b"]):
+            words = text.split()
+            long_ = [i for i, w in enumerate(words) if sum(ch.isalpha() for ch in w) >= 4]
+            if text in seen or len(long_) < 2:
+                continue
+            i, j = long_[0], long_[-1]
+            wi, wj = words[i].strip("?.,!").lower(), words[j].strip("?.,!").lower()
+            if wi == wj:
+                continue
+            seen.add(text)
+            swapped = list(words)
+            swapped[i], swapped[j] = words[j].strip("?.,!"), words[i].strip("?.,!") + words[j][len(words[j].rstrip("?.,!")):]
+            swapped[i] = swapped[i] + words[i][len(words[i].rstrip("?.,!")):]
+            items.append({"id": f"scrambled-{len(items):03d}", "kind": "order_swap", "lang": "en",
+                          "should_merge": False, "a": text, "b": " ".join(swapped)})
     return items
 
 
@@ -469,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokenizer", default=None, help="tokenizer.json path (default: embeddings/assets)")
     ap.add_argument("--languages", default="en", help="languages the model reads, comma separated (default en)")
     ap.add_argument("--datasets", default="questions,conversations,herd",
-                    help="comma separated: questions,conversations,herd (empty with --pairs: only those)")
+                    help="comma separated: questions,conversations,herd,scrambled (with only --pairs: those files)")
     ap.add_argument("--pairs", action="append", default=[], metavar="FILE.jsonl",
                     help='labelled pairs, one JSON object a line: {"a", "b", "label": "same"|"different", "kind", "lang"}')
     ap.add_argument("--ambiguous", choices=("different", "same", "skip"), default="different",
