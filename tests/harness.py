@@ -33,6 +33,6 @@ def start_herd(tmp_path: Path, sim_url: str, extra: str = "") -> tuple[subproces
         "upstreams": {"sim": {"base_url": f"{sim_url}/v1"}},
         "cache": {"enabled": False},
     })
-    herd = Herd(config + "\n" + extra, tmp_path, log_path=tmp_path / "herd.log").start()
+    herd = Herd(config + "\n" + extra, tmp_path, log_path=tmp_path / "herd.log").start(timeout=120)  # a loaded machine
     assert herd.popen is not None
     return herd.popen, herd.url

