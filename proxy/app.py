@@ -25,6 +25,7 @@ from proxy.errors import (
     InvalidRequest,
     NotFound,
     PayloadTooLarge,
+    RequestTimeout,
     UpstreamError,
     as_herd_error,
 )
@@ -64,27 +65,36 @@ def error_response(error: HerdError) -> Response:
     return Response(error.body_bytes(), status_code=error.status, media_type=error.content_type, headers=error.headers)
 
 
-async def read_body(receive: Receive, limit: int, length: str | None) -> bytes:
-    """The request body, refused past `limit` bytes (`length`: its content-length header)."""
+async def read_body(receive: Receive, limit: int, length: str | None, timeout_s: float) -> bytes:
+    """The request body, refused past `limit` bytes (`length`: its content-length header) or
+    when it has not all arrived within `timeout_s` (a client that declares a length and
+    sends nothing, or drips a byte at a time, must not hold its connection forever)."""
     if length is not None and length.isdigit() and int(length) > limit:
         raise PayloadTooLarge(f"The request body is {length} bytes; the limit is {limit}.")
     parts, size = [], 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnect()
-        part = message.get("body", b"")
-        size += len(part)
-        if size > limit:
-            raise PayloadTooLarge(f"The request body is over the limit of {limit} bytes.")
-        parts.append(part)
-        if not message.get("more_body", False):
-            return b"".join(parts)
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise ClientDisconnect()
+                part = message.get("body", b"")
+                size += len(part)
+                if size > limit:
+                    raise PayloadTooLarge(f"The request body is over the limit of {limit} bytes.")
+                parts.append(part)
+                if not message.get("more_body", False):
+                    return b"".join(parts)
+    except TimeoutError:
+        raise RequestTimeout(
+            f"The request body did not arrive within {timeout_s:g} seconds.", headers={"connection": "close"}
+        ) from None
 
 
 def create_app(settings: Settings, gateway: Gateway | None = None) -> ChatFirst:
     gateway = gateway or Gateway(settings, Metrics())
     limit = settings.server.max_body_bytes
+    body_timeout = settings.server.body_timeout_s
 
     metrics = gateway.metrics
     access_log = settings.server.access_log
@@ -97,7 +107,7 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> ChatFirst:
     async def chat_completions(request: Request) -> Response | FlightResponse:
         headers = header_map(request)
         identity = gateway.auth.identify(headers)
-        req = parse_chat(await read_body(request.receive, limit, headers.get("content-length")))
+        req = parse_chat(await read_body(request.receive, limit, headers.get("content-length"), body_timeout))
         mode = gateway.mode_for(headers.get("x-herd-coalesce"))
         sampled = sampled_policy(headers.get(SAMPLED_HEADER))
         control = headers.get("cache-control")
@@ -178,7 +188,7 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> ChatFirst:
         # checked before anything else: a path that could leave /v1 is never sent anywhere
         path = forward_path(request.method, request.path_params["path"])
         identity = gateway.auth.identify(request.headers)
-        body = await read_body(request.receive, limit, request.headers.get("content-length"))
+        body = await read_body(request.receive, limit, request.headers.get("content-length"), body_timeout)
         model = None
         if body and request.headers.get("content-type", "").startswith("application/json"):
             with contextlib.suppress(orjson.JSONDecodeError):

@@ -30,6 +30,7 @@ class ServerConfig:
     port: int = 8080
     max_body_bytes: int = 4 * 1024 * 1024
     request_timeout_s: float = 600.0  # each waiter's deadline
+    body_timeout_s: float = 30.0  # the whole request body must arrive within this; else 408
     shutdown_grace_s: float = 30.0
     log_level: str = "info"
     access_log: bool = True  # one JSON line per chat request: ids, role, status, timing
@@ -435,8 +436,8 @@ def validate(s: Settings) -> None:
         )
     if s.auth.mode == "keys" and not s.auth.keys:
         raise ConfigError('auth.mode = "keys" needs at least one [[auth.keys]] entry')
-    if s.server.max_body_bytes <= 0 or s.server.request_timeout_s <= 0:
-        raise ConfigError("server.max_body_bytes and server.request_timeout_s must be > 0")
+    if s.server.max_body_bytes <= 0 or s.server.request_timeout_s <= 0 or s.server.body_timeout_s <= 0:
+        raise ConfigError("server.max_body_bytes, server.request_timeout_s and server.body_timeout_s must be > 0")
     _validate_resilience(s)
     _validate_redis(s)
 

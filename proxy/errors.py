@@ -75,6 +75,14 @@ class PayloadTooLarge(HerdError):
     code = "request_too_large"
 
 
+class RequestTimeout(HerdError):
+    """The client did not send its whole request body in time ([server] body_timeout_s)."""
+
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class Overloaded(HerdError):
     """herd refuses work to protect an upstream (queue full, rate limited, circuit open)."""
 
