@@ -20,7 +20,7 @@ fault at a time, set with `POST /_faulty/fault` (JSON) or `FaultyUpstream.set_fa
     echo_key      HTTP 500 whose error message repeats the Authorization header it got
 
 `ttft_ms` (a setting, `POST /_faulty/settings`) delays every answer, so bursts overlap.
-`GET /_faulty/stats`: calls, and calls answered by each mode. `POST /_faulty/reset`.
+`GET /_faulty/stats`: calls, calls answered by each mode, and when each came. `POST /_faulty/reset`.
 
     with FaultyUpstream() as up:            # its own loop, in a thread
         up.set_fault(mode="status", for_s=1.0) ... up.url ... up.stats()
@@ -68,6 +68,7 @@ class Faulty:
         self.left: int | None = None
         self.calls = 0
         self.by_mode: dict[str, int] = {}
+        self.times: list[float] = []  # when each call came (time.monotonic())
 
     def set_fault(self, mode: str = "ok", for_s: float | None = None, times: int | None = None, **options: Any) -> None:
         if mode not in MODES:
@@ -77,7 +78,8 @@ class Faulty:
         self.left = times
 
     def stats(self) -> dict[str, Any]:
-        return {"calls": self.calls, "by_mode": dict(self.by_mode), "fault": self.fault["mode"]}
+        return {"calls": self.calls, "by_mode": dict(self.by_mode), "fault": self.fault["mode"],
+                "times": list(self.times)}
 
     def _take(self) -> dict[str, Any]:
         fault = self.fault
@@ -107,6 +109,7 @@ class Faulty:
             return web.json_response({"error": {"message": "not found", "type": "invalid_request_error"}}, status=404)
         body = orjson.loads(await request.read())
         self.calls += 1
+        self.times.append(time.monotonic())
         fault = self._take()
         mode = fault["mode"]
         self.by_mode[mode] = self.by_mode.get(mode, 0) + 1

@@ -44,6 +44,49 @@ class Chunk:
         return not self.data.get("choices") and self.data.get("usage") is not None
 
 
+_TEXT = (str, type(None))
+
+
+def malformed(data: Any) -> str | None:
+    """Why `data` is not a `chat.completion.chunk` herd can pass on and assemble, or None.
+
+    Cheap enough for every chunk: the fields herd reads must have their types; anything else
+    in a chunk is passed on as it came.
+    """
+    if not isinstance(data, dict):
+        return "a chunk that is not a JSON object"
+    choices = data.get("choices")
+    if choices is None:
+        choices = ()
+    elif not isinstance(choices, list):
+        return "choices that are not a list"
+    if not isinstance(data.get("usage"), (dict, type(None))):
+        return "usage that is not an object"
+    for choice in choices:
+        if not isinstance(choice, dict):
+            return "a choice that is not an object"
+        if not isinstance(choice.get("index", 0), int) or not isinstance(choice.get("finish_reason"), _TEXT):
+            return "a choice's index or finish_reason of the wrong type"
+        delta = choice.get("delta")
+        if delta is None:
+            continue
+        if not isinstance(delta, dict):
+            return "a delta that is not an object"
+        if not all(isinstance(delta.get(k), _TEXT) for k in ("role", "content", "refusal")):
+            return "a delta's role, content or refusal that is not a string"
+        if not isinstance(choice.get("logprobs"), (dict, type(None))):
+            return "logprobs that are not an object"
+        calls = delta.get("tool_calls")
+        if calls is not None and not (
+            isinstance(calls, list)
+            and all(isinstance(c, dict) and isinstance(c.get("function") or {}, dict) for c in calls)
+        ):
+            return "tool_calls that are not a list of objects"
+        if not isinstance(delta.get("function_call"), (dict, type(None))):
+            return "a function_call that is not an object"
+    return None
+
+
 def _merge_tool_calls(target: list[dict], deltas: list[dict]) -> None:
     for delta in deltas:
         index = delta.get("index", len(target))
@@ -126,10 +169,21 @@ def assemble(chunks: list[Chunk]) -> dict[str, Any]:
     return result
 
 
+def malformed_completion(data: Any) -> str | None:
+    """Why `data` is not a `chat.completion` herd can split into chunks, or None."""
+    if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
+        return "a body that is not a chat completion"
+    for choice in data["choices"]:
+        if not isinstance(choice, dict) or not isinstance(choice.get("message"), (dict, type(None))):
+            return "a choice or message that is not an object"
+    return None
+
+
 def split(completion: dict[str, Any], whole: bytes | None = None) -> list[Chunk]:
     """The chunks a non-stream `chat.completion` would have been streamed as.
 
     `whole`: the completion's own JSON bytes, kept on the first chunk (see Chunk.whole).
+    The completion passed `malformed_completion`; check the chunks with `malformed`.
     """
     base = {k: completion[k] for k in ("id", "created", "model", "system_fingerprint") if k in completion}
     base["object"] = "chat.completion.chunk"

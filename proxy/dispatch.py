@@ -32,6 +32,7 @@ from proxy.errors import (
     Overloaded,
     UpstreamError,
     is_retryable,
+    redact,
 )
 from proxy.metrics import Metrics
 from proxy.resilience import CircuitBreaker, Guard, RateLimited
@@ -61,6 +62,7 @@ class Dispatcher:
         self.metrics = metrics
         self.guards = {name: Guard(upstream.cfg) for name, upstream in upstreams.items()}
         self.tokens = TokenCounter(settings.tokens)
+        self.secrets = tuple(v for u in upstreams.values() for v in (u.cfg.api_key, *u.cfg.headers.values()))
         self._watch_gauges()
 
     def _watch_gauges(self) -> None:
@@ -86,36 +88,40 @@ class Dispatcher:
         served_by: Callable[[str], None],
         stream: bool = True,
     ) -> AsyncIterator[list[Chunk]]:
-        failure: HerdError | None = None  # why the last upstream tried could not answer
-        plan = self.plan(route, body["model"])
-        for position, (name, model) in enumerate(plan):
-            target = body if model == body["model"] else dict(body, model=model)
-            if position:
-                self.metrics.upstream_fallbacks.labels(plan[0][0], name).inc()
-                log.warning("falling back to upstream %s (%s)", name, type(failure).__name__)
-            started = False
-            try:
-                count = await self._preflight(name, target)
-                last = position == len(plan) - 1  # nothing to fall back to: worth waiting for the circuit
-                tries = self._tries(name, target, options, count, stream, last)
-                async with contextlib.aclosing(tries) as batches:
-                    async for batch in batches:
-                        if not started:
-                            served_by(name)
-                            started = True
-                        yield batch
-                return
-            except HerdError as error:
-                if started:
-                    raise  # waiters may have the first chunks: no other answer can follow them
-                if position == 0:
-                    if not (route.fallbacks and may_fall_back(error)):
-                        raise
-                    failure = error
-                elif not isinstance(error, InvalidRequest):
-                    failure = error  # a fallback that cannot take the request keeps the earlier error
-        assert failure is not None
-        raise failure
+        try:
+            failure: HerdError | None = None  # why the last upstream tried could not answer
+            plan = self.plan(route, body["model"])
+            for position, (name, model) in enumerate(plan):
+                target = body if model == body["model"] else dict(body, model=model)
+                if position:
+                    self.metrics.upstream_fallbacks.labels(plan[0][0], name).inc()
+                    log.warning("falling back to upstream %s (%s)", name, type(failure).__name__)
+                started = False
+                try:
+                    count = await self._preflight(name, target)
+                    last = position == len(plan) - 1  # nothing to fall back to: worth waiting for the circuit
+                    tries = self._tries(name, target, options, count, stream, last)
+                    async with contextlib.aclosing(tries) as batches:
+                        async for batch in batches:
+                            if not started:
+                                served_by(name)
+                                started = True
+                            yield batch
+                    return
+                except HerdError as error:
+                    if started:
+                        raise  # waiters may have the first chunks: no other answer can follow them
+                    if position == 0:
+                        if not (route.fallbacks and may_fall_back(error)):
+                            raise
+                        failure = error
+                    elif not isinstance(error, InvalidRequest):
+                        failure = error  # a fallback that cannot take the request keeps the earlier error
+            assert failure is not None
+            raise failure
+        except HerdError as error:
+            redact(error, (options.client_key, *self.secrets))  # an upstream may echo a key it was sent
+            raise
 
     async def _preflight(self, name: str, body: dict) -> TokenCount | None:
         """The prompt's token count when a check or a limit needs it; 400 if over the context window."""

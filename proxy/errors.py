@@ -8,6 +8,7 @@ with the right HTTP status. Upstream errors keep the upstream's own status and b
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
 import orjson
 
@@ -120,14 +121,6 @@ class UpstreamError(HerdError):
         self.upstream = upstream
 
     @property
-    def retry_after(self) -> float | None:
-        value = self.headers.get("retry-after")
-        try:
-            return max(0.0, float(value)) if value is not None else None
-        except ValueError:
-            return None
-
-    @property
     def _raw_is_json(self) -> bool:
         return bool(self.raw_body) and self._content_type.startswith("application/json")
 
@@ -163,6 +156,22 @@ class UpstreamTimeout(HerdError):
     status = 504
     type = "upstream_error"
     code = "upstream_timeout"
+
+
+#: Shorter strings are not treated as secrets: cutting them out would mangle ordinary text.
+SECRET_MIN_CHARS = 8
+
+
+def redact(error: HerdError, secrets: Iterable[str | None]) -> None:
+    """Cut each secret (a provider's key, a client's key) out of the error's message and body,
+    in place: an upstream's error body may echo the key it was sent."""
+    for secret in secrets:
+        if not secret or len(secret) < SECRET_MIN_CHARS:
+            continue
+        error.message = error.message.replace(secret, "[redacted]")
+        if isinstance(error, UpstreamError) and secret.encode() in error.raw_body:
+            error.raw_body = error.raw_body.replace(secret.encode(), b"[redacted]")
+    error.args = (error.message,)
 
 
 def is_retryable(error: BaseException) -> bool:

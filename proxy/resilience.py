@@ -67,7 +67,9 @@ def retry_after_header(seconds: float) -> dict[str, str]:
 
 @dataclass
 class RetryPolicy:
-    """Exponential backoff with full jitter; a Retry-After is a floor, and a ceiling's worth."""
+    """Exponential backoff with full jitter. An upstream's Retry-After is waited for, plus
+    jitter on top (so flights told the same wait do not come back in one wave), never past
+    `max_s`; a longer Retry-After is not waited for at all."""
 
     retries: int = 2
     base_s: float = 0.5
@@ -82,13 +84,14 @@ class RetryPolicy:
         """
         if attempt >= self.retries or not is_retryable(error):
             return None
-        wait = self.uniform(0.0, min(self.max_s, self.base_s * 2**attempt))
+        window = min(self.max_s, self.base_s * 2**attempt)
         hint = retry_after(error)
-        if hint is not None:
-            if hint > self.max_s:
-                return None
-            wait = max(wait, hint)
-        return wait
+        if hint is None:
+            return self.uniform(0.0, window)
+        if hint > self.max_s:
+            return None
+        spread = min(max(window, hint / 2), self.max_s - hint)  # at least half the hint, within max_s
+        return hint + self.uniform(0.0, spread)
 
 
 # -- circuit breaker ---------------------------------------------------------------------

@@ -109,3 +109,70 @@ async def test_one_second_blip_at_20_per_second_fails_only_the_blip(upstream):
     assert late and all(isinstance(o, str) for o in late), [code(o) for o in late if not isinstance(o, str)]
     failed = [o for _, o in results if not isinstance(o, str)]
     assert len(failed) <= 40, len(failed)  # at most the blip's requests and one probe interval's
+
+
+# -- malformed answers and echoed keys ---------------------------------------------------
+
+
+async def burst_outcomes(herd: HerdServer, text: str, n: int, key: str = "sk-client", leader_streams=True) -> list:
+    """n requests for `text` at once, alternately stream and not, the first as `leader_streams`."""
+    c = openai.AsyncOpenAI(base_url=herd.url + "/v1", api_key=key, max_retries=0, timeout=60)
+    first = asyncio.create_task(ask(c, text, stream=leader_streams))
+    await asyncio.sleep(0.05)  # it leads: the flight calls the upstream the way it asked
+    rest = await asyncio.gather(*[ask(c, text, stream=i % 2 == 0) for i in range(n - 1)])
+    return [await first, *rest]
+
+
+@pytest.mark.parametrize(
+    "mode, leader",
+    [("string_delta", "stream"), ("string_delta", "json"), ("non_object", "stream"), ("non_object", "json"),
+     ("bad_sse", "stream"), ("bad_json", "json")],
+)
+async def test_a_malformed_answer_is_an_openai_502_for_everyone_and_never_cached(upstream, mode, leader):
+    upstream.faulty.ttft_ms = 300
+    upstream.set_fault(mode, times=1)
+    with HerdServer(herd_settings(upstream.url, cache={"enabled": True})) as herd:
+        outcomes = await burst_outcomes(herd, f"malformed {mode}", 10, leader_streams=leader == "stream")
+        assert all(isinstance(o, openai.APIError) for o in outcomes), outcomes
+        assert all(o.status_code == 502 for o in outcomes if isinstance(o, openai.APIStatusError))
+        assert all("malformed" in o.message for o in outcomes), [o.message for o in outcomes]
+        again = await burst_outcomes(herd, f"malformed {mode}", 2)  # the upstream is fine again
+    assert again == [f"echo: malformed {mode}"] * 2  # the broken answer was not cached
+    assert upstream.stats()["calls"] == 2
+
+
+async def test_an_upstream_error_that_echoes_a_key_is_redacted(upstream):
+    upstream.set_fault("echo_key")
+    provider = herd_settings(upstream.url, upstreams={"sim": {"api_key": "sk-provider-secret-123"}},
+                             auth={"mode": "open"})
+    with HerdServer(provider) as herd:
+        (outcome,) = await burst_outcomes(herd, "who am i", 1)
+    assert outcome.status_code == 500 and "sk-provider-secret-123" not in outcome.response.text
+    assert "[redacted]" in outcome.message
+    upstream.set_fault("echo_key")
+    with HerdServer(herd_settings(upstream.url)) as herd:  # no key of its own: the client's is sent
+        outcomes = await burst_outcomes(herd, "and me", 2, key="sk-client-secret-456")
+    assert all("sk-client-secret-456" not in o.response.text for o in outcomes)
+
+
+# -- 429 storms ---------------------------------------------------------------------------
+
+
+async def test_a_429_storm_retries_once_per_flight_spread_out_not_in_one_wave(upstream):
+    upstream.faulty.ttft_ms = 100
+    upstream.set_fault("status", status=429, retry_after=1, times=1)
+    settings = herd_settings(upstream.url, upstreams={"sim": {"retries": 2}})
+    with HerdServer(settings) as herd:
+        c = client(herd)
+        shared = await asyncio.gather(*[ask(c, "one flight", stream=i % 2 == 0) for i in range(20)])
+        assert shared == ["echo: one flight"] * 20
+        assert upstream.stats()["calls"] == 2  # one flight: one 429, one retry, whatever its waiters
+        upstream.reset()
+        upstream.faulty.ttft_ms = 100
+        upstream.set_fault("status", status=429, retry_after=1, times=30)
+        distinct = await asyncio.gather(*[ask(c, f"flight {i}") for i in range(30)])
+    assert distinct == [f"echo: flight {i}" for i in range(30)]
+    times = upstream.stats()["times"]
+    retries = sorted(times[30:])
+    assert len(retries) == 30
+    assert retries[-1] - retries[0] > 0.2  # jitter on top of Retry-After: not one synchronized wave

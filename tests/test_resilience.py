@@ -83,12 +83,20 @@ def test_only_retryable_failures_are_retried(error, retryable):
     assert (policy.delay(0, error) is not None) is retryable
 
 
-def test_retry_after_is_a_floor_and_too_long_a_wait_is_not_waited():
-    policy = RetryPolicy(retries=2, base_s=0.1, max_s=8.0, uniform=lambda a, b: b)
-    assert policy.delay(0, UpstreamError(429, headers={"retry-after": "2"})) == 2.0
-    assert policy.delay(0, UpstreamError(429, headers={"retry-after-ms": "1500"})) == 1.5
+def test_retry_after_is_waited_with_jitter_on_top_and_capped():
+    policy = RetryPolicy(retries=2, base_s=0.1, max_s=8.0, uniform=lambda a, b: b)  # the jitter's longest
+    assert policy.delay(0, UpstreamError(429, headers={"retry-after": "2"})) == 3.0  # + up to half the hint
+    assert policy.delay(0, UpstreamError(429, headers={"retry-after-ms": "1500"})) == 2.25
+    assert policy.delay(0, UpstreamError(429, headers={"retry-after": "7.5"})) == 8.0  # never past max_s
     assert policy.delay(0, UpstreamError(503, headers={"retry-after": "0"})) == 0.1
     assert policy.delay(0, UpstreamError(429, headers={"retry-after": "30"})) is None  # fall back instead
+    policy.uniform = lambda a, b: a
+    assert policy.delay(0, UpstreamError(429, headers={"retry-after": "2"})) == 2.0  # the hint is a floor
+    import random
+
+    policy.uniform = random.Random(3).uniform
+    waits = [policy.delay(0, UpstreamError(429, headers={"retry-after": "2"})) for _ in range(100)]
+    assert all(2.0 <= w <= 3.0 for w in waits) and max(waits) - min(waits) > 0.5  # spread, not one wave
     assert retry_after(UpstreamError(429, headers={"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"})) == 0.0
     assert retry_after(UpstreamError(429, headers={"retry-after": "soon"})) is None
 

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 import aiohttp
 import orjson
 
-from proxy.chunks import Chunk, split
+from proxy.chunks import Chunk, malformed, malformed_completion, split
 from proxy.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from proxy.sse import Event, EventParser
 from proxy.upstream.base import (
@@ -133,8 +133,10 @@ class OpenAIUpstream(Upstream):
             if event.data == b"[DONE]":
                 return batch, finished, True
             data = orjson.loads(event.data)
-            if "error" in data and "choices" not in data:
+            if isinstance(data, dict) and "error" in data and "choices" not in data:
                 raise UpstreamError(502, orjson.dumps(data), upstream=self.name)
+            if (why := malformed(data)) is not None:
+                raise self._malformed(why)
             if any(c.get("finish_reason") for c in data.get("choices") or ()):
                 finished = True
             batch.append(Chunk(data, event.data))
@@ -144,7 +146,11 @@ class OpenAIUpstream(Upstream):
         """A whole answer as chunks: a `chat.completion` body (kept whole on the first chunk),
         or the complete SSE stream of a server that always streams."""
         if not content_type.startswith("text/event-stream"):
-            return split(_completion(raw, self.name), raw)
+            chunks = split(_completion(raw, self.name), raw)
+            for chunk in chunks:
+                if (why := malformed(chunk.data)) is not None:
+                    raise self._malformed(why)
+            return chunks
         parser = EventParser()
         batch, finished, _ = self._chunks(parser.feed(raw) + parser.close())
         if not finished:
@@ -165,14 +171,20 @@ class OpenAIUpstream(Upstream):
                     raise await self._error(resp)
                 return self._answer(await resp.read(), resp.content_type)
 
+    def _malformed(self, why: str) -> UpstreamUnavailable:
+        return UpstreamUnavailable(f"upstream {self.name!r} sent a malformed answer: {why}",
+                                   code="upstream_malformed")
+
     @contextlib.contextmanager
     def _failures(self) -> Iterator[None]:
-        """aiohttp's failures, and a body that is not JSON, as herd's upstream errors."""
+        """aiohttp's failures, and data that is not JSON, as herd's upstream errors."""
         try:
             yield
         except TimeoutError:  # aiohttp's own connect or total timeout
             raise UpstreamTimeout(f"upstream {self.name!r} did not answer in time") from None
-        except (aiohttp.ClientError, orjson.JSONDecodeError, ConnectionError) as e:
+        except orjson.JSONDecodeError:
+            raise self._malformed("data that is not JSON") from None
+        except (aiohttp.ClientError, ConnectionError) as e:
             raise UpstreamUnavailable(f"upstream {self.name!r} failed: {type(e).__name__}") from None
 
     async def _error(self, resp: aiohttp.ClientResponse) -> UpstreamError:
@@ -197,9 +209,9 @@ class OpenAIUpstream(Upstream):
 def _completion(raw: bytes, upstream: str) -> dict:
     """A non-stream answer's `chat.completion` object; anything else is the upstream's fault."""
     data = orjson.loads(raw)
-    if isinstance(data, dict) and isinstance(data.get("choices"), list):
-        return data
-    if isinstance(data, dict) and "error" in data:
+    if isinstance(data, dict) and "error" in data and "choices" not in data:
         raise UpstreamError(502, raw, upstream=upstream)  # an error object with a 200 status
-    raise UpstreamUnavailable(f"upstream {upstream!r} answered with something that is not a chat completion")
+    if (why := malformed_completion(data)) is not None:
+        raise UpstreamUnavailable(f"upstream {upstream!r} sent a malformed answer: {why}", code="upstream_malformed")
+    return data
 
