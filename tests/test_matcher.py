@@ -249,3 +249,24 @@ def test_random_non_latin_text_merges_only_when_normalized_equal(pair):
 def test_forms_are_memoized_per_probe(matcher):
     p = matcher.prepare("How can I reset my password?")
     assert p.form is p.form and p.form.words == analyse("How do I reset my password").words
+
+
+CONFUSABLE = [("sulfate", "sulfite"), ("nitrate", "nitrite"), ("interstate", "intrastate"),
+              ("stationary", "stationery"), ("chlorine", "chloride"), ("hypertension", "hypotension")]
+
+
+@pytest.mark.parametrize("x, y", CONFUSABLE)
+def test_a_real_word_the_model_does_not_know_is_not_a_typo_of_its_neighbour(x, y):
+    # The WordPiece vocabulary knows only one of each pair; a letter swapped for a distant
+    # key, or one dropped and another added, spells another word, not a slip.
+    m = Matcher(None)
+    a, b = f"Is {x} safe to drink in water?", f"Is {y} safe to drink in water?"
+    assert not decide(m.probe_with_vector(a, ONE), m.probe_with_vector(b, ONE), m.config).merge
+
+
+def test_one_slip_is_a_typo():
+    m = Matcher(None)
+    for a, b in [("How do I chnage my adress?", "How do I change my address?"),
+                 ("How do I recieve a refund?", "How do I receive a refund?")]:
+        d = decide(m.probe_with_vector(a, ONE), m.probe_with_vector(b, ONE), m.config)
+        assert d.merge and "misspelling" in d.reason

@@ -199,10 +199,24 @@ def _singular(w: str) -> str:
 # ---------------------------------------------------------------------------------------
 
 _AFFIXES = ("un", "non", "dis", "in", "im", "il", "ir", "de", "anti", "counter", "mis", "re", "over", "under")
+_ROWS = ("qwertyuiop", "asdfghjkl", "zxcvbnm")
+#: Letters next to each other on a QWERTY keyboard (same row, or the rows above and below).
+_NEIGHBOURS: dict[str, frozenset[str]] = {}
+for _r, _row in enumerate(_ROWS):
+    for _c, _ch in enumerate(_row):
+        near = {_row[i] for i in (_c - 1, _c + 1) if 0 <= i < len(_row)}
+        for _other in (_r - 1, _r + 1):
+            if 0 <= _other < len(_ROWS):
+                near |= {_ROWS[_other][i] for i in (_c - 1, _c, _c + 1) if 0 <= i < len(_ROWS[_other])}
+        _NEIGHBOURS[_ch] = frozenset(near)
+_FAR = 3  # the cost of replacing a letter by one not next to it: never a typo
 
 
 def _edit_distance(a: str, b: str, limit: int) -> int:
-    """Damerau-Levenshtein (optimal string alignment), stopping early above `limit`."""
+    """Typing distance (optimal string alignment), stopping early above `limit`: a letter
+    dropped or added, two neighbours swapped, or a letter replaced by a key next to it cost
+    1; a letter replaced by a distant one (nitrate/nitrite, stationary/stationery) is a
+    different word, not a typo. Symmetric."""
     if abs(len(a) - len(b)) > limit:
         return limit + 1
     prev2: list[int] | None = None
@@ -210,9 +224,10 @@ def _edit_distance(a: str, b: str, limit: int) -> int:
     for i in range(1, len(a) + 1):
         cur = [i] + [0] * len(b)
         for j in range(1, len(b) + 1):
-            cost = 0 if a[i - 1] == b[j - 1] else 1
+            x, y = a[i - 1], b[j - 1]
+            cost = 0 if x == y else 1 if y in _NEIGHBOURS.get(x, ()) else _FAR
             cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + cost)
-            if prev2 is not None and i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+            if prev2 is not None and i > 1 and j > 1 and x == b[j - 2] and a[i - 2] == y:
                 cur[j] = min(cur[j], prev2[j - 2] + 1)
         if min(cur) > limit:
             return limit + 1
@@ -221,8 +236,9 @@ def _edit_distance(a: str, b: str, limit: int) -> int:
 
 
 def typo(x: str, y: str) -> bool:
-    """One of the two is a misspelling of the other: not a word the model knows, close in
-    spelling, same first letter; the other is a known word. Symmetric."""
+    """One of the two is a misspelling of the other: not a word the model knows, one typing
+    slip away (see _edit_distance), same first letter; the other a known word.
+    Symmetric."""
     return _typo(*sorted((x, y)))
 
 
@@ -231,16 +247,14 @@ def _typo(x: str, y: str) -> bool:
     if x == y or x[:1] != y[:1] or not (x.isalpha() and y.isalpha() and x.isascii() and y.isascii()):
         return False
     vocab = vocabulary()
-    if x in vocab and y in vocab:  # two real words
+    if (x in vocab) == (y in vocab):  # two real words, or two the model does not know
         return False
-    if x not in vocab and y not in vocab:
-        # two words the model does not know: only two neighbouring letters swapped
-        # ("invioce"/"invoice"), in a word long enough not to be a code
-        return len(x) == len(y) >= 6 and _swapped(x, y)
     if any(y == p + x or x == p + y for p in _AFFIXES):
         return False
     shorter = min(len(x), len(y))
-    limit = 2 if shorter >= 8 else 1 if shorter >= 5 else 0
+    # one slip: two (a letter dropped here, another added there) can spell another word
+    # (chlorine/chloride, stationary/stationery)
+    limit = 1 if shorter >= 5 else 0
     if limit == 0:
         if shorter == 4 and abs(len(x) - len(y)) == 1:
             short, long_ = (x, y) if len(x) < len(y) else (y, x)
@@ -248,11 +262,6 @@ def _typo(x: str, y: str) -> bool:
             return any(long_[i] == long_[i + 1] and short == long_[:i] + long_[i + 1 :] for i in range(len(long_) - 1))
         return False
     return _edit_distance(x, y, limit) <= limit
-
-
-def _swapped(x: str, y: str) -> bool:
-    diff = [i for i in range(len(x)) if x[i] != y[i]]
-    return len(diff) == 2 and diff[1] == diff[0] + 1 and x[diff[0]] == y[diff[1]] and x[diff[1]] == y[diff[0]]
 
 
 # ---------------------------------------------------------------------------------------
