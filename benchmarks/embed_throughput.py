@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks import report
+
 DEFAULT_JSON = Path("benchmarks/out/embed-throughput.json")
 
 _SUBJECTS = [
@@ -141,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{max(batcher[top]):.1f}/s = {ratio:.0%} of standalone (target >= 85%)")
 
     result = {
+        **report.provenance("python -m benchmarks.embed_throughput", argv),
         "texts": len(texts), "threads": embedder.intra_op_threads, "workers": workers, "cpus": os.cpu_count(), "repeat": args.repeat,
         "model": embedder.model_path, "python": platform.python_version(), "max_batch": args.max_batch,
         "standalone_best": {"batch": best_b, "rate": best},

@@ -37,6 +37,7 @@ from pathlib import Path
 
 from benchmarks.harness import free_port, stat_cpu_seconds
 from benchmarks.passthrough import CLIENTS
+from benchmarks.report import provenance
 
 HOST = "127.0.0.1"
 PATH = "/v1/chat/completions"
@@ -456,7 +457,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_table(rows))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    report = {"config": config, "machine": info, "summary": rows, "runs": [asdict(r) for r in runs]}
+    report = {**provenance("python -m benchmarks.http_clients", argv), "config": config, "machine": info, "summary": rows, "runs": [asdict(r) for r in runs]}
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwrote {args.json}")
     return 0

@@ -35,6 +35,7 @@ from pathlib import Path
 import orjson
 import uvloop
 
+from benchmarks import report
 from benchmarks.harness import herd_settings
 from proxy.app import create_app
 from proxy.chunks import Chunk, split
@@ -206,10 +207,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunks", type=int, default=40)
     parser.add_argument("--json", default="benchmarks/out/inprocess.json")
     args = parser.parse_args(argv)
+    source = report.provenance("python -m benchmarks.inprocess", argv)
     stderr, sys.stderr = sys.stderr, open(os.devnull, "w")
     setup_logging("info")  # the access log is written, to nowhere
     try:
         result = {
+            **source,
             "requests": {log: uvloop.run(requests_cpu(args.requests, args.concurrency, log == "on"))
                          for log in ("on", "off")},
             "burst": uvloop.run(burst(args.burst)),

@@ -35,6 +35,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from benchmarks import report
 from benchmarks.harness import (
     RedisCluster,
     RedisServer,
@@ -242,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reply-tokens", type=int, default=16)
     p.add_argument("--out", default="benchmarks/out/replicas.json")
     args = p.parse_args(argv)
-    results = asyncio.run(run(args))
+    source = report.provenance("python -m benchmarks.replicas", argv)
+    results = {**source, **asyncio.run(run(args))}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     plot(results, out.with_suffix(".png"))

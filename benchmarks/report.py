@@ -18,6 +18,7 @@ import math
 import os
 import platform
 import re
+import shlex
 import subprocess
 import sys
 from collections.abc import Iterable, Mapping, Sequence
@@ -188,14 +189,25 @@ def machine() -> dict[str, Any]:
 
 
 def git_revision(root: Path) -> dict[str, Any] | None:
+    """The commit checked out at `root` and whether tracked files differ from it (`dirty`);
+    None outside a git checkout (an installed wheel)."""
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
                              timeout=5, check=False).stdout.strip()
+        if not rev:
+            return None
         dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
                                     capture_output=True, text=True, timeout=5, check=False).stdout.strip())
     except (OSError, subprocess.SubprocessError):
         return None
-    return {"commit": rev or None, "dirty": dirty}
+    return {"commit": rev, "dirty": dirty}
+
+
+def provenance(prog: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Where a result comes from, for its JSON: the command that produced it (`prog` and its
+    arguments, `sys.argv[1:]` when `argv` is None) and the code's commit (`git_revision`)."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    return {"command": shlex.join([*prog.split(), *args]), "git": git_revision(Path(__file__).resolve().parent.parent)}
 
 
 def write_json(path: Path, results: Mapping[str, Any]) -> None:
@@ -306,7 +318,7 @@ def _signed(v: float | None) -> str:
 def checks_table(checks: Sequence[Mapping[str, Any]]) -> str:
     rows = [[c["name"], c["goal"], c["measured"], "met" if c["met"] else ("n/a" if c["met"] is None else "NOT met")]
             for c in checks]
-    return table(["target (issue 6)", "goal", "measured", "verdict"], rows)
+    return table(["target", "goal", "measured", "verdict"], rows)
 
 
 # --------------------------------------------------------------------------- plots

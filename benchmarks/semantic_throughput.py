@@ -28,6 +28,7 @@ from typing import Self
 import aiohttp
 import orjson
 
+from benchmarks import report
 from benchmarks.harness import Proc, Stack, parse_override
 from benchmarks.procs import (
     machine_busy_seconds,
@@ -202,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     # the standalone embedder computes as herd's does
     overrides = {".".join(path): value for path, value in map(parse_override, args.herd_option)}
     precision = overrides.get("coalesce.embed_precision", DEFAULT_PRECISION)
-    result: dict = {"requests": args.requests, "concurrency": args.concurrency}
+    result: dict = {**report.provenance("python -m benchmarks.semantic_throughput", argv),
+                    "requests": args.requests, "concurrency": args.concurrency}
     with Stack() as stack:
         sim = stack.simulator(ttft_ms=1)
         herds = {mode: stack.herd(sim.url, mode, overrides=["server.access_log=false", *args.herd_option]) for mode in ("exact", "semantic")}
