@@ -44,7 +44,8 @@ from typing import Any, Self
 
 import orjson
 
-from benchmarks.procs import REPO_ROOT, Stack
+from benchmarks.harness import Stack
+from benchmarks.procs import REPO_ROOT
 
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "abuse"
 MB = 1024 * 1024

@@ -485,13 +485,12 @@ class HerdServer:
         import uvicorn
 
         from proxy.app import create_app
+        from proxy.cli import listen_socket
 
         self.settings = settings
         self.app = create_app(settings)
         self.gateway = self.app.state.gateway
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind((HOST, 0))
+        self._sock = listen_socket(HOST, 0, settings.server.send_buffer_bytes)  # as `herd serve` listens
         self.port = self._sock.getsockname()[1]
         self.url = f"http://{HOST}:{self.port}"
         config = uvicorn.Config(self.app, loop="asyncio", http="httptools", log_level="warning", access_log=False,

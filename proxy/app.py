@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from proxy.accounting import usage_of
+from proxy.answer import usage_of_flight
 from proxy.canonical import parse_chat
 from proxy.config import Settings
 from proxy.errors import (
@@ -130,7 +130,7 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> ChatFirst:
                 metrics.requests.labels(ticket.role).inc()
                 if response.shared_sample:
                     metrics.shared_samples.labels(ticket.role).inc()
-                gateway.accountant.record(ticket.role, req.model, identity.tenant, usage_of(ticket.flight.chunks))
+                gateway.accountant.record(ticket.role, req.model, identity.tenant, usage_of_flight(ticket.flight))
                 finished = ticket.flight.finished_at
                 if finished is not None and response.answered_at is not None and ticket.role != "cache":
                     metrics.fanout_lag.observe(max(0.0, response.answered_at - finished))
@@ -160,6 +160,7 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> ChatFirst:
             release=gateway.release,
             on_done=done,
             request_id=request_id,
+            on_cut=metrics.clients_cut.inc,
         )
 
     async def list_models(request: Request) -> Response:

@@ -1,49 +1,74 @@
 """The result cache: finished answers, kept for `[cache] ttl_seconds`, by exact key.
 
-An entry is the list of chunk objects a flight published, so a hit can be replayed as a
-stream (chunk by chunk) or assembled into one JSON body, exactly like a live flight.
-Errors and cut-off streams never get here: only flights that finished cleanly are stored.
+An entry is an `Answer` (proxy.answer): the flight's SSE events and its JSON body, rendered
+once when the flight finished, so a hit is written to its client as it is, streamed or not,
+with nothing parsed or rendered again. Errors and cut-off streams never get here: only
+flights that finished cleanly are stored.
+
+The memory cache is bounded in bytes (`[cache] max_bytes`: the answers' bytes plus a fixed
+overhead per entry) and, secondarily, in entries (`max_entries`, which also bounds the
+semantic index of cached answers); the least recently used answers go first.
 """
 
 from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any, Protocol
+
+from proxy.answer import Answer
 
 
 class AnswerCache(Protocol):
-    async def get(self, key: str) -> list[dict[str, Any]] | None: ...
-    async def put(self, key: str, chunks: list[dict[str, Any]], ttl_s: float) -> None: ...
+    async def get(self, key: str) -> Answer | None: ...
+    async def put(self, key: str, answer: Answer, ttl_s: float) -> None: ...
 
 
 class MemoryCache:
-    """A size-bounded LRU with per-entry expiry. Its methods never suspend."""
+    """An LRU bounded in bytes and entries, with per-entry expiry. Its methods never suspend."""
 
-    def __init__(self, max_entries: int = 10_000, clock=time.monotonic) -> None:
+    def __init__(self, max_bytes: int = 256 * 1024 * 1024, max_entries: int = 10_000, clock=time.monotonic,
+                 on_evict: Callable[[], None] | None = None) -> None:
+        self.max_bytes = max_bytes
         self.max_entries = max_entries
+        self.nbytes = 0  # what the entries cost now, by Answer.nbytes plus the key
         self._clock = clock
-        self._entries: OrderedDict[str, tuple[float, list[dict[str, Any]]]] = OrderedDict()
+        self._on_evict = on_evict or (lambda: None)  # an entry made room for another (a metric)
+        self._entries: OrderedDict[str, tuple[float, Answer]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    async def get(self, key: str) -> list[dict[str, Any]] | None:
+    @staticmethod
+    def _cost(key: str, answer: Answer) -> int:
+        return answer.nbytes + len(key)
+
+    async def get(self, key: str) -> Answer | None:
         entry = self._entries.get(key)
         if entry is None:
             return None
-        expires, chunks = entry
+        expires, answer = entry
         if expires <= self._clock():
-            del self._entries[key]
+            self._drop(key)
             return None
         self._entries.move_to_end(key)
-        return chunks
+        return answer
 
-    async def put(self, key: str, chunks: list[dict[str, Any]], ttl_s: float) -> None:
-        self._entries[key] = (self._clock() + ttl_s, chunks)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+    async def put(self, key: str, answer: Answer, ttl_s: float) -> None:
+        self._drop(key)
+        cost = self._cost(key, answer)
+        if cost <= self.max_bytes:  # an answer bigger than the whole cache is not kept
+            self._entries[key] = (self._clock() + ttl_s, answer)
+            self.nbytes += cost
+            while self.nbytes > self.max_bytes or len(self._entries) > self.max_entries:
+                self._drop(next(iter(self._entries)))
+                self._on_evict()
+
+    def _drop(self, key: str) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self.nbytes -= self._cost(key, entry[1])
 
 
 class SimilarAnswers:

@@ -3,7 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
+
+
+def listen_socket(host: str, port: int, send_buffer_bytes: int = 0) -> socket.socket:
+    """herd's listening socket. The connections accepted from it inherit its send buffer size
+    (`[server] send_buffer_bytes`), which bounds what a client that does not read holds in
+    the kernel (herd itself bounds what it holds: proxy.responses)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if send_buffer_bytes:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer_bytes)
+    sock.bind((host, port))
+    return sock
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -36,7 +49,9 @@ def serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=settings.server.shutdown_grace_s,
         backlog=4096,
     )
-    uvicorn.Server(config).run()
+    server = settings.server
+    sock = listen_socket(server.host, server.port, server.send_buffer_bytes)
+    uvicorn.Server(config).run(sockets=[sock])
     return 0
 
 

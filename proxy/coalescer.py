@@ -66,7 +66,10 @@ class Flight:
         self.shared_id: str | None = None  # the id of this flight across replicas, when another leads it
         self.similarity: float | None = None  # set when it follows a similar flight or cached answer
         self.probe: Any = None  # its semantic probe, once embedded
-        self.body: bytes | None = None  # the non-stream body, made once (proxy.responses.json_body)
+        # Its answer as bytes, each made at most once and shared by every waiter (proxy.answer):
+        self.body: bytes | None = None  # the non-stream body
+        self.sse: Any = None  # the SSE events, rendered as the chunks arrive
+        self.answer: Any = None  # the whole finished answer: a cached one, or made once to store it
         # Kept by the Group:
         self.group: str | None = None  # the semantic group this flight is indexed under
         self.task: asyncio.Task | None = None
@@ -114,7 +117,8 @@ class Flight:
             if not future.done():  # a waiter that was cancelled meanwhile
                 future.set_result(None)
 
-    async def _changed(self) -> None:
+    async def changed(self) -> None:
+        """Until the next publish or finish."""
         future = asyncio.get_running_loop().create_future()
         self._waiting.append(future)
         await future
@@ -135,12 +139,12 @@ class Flight:
                 continue
             if self.done:
                 return
-            await self._changed()
+            await self.changed()
 
     async def wait(self) -> None:
         """Until the flight is done."""
         while not self.done:
-            await self._changed()
+            await self.changed()
 
 
 @dataclass(eq=False)

@@ -29,7 +29,10 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     max_body_bytes: int = 4 * 1024 * 1024
-    request_timeout_s: float = 600.0  # each waiter's deadline
+    request_timeout_s: float = 600.0  # each waiter's deadline: a client that has not read its answer by then is cut
+    # the kernel's send buffer of each client connection (SO_SNDBUF, which Linux doubles): what a
+    # client that does not read can hold there; 0: the kernel's autotuning (net.ipv4.tcp_wmem, MBs)
+    send_buffer_bytes: int = 128 * 1024
     body_timeout_s: float = 30.0  # the whole request body must arrive within this; else 408
     shutdown_grace_s: float = 30.0
     log_level: str = "info"
@@ -128,7 +131,8 @@ class CacheConfig:
     enabled: bool = True
     ttl_seconds: float = 300.0
     sampled_ttl_seconds: float = 10.0  # sampled answers (at most ttl_seconds); 0: never cache them
-    max_entries: int = 10_000  # memory backend: least recently used answers go first
+    max_bytes: int = 256 * 1024 * 1024  # memory cache: answers' bytes; least recently used go first
+    max_entries: int = 10_000  # memory cache, a second bound (it also bounds the semantic cache index)
     backend: str = "auto"  # auto: redis when [redis] url is set, else memory | memory | redis
 
 
@@ -150,8 +154,8 @@ def _validate_redis(s: "Settings") -> None:
         raise ConfigError(f"cache.backend must be auto, memory or redis, got {c.backend!r}")
     if c.backend == "redis" and not r.url:
         raise ConfigError('cache.backend = "redis" needs [redis] url')
-    if c.ttl_seconds <= 0 or c.max_entries < 1:
-        raise ConfigError("cache.ttl_seconds must be > 0 and cache.max_entries >= 1")
+    if c.ttl_seconds <= 0 or c.max_entries < 1 or c.max_bytes < 1:
+        raise ConfigError("cache.ttl_seconds must be > 0, cache.max_entries >= 1 and cache.max_bytes >= 1")
     if c.sampled_ttl_seconds < 0:
         raise ConfigError("cache.sampled_ttl_seconds must be >= 0 (0: sampled answers are never cached)")
     if r.url and not r.url.startswith(("redis://", "rediss://", "unix://")):
@@ -438,6 +442,8 @@ def validate(s: Settings) -> None:
         raise ConfigError('auth.mode = "keys" needs at least one [[auth.keys]] entry')
     if s.server.max_body_bytes <= 0 or s.server.request_timeout_s <= 0 or s.server.body_timeout_s <= 0:
         raise ConfigError("server.max_body_bytes, server.request_timeout_s and server.body_timeout_s must be > 0")
+    if s.server.send_buffer_bytes < 0:
+        raise ConfigError("server.send_buffer_bytes must be >= 0 (0: the kernel's own)")
     _validate_resilience(s)
     _validate_redis(s)
 

@@ -19,10 +19,10 @@ import time
 from dataclasses import dataclass
 
 from proxy.accounting import Accountant
+from proxy.answer import Answer, answer_of
 from proxy.auth import Authenticator, Identity
 from proxy.cache import AnswerCache, MemoryCache, SimilarAnswers
 from proxy.canonical import ChatRequest, assign_keys, digest
-from proxy.chunks import Chunk
 from proxy.coalescer import Flight, Group, Ticket
 from proxy.config import MODEL_MEMO, RouteConfig, Settings
 from proxy.dispatch import Dispatcher
@@ -72,7 +72,9 @@ class Gateway:
             self.shared = SharedFlights(self.redis, self.group, self.metrics)
         self.cache: AnswerCache | None = None
         if cache.enabled:
-            memory = MemoryCache(cache.max_entries)
+            memory = MemoryCache(cache.max_bytes, cache.max_entries, on_evict=self.metrics.cache_evictions.inc)
+            self.metrics.cache_bytes.set_function(lambda: memory.nbytes)
+            self.metrics.cache_entries.set_function(lambda: len(memory))
             backend = cache.backend if cache.backend != "auto" else ("redis" if self.redis else "memory")
             self.cache = RedisCache(self.redis, memory) if backend == "redis" and self.redis else memory
         self.similar: SimilarAnswers | None = None  # semantic cache index, with the matcher
@@ -192,8 +194,8 @@ class Gateway:
         req = plan.req
         if plan.read_cache:
             for key in flight.keys:
-                if (chunks := await self.cache.get(key)) is not None:
-                    return self._replay(flight, chunks)
+                if (answer := await self.cache.get(key)) is not None:
+                    return self._replay(flight, answer)
         if plan.semantic:
             probe = await self.matcher.probe(req.final_text)
             if probe.vector is not None:
@@ -205,9 +207,9 @@ class Gateway:
                 if plan.read_cache and self.similar is not None:
                     if (hit := self.similar.best(req.group, probe)) is not None:
                         key, score = hit
-                        if (chunks := await self.cache.get(key)) is not None:
+                        if (answer := await self.cache.get(key)) is not None:
                             flight.similarity = score
-                            return self._replay(flight, chunks)
+                            return self._replay(flight, answer)
                         self.similar.discard(req.group, key)
         if self.shared is not None and self.shared.usable:
             return await self._shared_work(plan, flight)
@@ -220,10 +222,11 @@ class Gateway:
         if plan.store:
             self._spawn(self._store(plan, flight))
 
-    def _replay(self, flight: Flight, chunks: list[dict]) -> None:
+    def _replay(self, flight: Flight, answer: Answer) -> None:
+        """Answer `flight` from the cache: its waiters write the stored bytes, nothing is rendered again."""
         flight.source = "cache"
         flight.served_by = "cache"
-        flight.extend([Chunk(c) for c in chunks])
+        flight.answer = answer
 
     async def _follow(self, flight: Flight, other: Flight, score: float) -> None:
         """Answer `flight` with a similar flight's answer: wait on it like any of its waiters."""
@@ -239,6 +242,9 @@ class Gateway:
             self.group.release(ticket)
         if other.error is not None:
             raise other.error
+        if not flight.chunks and other.answer is not None:  # the other flight was a cache hit
+            flight.served_by = other.served_by
+            flight.answer = other.answer
 
     async def _shared_work(self, plan: Plan, flight: Flight) -> None:
         """Claim the flight across replicas: lead it (and publish it), or mirror the one that leads."""
@@ -269,9 +275,9 @@ class Gateway:
         ttl = plan.ttl
         if flight.error is not None or ttl <= 0:
             return
-        chunks = [c.data for c in flight.chunks]
+        answer = answer_of(flight)  # the bytes its waiters write, rendered once
         for key in flight.keys:
-            await self.cache.put(key, chunks, ttl)
+            await self.cache.put(key, answer, ttl)
         probe = flight.probe
         if self.similar is not None and probe is not None and probe.vector is not None and flight.group is not None:
             self.similar.add(flight.group, flight.keys[0], probe, ttl)

@@ -118,6 +118,18 @@ class Metrics:
         self.queue_depth = Gauge(
             "herd_upstream_queue_depth", "Calls queued in herd for a GPU backend's slot", ["upstream"], registry=r
         )
+        # the memory cache (proxy.cache): bounded by [cache] max_bytes and max_entries
+        self.cache_bytes = Gauge("herd_cache_bytes", "Bytes the memory cache's answers take", registry=r)
+        self.cache_entries = Gauge("herd_cache_entries", "Answers in the memory cache", registry=r)
+        self.cache_evictions = Counter(
+            "herd_cache_evictions", "Cached answers dropped (least recently used first) to stay within the bounds",
+            registry=r,
+        )
+        # clients cut off by herd (proxy.responses): past their deadline, unsent bytes dropped
+        self.clients_cut = Counter(
+            "herd_clients_cut", "Connections herd dropped because the client did not read its answer in time",
+            registry=r,
+        )
         # Redis (proxy.shared, proxy.redis_cache): present only with [redis] url
         self.redis_up = Gauge(
             "herd_redis_up", "1 while Redis answers; 0 while herd serves local-only", ["backend"], registry=r

@@ -1,8 +1,9 @@
 """The result cache in Redis, shared by every replica, with a memory cache in front.
 
-An entry is `{prefix}:{<key>}:answer`: the JSON list of the chunks a flight published,
-stored with the cache TTL (`SET ... PX`), so it expires on its own. The key is the
-gateway's keyed digest (tenant hash included); the value is the response body in chunks.
+An entry is `{prefix}:{<key>}:answer`: the flight's `Answer` as one bytes value
+(`Answer.encode`: its SSE events and JSON body, rendered once), stored with the cache TTL
+(`SET ... PX`), so it expires on its own. The key is the gateway's keyed digest (tenant hash
+included). A value in any other format (an older herd's) reads as a miss.
 
 The memory cache in front serves repeated hits without a round trip and keeps the cache
 working while Redis is down (it is the whole cache then); an entry copied from Redis keeps
@@ -11,10 +12,7 @@ the TTL Redis has left for it.
 
 from __future__ import annotations
 
-from typing import Any
-
-import orjson
-
+from proxy.answer import Answer
 from proxy.cache import MemoryCache
 from proxy.shared import RedisLink, RedisUnavailable
 
@@ -27,10 +25,10 @@ class RedisCache:
     def _key(self, key: str) -> str:
         return self.link.key(key, "answer")
 
-    async def get(self, key: str) -> list[dict[str, Any]] | None:
-        chunks = await self.memory.get(key)
-        if chunks is not None or not self.link.up:
-            return chunks
+    async def get(self, key: str) -> Answer | None:
+        answer = await self.memory.get(key)
+        if answer is not None or not self.link.up:
+            return answer
         name = self._key(key)
 
         async def fetch(r):
@@ -45,19 +43,18 @@ class RedisCache:
             return None
         if raw is None:
             return None
-        try:
-            chunks = orjson.loads(raw)
-        except orjson.JSONDecodeError:
+        answer = Answer.decode(raw)
+        if answer is None:
             return None  # not ours to trust: a miss
         if ttl_ms and ttl_ms > 0:
-            await self.memory.put(key, chunks, ttl_ms / 1000)
-        return chunks
+            await self.memory.put(key, answer, ttl_ms / 1000)
+        return answer
 
-    async def put(self, key: str, chunks: list[dict[str, Any]], ttl_s: float) -> None:
-        await self.memory.put(key, chunks, ttl_s)
+    async def put(self, key: str, answer: Answer, ttl_s: float) -> None:
+        await self.memory.put(key, answer, ttl_s)
         if not self.link.up:
             return
-        value = orjson.dumps(chunks)
+        value = answer.encode()
         try:
             await self.link.run(lambda r: r.set(self._key(key), value, px=max(1, int(ttl_s * 1000))))
         except RedisUnavailable:

@@ -8,15 +8,19 @@ the upstream call goes on for the others.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
+import struct
 import time
 from collections.abc import Awaitable, Callable
 
 import orjson
 
-from proxy.chunks import assemble
-from proxy.coalescer import Flight, Ticket
+from proxy.answer import Stream, json_body, stream_of
+from proxy.coalescer import Ticket
 from proxy.errors import DeadlineExceeded, HerdError, as_herd_error
+from proxy.sse import DONE
 
 log = logging.getLogger("herd.responses")
 
@@ -78,7 +82,48 @@ async def until_disconnect(work: Awaitable[None], receive: Receive, watch_after:
     return True
 
 
+#: The most bytes one write hands the server for one client. The server holds at most its own
+#: high-water mark of unsent bytes (64 KiB in uvicorn on uvloop or asyncio) before `send` waits
+#: for the client to read, so what herd keeps for a client that does not read stays under that
+#: plus one piece: never a whole answer, whatever its size.
+WRITE_PIECE = 16 * 1024
+#: After its deadline, a waiter's client gets this long to take its error; then it is dropped.
+ERROR_GRACE_S = 1.0
+_NO_LINGER = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() resets the connection
+
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+async def drop_connection(send: Send) -> None:
+    """Close the client's connection at once, discarding whatever it has not read.
+
+    ASGI has no way to say this; uvicorn's `send` is a method of an object holding the
+    connection's transport. `abort()` frees the transport's unsent bytes now (`close()` would
+    keep them until the client reads them, which a client that does not read never does),
+    and a zero linger makes the kernel reset the connection rather than keep sending what
+    it holds. On another server the response is left unfinished, which makes it close.
+    """
+    transport = getattr(getattr(send, "__self__", None), "transport", None)
+    if transport is None or not hasattr(transport, "abort"):
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _NO_LINGER)
+    transport.abort()
+    await asyncio.sleep(0)  # the server sees the connection lost before this response ends
+
+
 class FlightResponse:
+    """One waiter's answer: the flight's bytes (rendered once for all its waiters, proxy.answer),
+    written in pieces of at most WRITE_PIECE, each only once the client has taken the earlier
+    ones. Everything happens before the waiter's deadline; a client still not reading then is
+    given ERROR_GRACE_S to take its error, then dropped."""
+
     def __init__(
         self,
         ticket: Ticket,
@@ -90,6 +135,7 @@ class FlightResponse:
         on_done: Callable[[FlightResponse], None] | None = None,
         request_id: str = "",
         sampled: bool = False,
+        on_cut: Callable[[], None] | None = None,
     ) -> None:
         self.ticket = ticket
         self.sampled = sampled  # the request asked for a random draw (proxy.sampling)
@@ -99,8 +145,11 @@ class FlightResponse:
         self.deadline = deadline  # loop.time() by which this waiter must be answered
         self._release = release
         self._on_done = on_done or (lambda response: None)
+        self._on_cut = on_cut or (lambda: None)
         self.error: HerdError | None = None  # the error this waiter was answered with
         self.disconnected = False  # the client went away first
+        self.started = False  # the response's status and headers have gone out
+        self.cut = False  # herd dropped the connection: the client did not read in time
         self.answered_at: float | None = None  # perf_counter() when the whole answer was written
 
     @property
@@ -130,8 +179,7 @@ class FlightResponse:
 
     async def __call__(self, scope: dict, receive: Receive, send: Send) -> None:
         try:
-            render = self._stream(send) if self.stream else self._json(send)
-            self.disconnected = not await until_disconnect(render, receive)
+            self.disconnected = not await until_disconnect(self._answer(send), receive)
         finally:
             self._release(self.ticket)
             try:
@@ -139,81 +187,96 @@ class FlightResponse:
             except Exception:  # accounting must never break an answer
                 log.exception("on_done failed for flight %s", self.ticket.flight.id)
 
-    async def _error(self, send: Send, error: BaseException) -> None:
-        self.error = as_herd_error(error, "in a flight")
-        await send_error(send, self.error, self.headers)
-
-    async def _json(self, send: Send) -> None:
-        flight = self.ticket.flight
+    async def _answer(self, send: Send) -> None:
         try:
             async with asyncio.timeout_at(self.deadline):
-                await flight.wait()
+                error = await (self._stream(send) if self.stream else self._json(send))
         except TimeoutError:
-            return await self._error(send, DeadlineExceeded("the answer did not arrive before this request's deadline"))
+            error = DeadlineExceeded("the answer did not arrive before this request's deadline")
+        if error is not None:
+            await self._fail(send, error)
+
+    async def _fail(self, send: Send, error: BaseException) -> None:
+        """Answer with `error`: an error response, or a final SSE event once a stream has started
+        (a JSON body that has started cannot take one). A client that does not take it within
+        ERROR_GRACE_S is dropped."""
+        self.error = as_herd_error(error, "in a flight")
+        try:
+            async with asyncio.timeout(ERROR_GRACE_S):
+                if not self.started:
+                    return await send_error(send, self.error, self.headers)
+                if self.stream:
+                    body = b"data: " + orjson.dumps(self.error.body()) + b"\n\n"
+                    return await send({"type": "http.response.body", "body": body, "more_body": False})
+        except TimeoutError:
+            pass
+        self.cut = True
+        self._on_cut()
+        await drop_connection(send)
+
+    async def _start(self, send: Send, headers: list[tuple[bytes, bytes]]) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": headers + self.headers})
+        self.started = True
+
+    async def _write(self, send: Send, data: bytes) -> None:
+        """`data` in pieces of at most WRITE_PIECE (views, not copies); each waits for the
+        client to have taken enough of the earlier ones."""
+        if len(data) <= WRITE_PIECE:
+            return await send({"type": "http.response.body", "body": data, "more_body": True})
+        view = memoryview(data)
+        for at in range(0, len(data), WRITE_PIECE):
+            await send({"type": "http.response.body", "body": view[at : at + WRITE_PIECE], "more_body": True})
+
+    async def _json(self, send: Send) -> BaseException | None:
+        flight = self.ticket.flight
+        await flight.wait()
         if flight.error is not None:
-            return await self._error(send, flight.error)
+            return flight.error
         body = json_body(flight)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-                + self.headers,
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
-        self.answered_at = time.perf_counter()
-
-    async def _stream(self, send: Send) -> None:
-        flight = self.ticket.flight
-        batches = aiter(flight.follow())
-        started = False
-        try:
-            async with asyncio.timeout_at(self.deadline):
-                first = await anext(batches, None)
-                if first is None and flight.error is not None:
-                    return await self._error(send, flight.error)  # nothing sent yet: a plain error
-                await send(
-                    {
-                        "type": "http.response.start",
-                        "status": 200,
-                        "headers": [
-                            (b"content-type", b"text/event-stream; charset=utf-8"),
-                            (b"cache-control", b"no-cache"),
-                            (b"x-accel-buffering", b"no"),
-                        ]
-                        + self.headers,
-                    }
-                )
-                started = True
-                batch = first
-                while batch is not None:
-                    # one write for whatever is new: a late joiner's replay, or chunks that came together
-                    body = b"".join([c.sse for c in batch if self.include_usage or not c.usage_only])
-                    if body:
-                        await send({"type": "http.response.body", "body": body, "more_body": True})
-                    batch = await anext(batches, None)
-        except TimeoutError:
-            error = DeadlineExceeded("the stream did not finish before this request's deadline")
-            if not started:
-                return await self._error(send, error)
-            return await self._end_with_error(send, error)
-        if flight.error is not None:
-            return await self._end_with_error(send, flight.error)
-        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
-        self.answered_at = time.perf_counter()
-
-    async def _end_with_error(self, send: Send, error: BaseException) -> None:
-        """The stream has started: the error goes as a final SSE event, as OpenAI does."""
-        self.error = as_herd_error(error, "in a flight")
-        body = b"data: " + orjson.dumps(self.error.body()) + b"\n\n"
+        await self._start(send, [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())])
+        if len(body) > WRITE_PIECE:
+            await self._write(send, body)
+            body = b""
         await send({"type": "http.response.body", "body": body, "more_body": False})
+        self.answered_at = time.perf_counter()
+        return None
 
+    async def _stream(self, send: Send) -> BaseException | None:
+        flight = self.ticket.flight
+        while not flight.chunks and not flight.done:
+            await flight.changed()
+        sse = stream_of(flight)
+        if not sse.parts and flight.error is not None:
+            return flight.error  # nothing sent yet: a plain error
+        await self._start(send, SSE_HEADERS)
+        written = 0  # parts of `sse` this waiter has written (a late joiner starts at the first)
+        while True:
+            if written < len(sse.parts):
+                written = await self._write_parts(send, sse, written)
+            elif flight.done:
+                break
+            else:
+                await flight.changed()
+            sse = stream_of(flight)  # the chunks published meanwhile, rendered once for every waiter
+        if flight.error is not None:
+            return flight.error
+        await send({"type": "http.response.body", "body": DONE, "more_body": False})
+        self.answered_at = time.perf_counter()
+        return None
 
-def json_body(flight: Flight) -> bytes:
-    """The non-stream body of a finished flight: the upstream's own, when it sent one, else
-    assembled from the chunks; made once per flight."""
-    if flight.body is None:
-        whole = flight.chunks[0].whole if flight.chunks else None
-        flight.body = whole if whole is not None else orjson.dumps(assemble(flight.chunks))
-    return flight.body
+    async def _write_parts(self, send: Send, sse: Stream, i: int) -> int:
+        """Write sse.parts[i:] (usage-only ones only if asked for); small consecutive parts go
+        together, up to WRITE_PIECE. Returns how many parts are written."""
+        parts, end = sse.parts, len(sse.parts)
+        while i < end:
+            j, size = i, 0
+            while j < end and (j == i or size + len(parts[j]) <= WRITE_PIECE):
+                size += len(parts[j])
+                j += 1
+            wanted = [parts[k] for k in range(i, j) if self.include_usage or k not in sse.usage]
+            if len(wanted) == 1:
+                await self._write(send, wanted[0])
+            elif wanted:
+                await self._write(send, b"".join(wanted))
+            i = j
+        return i

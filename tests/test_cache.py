@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import httpx
 import openai
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from benchmarks.simulator import expected_text
+from proxy.answer import Answer
 from proxy.cache import MemoryCache
 from tests.harness import HerdServer, chat_calls, herd_settings, sim_faults, sim_reset
+
+
+def answer(text: bytes, size: int = 0) -> Answer:
+    return Answer(b"data: " + text.ljust(size) + b"\n\n", b"", b'{"x": "' + text + b'"}')
 
 
 def user(text: str) -> list[dict]:
@@ -118,10 +126,52 @@ def test_bypass_neither_reads_nor_writes_the_cache(cached_herd, sim):
 async def test_memory_cache_is_a_bounded_lru_with_expiry():
     now = [0.0]
     cache = MemoryCache(max_entries=2, clock=lambda: now[0])
-    await cache.put("a", [{"x": 1}], ttl_s=10)
-    await cache.put("b", [{"x": 2}], ttl_s=10)
-    assert await cache.get("a") == [{"x": 1}]  # a is now the most recent
-    await cache.put("c", [{"x": 3}], ttl_s=10)
+    await cache.put("a", answer(b"1"), ttl_s=10)
+    await cache.put("b", answer(b"2"), ttl_s=10)
+    assert await cache.get("a") == answer(b"1")  # a is now the most recent
+    await cache.put("c", answer(b"3"), ttl_s=10)
     assert await cache.get("b") is None and await cache.get("a") is not None and len(cache) == 2
     now[0] = 11
     assert await cache.get("a") is None and await cache.get("c") is None
+
+
+async def test_memory_cache_is_bounded_in_bytes_least_recently_used_first():
+    size = answer(b"a", 1000).nbytes + 1  # each entry's cost: its answer's bytes and its key
+    cache = MemoryCache(max_bytes=3 * size, max_entries=100)
+    for key in "abc":
+        await cache.put(key, answer(key.encode(), 1000), ttl_s=10)
+    assert cache.nbytes == 3 * size and len(cache) == 3
+    await cache.get("a")  # b is now the least recently used
+    await cache.put("d", answer(b"d", 1000), ttl_s=10)
+    assert await cache.get("b") is None and len(cache) == 3 and cache.nbytes == 3 * size
+    await cache.put("big", answer(b"big", 4 * size), ttl_s=10)  # bigger than the whole cache: not kept
+    assert await cache.get("big") is None and len(cache) == 3
+    await cache.put("a", answer(b"a", 10), ttl_s=10)  # replacing an entry counts its new size only
+    assert cache.nbytes == 2 * size + answer(b"a", 10).nbytes + 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from("abcdefgh"), st.integers(0, 5000), st.booleans()), max_size=60),
+       st.integers(1, 20_000), st.integers(1, 8))
+def test_memory_cache_never_holds_more_than_max_bytes(ops, max_bytes, max_entries):
+    cache = MemoryCache(max_bytes=max_bytes, max_entries=max_entries)
+
+    async def run():
+        for key, size, read in ops:
+            if read:
+                await cache.get(key)
+            else:
+                await cache.put(key, answer(key.encode(), size), ttl_s=10)
+            kept = [cache._entries[k][1] for k in cache._entries]
+            assert cache.nbytes == sum(a.nbytes + len(k) for k, a in zip(cache._entries, kept, strict=True))
+            assert cache.nbytes <= max_bytes and len(cache) <= max_entries
+
+    asyncio.run(run())
+
+
+def test_an_answer_is_one_bytes_value_and_anything_else_is_a_miss():
+    a = Answer(b"data: {}\n\n" * 3, b'data: {"choices":[],"usage":{"total_tokens":3}}\n\n', b'{"usage":{"x":1}}')
+    assert Answer.decode(a.encode()) == a and a.usage == {"total_tokens": 3}
+    assert Answer(b"", b"", b'{"usage":{"x":1}}').usage == {"x": 1}
+    for raw in (b"", b'[{"choices": []}]', a.encode()[:-1], a.encode() + b"x"):
+        assert Answer.decode(raw) is None
