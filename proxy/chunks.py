@@ -12,18 +12,18 @@ import orjson
 
 
 class Chunk:
-    """One `chat.completion.chunk`: the parsed object and its JSON bytes, serialized once.
+    """One `chat.completion.chunk`: the parsed object and its JSON bytes, serialized once
+    (its SSE event is rendered with the rest of its flight's: proxy.answer.Stream).
 
     `whole` is set on the first chunk of an answer the upstream sent in one piece (a
     non-stream call): its own `chat.completion` body, which non-stream waiters get as it is.
     """
 
-    __slots__ = ("data", "_raw", "_sse", "whole")
+    __slots__ = ("_raw", "data", "whole")
 
     def __init__(self, data: dict[str, Any], raw: bytes | None = None) -> None:
         self.data = data
         self._raw = raw
-        self._sse: bytes | None = None
         self.whole: bytes | None = None
 
     @property
@@ -31,12 +31,6 @@ class Chunk:
         if self._raw is None:
             self._raw = orjson.dumps(self.data)
         return self._raw
-
-    @property
-    def sse(self) -> bytes:
-        if self._sse is None:
-            self._sse = b"data: " + self.raw + b"\n\n"
-        return self._sse
 
     @property
     def usage_only(self) -> bool:
