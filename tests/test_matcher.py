@@ -270,3 +270,15 @@ def test_one_slip_is_a_typo():
                  ("How do I recieve a refund?", "How do I receive a refund?")]:
         d = decide(m.probe_with_vector(a, ONE), m.probe_with_vector(b, ONE), m.config)
         assert d.merge and "misspelling" in d.reason
+
+
+@pytest.mark.parametrize("a, b", [
+    ("Where should I live?", "Where do I live?"),  # advice, or a fact about me
+    ("How can I look younger?", "How do I look younger?"),
+    ("How do I look?", "How should I look?"),
+    ("Is there a way to cure cancer?", "Can I cure cancer?"),  # in general, or by me
+    ("What is silence?", "What is mute?"),  # synonyms only as verbs
+])
+def test_frames_and_synonyms_hold_only_where_they_are_neutral(a, b):
+    m = Matcher(None)
+    assert not decide(m.probe_with_vector(a, ONE), m.probe_with_vector(b, ONE), m.config).merge

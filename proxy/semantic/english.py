@@ -77,7 +77,7 @@ _FRAME_SPEC = {
     "who do i": "who should i | who can i",
     "what do i": "what should i",
     "do you have": "have you got",
-    "can i": "could i | may i | am i able to | is it possible to | is it possible for me to | is there a way to",
+    "can i": "could i | may i | am i able to | is it possible for me to",
     "log in": "login | sign in | signin | log on | logon",
     "log out": "logout | sign out | signout | log off | logoff",
     "set up": "setup",
@@ -90,8 +90,13 @@ FRAMES: dict[tuple[str, ...], tuple[str, ...]] = {
     for line in spec.splitlines() for p in line.split("|") if p.strip()
 }
 
+#: Verbs after which "how do I" is not "how can I" ("how do I look?" asks for an opinion,
+#: "how can I look ..." for a method): a question frame before them is not rewritten.
+STATIVE = frozenset(words("""look looks feel feels seem seems sound sounds smell smells taste tastes appear
+be live know knew like love"""))
+
 #: Hesitation sounds: not words, dropped wherever they occur (outside quotes).
-HESITATIONS = frozenset(words("um umm ummm uh uhh uhm er erm hmm hmmm"))
+HESITATIONS = frozenset(words("um umm ummm uh uhh uhm erm hmm hmmm"))
 
 #: Prepositions that open a phrase a question may front before a comma ("In the app
 #: settings, how do I ..." = "How do I ... in the app settings?"): the phrase moves back.
@@ -122,7 +127,6 @@ SYNONYMS = _groups({
     "math": "maths",
     "shop": "store",
     "quote": "quotation",
-    "mute": "silence",
 })
 
 #: British spellings to American ones (and the reverse pairs they stand for).

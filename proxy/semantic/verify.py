@@ -131,7 +131,7 @@ def english_form(ps: tuple[Piece, ...]) -> tuple[str, ...]:
     while i < len(seq):
         for n in range(min(_MAX_FRAME, len(seq) - i), 0, -1):
             canon = en.FRAMES.get(tuple(seq[i : i + n]))
-            if canon is not None:
+            if canon is not None and (i + n == len(seq) or seq[i + n] not in en.STATIVE):
                 out.extend(canon)
                 i += n
                 break
