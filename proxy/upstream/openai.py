@@ -93,7 +93,6 @@ class OpenAIUpstream(Upstream):
             return
         payload = {**body, "stream": True, "stream_options": {"include_usage": True}}
         headers = self._chat_headers(options, "text/event-stream")
-        finished = False
         resp: aiohttp.ClientResponse | None = None
         watchdog = Watchdog(self.cfg.first_byte_timeout_s, f"upstream {self.name!r}")
         try:
@@ -104,25 +103,32 @@ class OpenAIUpstream(Upstream):
                 if resp.status >= 400:
                     raise await watchdog.wait(self._error(resp))
                 if not resp.content_type.startswith("text/event-stream"):  # a server that ignores `stream`
-                    yield self._answer(await watchdog.wait(resp.read()), resp.content_type)
+                    yield self._answer(await watchdog.wait(resp.read()))
                     return
-                reads = aiter(resp.content.iter_any())
-                parser = EventParser()
-                done = False  # [DONE] seen: nothing more will come
-                while not done:
-                    data = await watchdog.wait(anext(reads, None))
-                    events = parser.close() if data is None else parser.feed(data)
-                    watchdog.progress(self.cfg.idle_timeout_s)
-                    batch, ends, done = self._chunks(events)
-                    finished = finished or ends or done
-                    if batch:
-                        yield batch  # the chunks of one network read go out together
-                    if data is None:
-                        break
+                async for batch in self._events(resp, watchdog):
+                    yield batch  # the chunks of one network read go out together
         finally:
             watchdog.stop()
             if resp is not None:
                 resp.release()
+
+    async def _events(self, resp: aiohttp.ClientResponse, watchdog: Watchdog) -> AsyncIterator[list[Chunk]]:
+        """The chunks of an SSE answer, a batch per network read, until [DONE] or the end.
+        Only data events move the idle limit: `: keep-alive` comments never hold waiters."""
+        reads = aiter(resp.content.iter_any())
+        parser = EventParser()
+        finished = done = False  # a choice finished; [DONE] seen: nothing more will come
+        while not done:
+            data = await watchdog.wait(anext(reads, None))
+            events = parser.close() if data is None else parser.feed(data)
+            if events:
+                watchdog.progress(self.cfg.idle_timeout_s)
+            batch, ends, done = self._chunks(events)
+            finished = finished or ends or done
+            if batch:
+                yield batch
+            if data is None:
+                break
         if not finished:
             raise UpstreamUnavailable(f"upstream {self.name!r} ended the stream before it was complete")
 
@@ -142,24 +148,18 @@ class OpenAIUpstream(Upstream):
             batch.append(Chunk(data, event.data))
         return batch, finished, False
 
-    def _answer(self, raw: bytes, content_type: str) -> list[Chunk]:
-        """A whole answer as chunks: a `chat.completion` body (kept whole on the first chunk),
-        or the complete SSE stream of a server that always streams."""
-        if not content_type.startswith("text/event-stream"):
-            chunks = split(_completion(raw, self.name), raw)
-            for chunk in chunks:
-                if (why := malformed(chunk.data)) is not None:
-                    raise self._malformed(why)
-            return chunks
-        parser = EventParser()
-        batch, finished, _ = self._chunks(parser.feed(raw) + parser.close())
-        if not finished:
-            raise UpstreamUnavailable(f"upstream {self.name!r} ended the stream before it was complete")
-        return batch
+    def _answer(self, raw: bytes) -> list[Chunk]:
+        """A `chat.completion` body as chunks (kept whole on the first chunk)."""
+        chunks = split(_completion(raw, self.name), raw)
+        for chunk in chunks:
+            if (why := malformed(chunk.data)) is not None:
+                raise self._malformed(why)
+        return chunks
 
     async def _whole(self, body: dict, options: CallOptions) -> list[Chunk]:
         """A non-stream call. Its first byte is the whole answer, so no first-byte or idle
-        timeout applies: only the call's total timeout (aiohttp's own)."""
+        timeout applies: only the call's total timeout (aiohttp's own). A server that
+        streams anyway is read as a stream, with its first-byte and idle timeouts."""
         payload = {k: v for k, v in body.items() if k != "stream_options"}
         payload["stream"] = False
         headers = self._chat_headers(options, "application/json")
@@ -169,7 +169,13 @@ class OpenAIUpstream(Upstream):
             ) as resp:
                 if resp.status >= 400:
                     raise await self._error(resp)
-                return self._answer(await resp.read(), resp.content_type)
+                if not resp.content_type.startswith("text/event-stream"):
+                    return self._answer(await resp.read())
+                watchdog = Watchdog(self.cfg.first_byte_timeout_s, f"upstream {self.name!r}")
+                try:
+                    return [chunk async for batch in self._events(resp, watchdog) for chunk in batch]
+                finally:
+                    watchdog.stop()
 
     def _malformed(self, why: str) -> UpstreamUnavailable:
         return UpstreamUnavailable(f"upstream {self.name!r} sent a malformed answer: {why}",
