@@ -115,6 +115,9 @@ class CoalesceConfig:
     threshold: float = 0.40  # the embedding's second witness to the verifier: benchmarks/SEMANTIC.md
     guards: list[str] = field(default_factory=lambda: ["all"])  # ignored: the verifier replaced the guards
     model_path: str = ""  # ONNX model; empty: the bundled all-MiniLM-L6-v2 int8
+    # the languages that model reads; a language merges semantically only with verifier
+    # tables too (English today), any other only when normalized-equal
+    model_languages: list[str] = field(default_factory=lambda: ["en"])
     embed_precision: str = "int8"  # int8: matrix products in 8-bit integers (about 2x cheaper a text) | fp32
     embed_batch: int = 32
     embed_cache: int = 10_000

@@ -282,3 +282,12 @@ def test_one_slip_is_a_typo():
 def test_frames_and_synonyms_hold_only_where_they_are_neutral(a, b):
     m = Matcher(None)
     assert not decide(m.probe_with_vector(a, ONE), m.probe_with_vector(b, ONE), m.config).merge
+
+
+def test_the_model_declares_its_languages_in_the_config():
+    from proxy.config import parse_settings
+
+    upstreams = {"upstreams": {"u": {"base_url": "http://127.0.0.1:9/v1"}}}
+    s = parse_settings({**upstreams, "coalesce": {"mode": "semantic", "model_languages": ["en", "de"]}})
+    assert MatchConfig.from_settings(s.coalesce).languages == ("en", "de")
+    assert MatchConfig.from_settings(parse_settings(upstreams).coalesce).languages == ("en",)
