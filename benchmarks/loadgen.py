@@ -216,7 +216,7 @@ class _Client:
             status = CONNECTION
         except asyncio.CancelledError:
             raise
-        except Exception:  # noqa: BLE001 - counted, never fatal to the run
+        except Exception:  # counted, never fatal to the run
             status = EXCEPTION
         rec.add(started - self.t0, clock() - started, ttft, status, role, req.prompt, req.stream)
         if reads is not None:
@@ -486,7 +486,7 @@ def _child(phase: Phase, url: str, counters: Counters, k: int, n: int, ready: An
             warmup_requests=_iter_for(phase.warmup_requests, k, n), before_measure=wait_go, counters=counters,
             slot=k, seed=phase.seed * 1000 + k, timeout=phase.timeout, keep_reads=phase.keep_reads))
         results.put((k, rec, None))
-    except BaseException as e:  # noqa: BLE001 - reported to the parent
+    except BaseException as e:  # reported to the parent
         results.put((k, None, f"{type(e).__name__}: {e}"))
 
 

@@ -246,11 +246,13 @@ class Pool:
         self.elapsed += m.rec.elapsed
         self.rec.elapsed = self.elapsed
         ok = sum(1 for s in m.rec.status if s == 200)
-        self.rounds.append({"requests": len(m.rec), "req_per_s": round(ok / m.rec.elapsed, 1) if m.rec.elapsed else None,
+        self.rounds.append({"requests": len(m.rec),
+                            "req_per_s": round(ok / m.rec.elapsed, 1) if m.rec.elapsed else None,
                             "upstream_calls": m.upstream_calls, "background_cores": m.background_cores})
         self.calls = None if self.calls is None or m.upstream_calls is None else self.calls + m.upstream_calls
         self.max_active = max(self.max_active, m.upstream_max_active or 0)
-        self.cpu_target = None if self.cpu_target is None or m.cpu_target_s is None else self.cpu_target + m.cpu_target_s
+        self.cpu_target = (None if self.cpu_target is None or m.cpu_target_s is None
+                           else self.cpu_target + m.cpu_target_s)
         self.cpu_sim = None if self.cpu_sim is None or m.cpu_sim_s is None else self.cpu_sim + m.cpu_sim_s
         if m.metrics_diff is not None:
             self.metrics = {k: (self.metrics or {}).get(k, 0.0) + v for k, v in m.metrics_diff.items()}

@@ -90,7 +90,8 @@ async def burst(replicas, sim_url: str, text: str, n: int) -> dict:
     async with session() as http:
         results = await asyncio.gather(*[request(http, replicas[i % len(replicas)].url, text,
                                                  stream=(i // len(replicas)) % 2 == 0) for i in range(n)])
-    return {"requests": n, "failed": sum(r["status"] != 200 for r in results), "upstream_calls": chat_calls(sim_url) - before}
+    return {"requests": n, "failed": sum(r["status"] != 200 for r in results),
+            "upstream_calls": chat_calls(sim_url) - before}
 
 
 async def follower_latency(leader, remote, sim_url: str, flights: int, tag: str, concurrency: int = 4) -> dict:

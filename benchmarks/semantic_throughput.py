@@ -43,7 +43,8 @@ from embeddings.embedder import DEFAULT_PRECISION
 def prompts(n: int, offset: int = 0) -> list[str]:
     topics = ["billing", "shipping", "passwords", "returns", "warranty", "delivery", "accounts", "refunds"]
     return [
-        f"Question {i + offset}: how does {topics[i % len(topics)]} work for order {1000 + i + offset} in region {i % 17}?"
+        f"Question {i + offset}: how does {topics[i % len(topics)]} work for order {1000 + i + offset} "
+        f"in region {i % 17}?"
         for i in range(n)
     ]
 
@@ -160,7 +161,8 @@ def embedding_counters(url: str) -> tuple[float, float, float]:
 def batches_between(before: tuple[float, float, float], after: tuple[float, float, float]) -> dict:
     runs, texts, seconds = (a - b for a, b in zip(after, before))
     return {"runs": int(runs), "mean_batch": texts / runs if runs else 0.0,
-            "ms_per_run": 1000 * seconds / runs if runs else 0.0, "ms_per_text": 1000 * seconds / texts if texts else 0.0}
+            "ms_per_run": 1000 * seconds / runs if runs else 0.0,
+            "ms_per_text": 1000 * seconds / texts if texts else 0.0}
 
 
 def cpu_budget(result: dict) -> dict:
@@ -207,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
                     "requests": args.requests, "concurrency": args.concurrency}
     with Stack() as stack:
         sim = stack.simulator(ttft_ms=1)
-        herds = {mode: stack.herd(sim.url, mode, overrides=["server.access_log=false", *args.herd_option]) for mode in ("exact", "semantic")}
+        herds = {mode: stack.herd(sim.url, mode, overrides=["server.access_log=false", *args.herd_option])
+                 for mode in ("exact", "semantic")}
         cpu = Cpu(stack, sim)
         wait_for_quiet(args.wait_quiet)
         with cpu.of(None):
@@ -260,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     for mode in ("exact", "semantic"):
         h = result[mode]["half_load"]
         print(f"{'herd-' + mode:<22}{h['p50_ms']:>9.2f}{h['p99_ms']:>9.2f}{h['foreign_cores']:>15.2f}")
-    for phase, e in (("full load", result["semantic"]["embedding"]), ("half load", result["semantic"]["half_load"]["embedding"])):
+    semantic = result["semantic"]
+    for phase, e in (("full load", semantic["embedding"]), ("half load", semantic["half_load"]["embedding"])):
         print(f"herd-semantic embedding runs at {phase}: {e['runs']}, mean batch {e['mean_batch']:.1f}, "
               f"{e['ms_per_run']:.2f} ms/run, {e['ms_per_text']:.2f} ms/text")
     print(f"herd CPU ms/request at full load: exact {result['exact']['herd_cpu_ms_per_req']:.2f}, "
@@ -278,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{budget['room_besides_embedding_ms']:.2f} ms;\nherd-exact's loop, simulator and load generator alone take "
           f"{budget['exact_rest_ms']:.2f} ms per request, herd-semantic's loop, simulator and load generator "
           f"{budget['semantic_rest_ms']:.2f} ms. Ceiling on this machine: "
-          f"{budget['ceiling_share']:.0%} of the embedder's rate (embedding at its standalone cost, plus herd-semantic's "
+          f"{budget['ceiling_share']:.0%} of the embedder's rate (embedding at its standalone cost, "
+          "plus herd-semantic's "
           f"other work).")
     print(f"\nsemantic mode: {share:.0%} of the embedder's best throughput (target >= 85%); "
           f"adds {added:+.2f} ms p50 over exact mode at half load (target <= 10 ms)")

@@ -67,7 +67,8 @@ import struct
 import sys
 import threading
 import time
-from typing import Any, Iterable, Mapping, NamedTuple
+from collections.abc import Iterable, Mapping
+from typing import Any, NamedTuple
 
 import orjson
 from aiohttp import web
@@ -308,7 +309,8 @@ def normalize_fault(rule: Mapping[str, Any]) -> dict[str, Any]:
     """
     if not isinstance(rule, Mapping):
         raise ValueError("a fault rule must be a JSON object")
-    unknown = set(rule) - {"kind", "times", "match", "path", "status", "body", "headers", "after_chunks", "stall_s", "delay_ms"}
+    unknown = set(rule) - {"kind", "times", "match", "path", "status", "body", "headers", "after_chunks", "stall_s",
+                           "delay_ms"}
     if unknown:
         raise ValueError(f"unknown fault field(s): {sorted(unknown)}")
     kind = rule.get("kind")
@@ -552,11 +554,13 @@ class Simulator:
 
     async def _metrics(self, request: web.BaseRequest) -> web.Response:
         s = self.settings
-        label = '{model_name="%s"}' % str(s["models"][0]).replace("\\", "\\\\").replace('"', '\\"')
+        model = str(s["models"][0]).replace("\\", "\\\\").replace('"', '\\"')
+        label = f'{{model_name="{model}"}}'
         kv = float(s["kv_cache_usage"])
         gauges = (
             ("vllm:num_requests_running", "Number of requests in model execution batches.", self.running),
-            ("vllm:num_requests_waiting", "Number of requests waiting to be processed.", int(s["waiting"]) + len(self._queue)),
+            ("vllm:num_requests_waiting", "Number of requests waiting to be processed.",
+             int(s["waiting"]) + len(self._queue)),
             ("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", kv),
             ("vllm:gpu_cache_usage_perc", "GPU KV-cache usage. 1 means 100 percent usage.", kv),
         )
@@ -608,7 +612,8 @@ class Simulator:
                     404, f"Unknown request URL: {request.method} {path}. Please check the URL.", "unknown_url"
                 )
             if path in MODEL_PATHS and not is_dict:
-                msg = "We could not parse the JSON body of your request." if bad_json or raw else "Request body is empty."
+                msg = ("We could not parse the JSON body of your request." if bad_json or raw
+                       else "Request body is empty.")
                 if path == MESSAGES_PATH:
                     return _anthropic_error(400, msg)
                 return _openai_error(400, msg)
@@ -1085,17 +1090,18 @@ class Simulator:
             elif not isinstance(content, str):
                 raise _BadRequest(f"messages.{i}.content: Field required")
         system = body.get("system")
-        if system is not None and not isinstance(system, str):
-            if not isinstance(system, list) or not all(
-                isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str) for b in system
-            ):
-                raise _BadRequest("system: Input should be a valid string or a list of text blocks")
+        text_blocks = isinstance(system, list) and all(
+            isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str) for b in system
+        )
+        if system is not None and not isinstance(system, str) and not text_blocks:
+            raise _BadRequest("system: Input should be a valid string or a list of text blocks")
         stops = body.get("stop_sequences")
         if stops is not None and (not isinstance(stops, list) or not all(isinstance(s, str) for s in stops)):
             raise _BadRequest("stop_sequences: Input should be a valid list of strings")
         tools = body.get("tools")
         if tools is not None and (
-            not isinstance(tools, list) or not all(isinstance(t, dict) and isinstance(t.get("name"), str) for t in tools)
+            not isinstance(tools, list)
+            or not all(isinstance(t, dict) and isinstance(t.get("name"), str) for t in tools)
         ):
             raise _BadRequest("tools: each tool needs a name")
 
@@ -1178,9 +1184,11 @@ class Simulator:
         ]
         steps = [first]
         if reply.tool_name is not None:
-            dprefix = b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,"delta":{"type":"input_json_delta","partial_json":'
+            dprefix = (b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+                       b'"delta":{"type":"input_json_delta","partial_json":')
         else:
-            dprefix = b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":'
+            dprefix = (b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+                       b'"delta":{"type":"text_delta","text":')
         for k, frag in enumerate(frags):
             ev = dprefix + orjson.dumps(frag) + b"}}\n\n"
             if k == 0:

@@ -152,10 +152,14 @@ class BatchingEmbedder:
         self._shut()
         threads = [t for t in self._threads if t.is_alive()]
         if threads:
-            await asyncio.get_running_loop().run_in_executor(None, lambda: [t.join() for t in threads])
+            def join() -> None:
+                for t in threads:
+                    t.join()
+
+            await asyncio.get_running_loop().run_in_executor(None, join)
             await asyncio.sleep(0)  # the last runs' vectors, posted to the loop before the joins ended
 
-    async def __aenter__(self) -> BatchingEmbedder:  # noqa: PYI034
+    async def __aenter__(self) -> BatchingEmbedder:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -189,10 +193,11 @@ class BatchingEmbedder:
                     continue
                 self._running += 1
                 loop = self._loop
+                assert loop is not None  # set by embed(), which queued this batch
             t0 = time.perf_counter()
             try:
                 outcome: np.ndarray | Exception = self.embedder.embed([p.text for _, p in batch])
-            except Exception as exc:  # noqa: BLE001 - handed to the waiters; the worker goes on
+            except Exception as exc:  # handed to the waiters; the worker goes on
                 outcome = exc
             elapsed = time.perf_counter() - t0
             try:

@@ -49,7 +49,7 @@ class _BatchWriter(logging.Handler):
         self.interval_s = interval_s
         self.limit = limit
         self.dropped = 0
-        self._records: collections.deque[logging.LogRecord] = collections.deque()
+        self._records: collections.deque[logging.LogRecord | dict] = collections.deque()
         self._drain_lock = threading.Lock()
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="herd-log-writer", daemon=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,  # noqa: F401  (re-exported for the route)
@@ -25,6 +26,11 @@ def _memoize_labels(metric) -> None:
     names, capped models and tenants), so the memo is too; herd never removes a label set.
     """
     metric.labels = functools.lru_cache(maxsize=None)(metric.labels)
+
+
+def _total(counter: Counter, where: Callable[[dict[str, str]], bool] = lambda labels: True) -> float:
+    """A counter's count over its label sets (those `where` accepts)."""
+    return sum(s.value for m in counter.collect() for s in m.samples if s.name.endswith("_total") and where(s.labels))
 
 
 class Metrics:
@@ -102,7 +108,8 @@ class Metrics:
             "herd_upstream_fallbacks", "Flights handed to a fallback upstream", ["upstream", "fallback"], registry=r
         )
         self.circuit_state = Gauge(
-            "herd_circuit_state", "Circuit breaker per upstream: 0 closed, 1 half-open, 2 open", ["upstream"], registry=r
+            "herd_circuit_state", "Circuit breaker per upstream: 0 closed, 1 half-open, 2 open", ["upstream"],
+            registry=r,
         )
         self.rate_limit_wait = Histogram(
             "herd_rate_limit_wait_seconds", "Time calls waited for herd's own rate limits", ["upstream"],
@@ -114,7 +121,8 @@ class Metrics:
         self.concurrency_limit = Gauge(
             "herd_upstream_concurrency_limit", "Adaptive concurrency limit of a GPU backend", ["upstream"], registry=r
         )
-        self.concurrency = Gauge("herd_upstream_concurrency", "Calls running on a GPU backend", ["upstream"], registry=r)
+        self.concurrency = Gauge("herd_upstream_concurrency", "Calls running on a GPU backend", ["upstream"],
+                                 registry=r)
         self.queue_depth = Gauge(
             "herd_upstream_queue_depth", "Calls queued in herd for a GPU backend's slot", ["upstream"], registry=r
         )
@@ -149,8 +157,8 @@ class Metrics:
         self.embedding_seconds.observe(seconds)
 
     def coalesce_ratio(self) -> float:
-        served = sum(self.requests.labels(o)._value.get() for o in ("leader", "follower", "cache", "bypass"))
-        calls = sum(m._value.get() for m in self.upstream_calls._metrics.values())
+        served = _total(self.requests, lambda labels: labels["outcome"] in ("leader", "follower", "cache", "bypass"))
+        calls = _total(self.upstream_calls)
         return 1.0 - calls / served if served else 0.0
 
     def render(self) -> bytes:

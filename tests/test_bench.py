@@ -216,7 +216,7 @@ def test_helpers() -> None:
     before = {'herd_upstream_seconds_bucket{le="0.05",upstream="sim"}': 0.0,
               'herd_upstream_seconds_bucket{le="0.1",upstream="sim"}': 0.0,
               'herd_upstream_seconds_bucket{le="+Inf",upstream="sim"}': 0.0}
-    after = {k: v for k, v in zip(before, (0.0, 100.0, 100.0))}
+    after = dict(zip(before, (0.0, 100.0, 100.0)))
     q = histogram_quantiles(before, after, "herd_upstream_seconds")
     assert q["n"] == 100 and q["p50"] == pytest.approx(75.0)
     text = table(["a", "b"], [["x", 1.5], ["yy", None]], "title")

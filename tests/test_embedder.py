@@ -90,7 +90,8 @@ def test_token_count_includes_special_tokens(embedder: Embedder) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["hello world", "x" * 250, "naïve café ünïcödé " * 20, "한국어 텍스트 " * 60, "a, b. c! " * 40, "word " * 254, "word " * 255],
+    ["hello world", "x" * 250, "naïve café ünïcödé " * 20, "한국어 텍스트 " * 60, "a, b. c! " * 40, "word " * 254,
+     "word " * 255],
 )
 def test_fits_agrees_with_token_count(embedder: Embedder, text: str) -> None:
     assert embedder.fits(text) == (embedder.token_count(text) <= 256)
@@ -285,7 +286,7 @@ async def test_lru_hit_avoids_a_run_and_same_text_is_embedded_once() -> None:
     await asyncio.sleep(0.01)
     gate.set()
     a, b, c = await asyncio.gather(*tasks)
-    assert a is b is c and [r for r in fake.runs] == [["same"]]
+    assert a is b is c and fake.runs == [["same"]]
     again = await be.embed("same")
     assert again is a and len(fake.runs) == 1 and be.stats()["cache_hits"] == 1
     assert not again.flags.writeable  # shared vectors are read-only

@@ -463,7 +463,8 @@ async def test_latency_model():
         async for c in await client.chat.completions.create(**chat("x"), stream=True):
             if c.choices and c.choices[0].delta.content:
                 stamps.append(time.monotonic() - t0)
-        assert stamps[0] >= 0.1 and stamps[-1] - stamps[0] >= 0.045
+        # lower bounds only: a loaded client may read the chunks late and all at once
+        assert stamps[0] >= 0.1 and time.monotonic() - t0 >= 0.1 + 5 / 100
         await client.close()
 
 

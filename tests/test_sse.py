@@ -10,7 +10,8 @@ async def parse(*chunks: bytes) -> list[Event]:
     return [e for c in chunks for e in parser.feed(c)] + parser.close()
 
 
-STREAM = b'data: {"a": 1}\n\n: keep-alive\n\nevent: message_stop\ndata: {"b": 2}\n\ndata: line one\ndata: line two\n\ndata: [DONE]\n\n'
+STREAM = (b'data: {"a": 1}\n\n: keep-alive\n\nevent: message_stop\ndata: {"b": 2}\n\n'
+          b"data: line one\ndata: line two\n\ndata: [DONE]\n\n")
 EXPECTED = [Event(b'{"a": 1}'), Event(b'{"b": 2}', "message_stop"), Event(b"line one\nline two"), Event(b"[DONE]")]
 
 

@@ -594,12 +594,12 @@ class AnthropicUpstream(Upstream):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + cfg.total_timeout_s
         translator = StreamTranslator()
-        stream = None
+        response: anthropic.AsyncStream[anthropic.types.RawMessageStreamEvent] | None = None
         try:
             # Timeouts wrap each wait, never a `yield`: the consumer's own awaits are its business.
             async with asyncio.timeout(min(cfg.first_byte_timeout_s, deadline - loop.time())):
-                stream = await client.messages.create(**request, stream=True)
-            events = aiter(stream)
+                response = await client.messages.create(**request, stream=True)
+            events = aiter(response)
             wait = cfg.first_byte_timeout_s
             while not translator.done:
                 async with asyncio.timeout(min(wait, deadline - loop.time())):
@@ -622,8 +622,8 @@ class AnthropicUpstream(Upstream):
                 f"upstream {self.name!r} sent an answer herd cannot read: {type(e).__name__}"
             ) from None
         finally:
-            if stream is not None:
-                await stream.close()
+            if response is not None:
+                await response.close()
         if not translator.done:
             raise UpstreamUnavailable(f"upstream {self.name!r} ended the stream before it was complete")
 

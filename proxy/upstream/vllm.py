@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import cast
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
@@ -79,10 +80,9 @@ class VLLMUpstream(OpenAIUpstream):
         await super().aclose()
 
     async def chat(self, body: dict, options: CallOptions, stream: bool = True) -> AsyncIterator[list[Chunk]]:
-        async with (
-            self.capacity.slot(),
-            contextlib.aclosing(super().chat(body, options, stream)) as batches,
-        ):
+        # OpenAIUpstream.chat is an async generator: closed here, whatever ends this one
+        batches = cast(AsyncGenerator[list[Chunk], None], super().chat(body, options, stream))
+        async with self.capacity.slot(), contextlib.aclosing(batches):
             async for batch in batches:
                 yield batch
 
