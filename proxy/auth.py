@@ -56,8 +56,8 @@ class Authenticator:
         else:
             self._hash_key = secrets.token_bytes(32)
             log.info("auth.hash_key is not set: tenant hashes are random per process (set it to share across replicas)")
-        self._keys = {k["sha256"]: k.get("tenant") for k in cfg.keys}
-        self._sampled = {k["sha256"]: k.get("sampled", "") for k in cfg.keys}
+        self._keys = {k.sha256: k.tenant for k in cfg.keys}
+        self._sampled = {k.sha256: k.sampled for k in cfg.keys}
         holding = any(u.api_key for u in settings.upstreams.values())
         self.check_keys = cfg.mode == "keys" or (cfg.mode == "auto" and holding)
 

@@ -1,10 +1,28 @@
-"""`herd`: serve the proxy, evaluate the semantic matcher, run the benchmarks."""
+"""`herd`: serve the proxy, check a config, show a demo, evaluate the matcher, run the benchmarks."""
 
 from __future__ import annotations
 
 import argparse
 import socket
 import sys
+
+from proxy import __version__
+
+
+def _load(path: str | None, host: str | None = None, port: int | None = None):  # -> Settings | None
+    from proxy.config import ConfigError, check_open_relay, load_settings
+
+    try:
+        settings = load_settings(path)
+        if host:
+            settings.server.host = host
+            check_open_relay(settings)  # the host decides whether open auth is a relay
+        if port is not None:
+            settings.server.port = port
+    except ConfigError as e:
+        print(f"herd: {e}", file=sys.stderr)
+        return None
+    return settings
 
 
 def listen_socket(host: str, port: int, send_buffer_bytes: int = 0) -> socket.socket:
@@ -20,22 +38,20 @@ def listen_socket(host: str, port: int, send_buffer_bytes: int = 0) -> socket.so
 
 
 def serve(args: argparse.Namespace) -> int:
+    import logging
+
     import uvicorn
 
     from proxy.app import create_app
-    from proxy.config import ConfigError, load_settings
+    from proxy.config import warnings
     from proxy.logs import setup_logging
 
-    try:
-        settings = load_settings(args.config)
-    except ConfigError as e:
-        print(f"herd: {e}", file=sys.stderr)
+    settings = _load(args.config, args.host, args.port)
+    if settings is None:
         return 2
-    if args.host:
-        settings.server.host = args.host
-    if args.port is not None:
-        settings.server.port = args.port
     setup_logging(settings.server.log_level)
+    for warning in warnings(settings):
+        logging.getLogger("herd.config").warning(warning)
     config = uvicorn.Config(
         create_app(settings),
         host=settings.server.host,
@@ -55,14 +71,41 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def check(args: argparse.Namespace) -> int:
+    """Validate a config without starting anything; print what it sets up."""
+    from proxy.config import warnings
+
+    settings = _load(args.config)
+    if settings is None:
+        return 2
+    s = settings
+    print(f"config OK: listens on {s.server.host}:{s.server.port}, auth {s.auth.mode}"
+          f"{f' ({len(s.auth.keys)} client keys)' if s.auth.keys else ''}, coalesce {s.coalesce.mode}")
+    for name, up in s.upstreams.items():
+        key = "holds a provider key" if up.api_key else "forwards each client's key"
+        print(f"  upstream {name}: {up.kind} at {up.base_url}, {key}")
+    for route in s.routes:
+        extra = f" (fallbacks: {', '.join(route.fallbacks)})" if route.fallbacks else ""
+        rewrite = f" as {route.model_rewrite}" if route.model_rewrite else ""
+        print(f"  route {route.model} -> {route.upstream}{rewrite}{extra}")
+    cache = "off" if not s.cache.enabled else f"{s.cache.backend}, ttl {s.cache.ttl_seconds:g}s"
+    print(f"  cache: {cache}; redis: {'set' if s.redis.url else 'none (one machine)'}")
+    for warning in warnings(s):
+        print(f"warning: {warning}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="herd", description="LLM request-coalescing proxy")
+    parser.add_argument("--version", action="version", version=f"herd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p_serve = sub.add_parser("serve", help="run the proxy")
     p_serve.add_argument("--config", help="TOML config (default: $HERD_CONFIG, else ./proxy.toml)")
     p_serve.add_argument("--host")
     p_serve.add_argument("--port", type=int)
+    p_check = sub.add_parser("check", help="validate a config and print a summary (exit status 2 if invalid)")
+    p_check.add_argument("--config", help="TOML config (default: $HERD_CONFIG, else ./proxy.toml)")
     sub.add_parser("eval", help="evaluate the semantic matcher on labelled pairs", add_help=False)
     sub.add_parser("bench", help="run the load benchmarks", add_help=False)
     if argv and argv[0] == "eval":
@@ -74,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench(argv[1:])
     args = parser.parse_args(argv)
+    if args.command == "check":
+        return check(args)
     return serve(args)
 
 

@@ -155,3 +155,136 @@ def test_embed_precisions_are_the_embedders():
     from proxy.config import EMBED_PRECISIONS
 
     assert EMBED_PRECISIONS == PRECISIONS
+
+
+@pytest.mark.parametrize(
+    "upstream, message",
+    [
+        ({"kind": "openai", "max_concurrency": 8}, r"upstreams\.u\.max_concurrency: only for kind = 'vllm'"),
+        ({"kind": "openai", "default_max_tokens": 8}, r"upstreams\.u\.default_max_tokens: only for kind = 'anthropic'"),
+        ({"kind": "anthropic", "queue_size": 8}, r"upstreams\.u\.queue_size: only for kind = 'vllm'"),
+        ({"kind": "vllm", "retrys": 1}, r"upstreams\.u\.retrys: unknown key; did you mean 'retries'"),
+    ],
+)
+def test_keys_of_another_upstream_kind_are_refused_with_their_path(upstream, message):
+    """config.py promised this; before the per-kind models these keys were accepted and ignored."""
+    with pytest.raises(ConfigError, match=message):
+        parse_settings({"upstreams": {"u": {"base_url": "http://x/v1", **upstream}}}, env={})
+
+
+def test_a_key_in_the_wrong_section_says_where_it_belongs():
+    with pytest.raises(ConfigError, match=r"server\.ttl_seconds: .*belongs in \[cache\]"):
+        parse_settings({**BASE, "server": {"ttl_seconds": 5}}, env={})
+    with pytest.raises(ConfigError, match=r"coalesce\.retries: .*belongs in \[upstreams\.NAME\]"):
+        parse_settings({**BASE, "coalesce": {"retries": 5}}, env={})
+
+
+def test_errors_never_echo_secret_values():
+    data = {"upstreams": {"u": {"base_url": "http://x/v1", "headers": {"authorization": ["sk-SECRET-1"]}}}}
+    with pytest.raises(ConfigError) as info:
+        parse_settings(data, env={})
+    assert "upstreams.u.headers" in str(info.value) and "SECRET" not in str(info.value)
+
+
+def test_every_default_is_kept():
+    from proxy.config import AnthropicUpstreamConfig, Settings, VLLMUpstreamConfig
+
+    s = Settings()
+    assert (s.server.port, s.server.max_body_bytes, s.server.request_timeout_s) == (8080, 4 * 1024 * 1024, 600.0)
+    assert (s.coalesce.mode, s.coalesce.threshold, s.coalesce.guards, s.coalesce.upstream_stream) == (
+        "exact", 0.40, ["all"], "auto")
+    assert (s.cache.ttl_seconds, s.cache.max_entries, s.cache.backend) == (300.0, 10_000, "auto")
+    assert (s.redis.timeout_s, s.redis.lease_s, s.redis.key_prefix) == (0.25, 3.0, "herd")
+    assert AnthropicUpstreamConfig().default_max_tokens == 4096
+    v = VLLMUpstreamConfig()
+    assert (v.max_concurrency, v.queue_size, v.kv_cache_high, v.retries, v.circuit_failures) == (64, 100, 0.9, 2, 5)
+    assert Settings().server is not s.server  # no shared mutable defaults
+
+
+def test_base_url_without_a_version_path_is_warned():
+    from proxy.config import warnings
+
+    def warned(kind, url):
+        return warnings(parse_settings({"upstreams": {"u": {"kind": kind, "base_url": url}}}, env={}))
+
+    assert any("upstreams.u.base_url" in w and "/v1" in w for w in warned("openai", "https://api.openai.com"))
+    assert any("upstreams.u.base_url" in w for w in warned("vllm", "http://gpu:8000/"))
+    assert warned("openai", "https://api.openai.com/v1") == []
+    assert warned("openai", "https://generativelanguage.googleapis.com/v1beta/openai") == []
+    assert warned("anthropic", "https://api.anthropic.com") == []
+    assert warned("anthropic", "https://api.anthropic.com/v1") != []
+
+
+HOLDING = {"upstreams": {"u": {"base_url": "http://x/v1", "api_key": "sk-provider"}}}
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "10.1.2.3", "::", "herd.internal"])
+def test_open_auth_on_a_network_address_with_a_provider_key_is_refused(host):
+    data = {**HOLDING, "auth": {"mode": "open"}, "server": {"host": host}}
+    with pytest.raises(ConfigError, match="allow_open_relay"):
+        parse_settings(data, env={})
+    data["auth"]["allow_open_relay"] = True
+    assert parse_settings(data, env={}).auth.mode == "open"
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "localhost", "::1"])
+def test_open_auth_on_loopback_is_a_sidecar(host):
+    s = parse_settings({**HOLDING, "auth": {"mode": "open"}, "server": {"host": host}}, env={})
+    assert s.server.host == host
+
+
+def test_open_auth_on_a_network_address_forwarding_client_keys_is_fine():
+    s = parse_settings({**BASE, "auth": {"mode": "open"}, "server": {"host": "0.0.0.0"}}, env={})
+    assert s.auth.mode == "open"
+
+
+def test_the_dockerfile_example_is_not_an_open_relay():
+    """proxy.toml is the image's config: HERD_HOST=0.0.0.0 is fine until herd holds the key."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "proxy.toml"
+    assert load_settings(path, env={"HERD_HOST": "0.0.0.0"}).server.host == "0.0.0.0"
+    with pytest.raises(ConfigError, match="allow_open_relay"):
+        load_settings(path, env={"HERD_HOST": "0.0.0.0", "OPENAI_API_KEY": "sk-provider"})
+
+
+def test_herd_check_prints_a_summary_and_fails_on_errors(tmp_path, capsys, monkeypatch):
+    from proxy.cli import main
+
+    good = tmp_path / "good.toml"
+    good.write_text('[upstreams.sim]\nbase_url = "http://127.0.0.1:9"\n[coalesce]\nmode = "semantic"\n')
+    assert main(["check", "--config", str(good)]) == 0
+    out = capsys.readouterr().out
+    assert "config OK" in out and "coalesce semantic" in out and "upstream sim: openai at http://127.0.0.1:9" in out
+    assert "warning: upstreams.sim.base_url" in out
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[upstreams.sim]\nbase_url = "http://127.0.0.1:9/v1"\nmax_concurrency = 4\n')
+    assert main(["check", "--config", str(bad)]) == 2
+    assert "upstreams.sim.max_concurrency" in capsys.readouterr().err
+
+
+def test_serve_refuses_a_host_override_that_makes_an_open_relay(tmp_path, capsys, monkeypatch):
+    from proxy.cli import main
+
+    path = tmp_path / "p.toml"
+    path.write_text('[auth]\nmode = "open"\n[upstreams.u]\nbase_url = "http://127.0.0.1:9/v1"\napi_key = "sk-p"\n')
+    assert main(["serve", "--config", str(path), "--host", "0.0.0.0"]) == 2
+    assert "allow_open_relay" in capsys.readouterr().err
+
+
+def test_herd_version(capsys):
+    from proxy import __version__
+    from proxy.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"herd {__version__}"
+
+
+def test_sampled_policies_are_the_sampling_modules():
+    import typing
+
+    from proxy.config import CoalesceConfig
+    from proxy.sampling import POLICIES
+
+    assert typing.get_args(CoalesceConfig.model_fields["sampled"].annotation) == POLICIES
