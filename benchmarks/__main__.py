@@ -12,6 +12,8 @@ Scenarios (subcommands; `herd bench` alone runs `compare`):
   fanout   N stream subscribers of one flight: the gaps between chunks that herd adds (and
            that the floor adds).
   soak     herd's resident memory sampled across many requests after a warm-up.
+  chaos    upstream faults and misbehaving clients: answered, errors, hung, corrupted
+           (benchmarks/chaos.py; its own options: `herd bench chaos --help`).
   list     the workloads.
 
 Every run starts its own simulator, passthrough and herd processes on free loopback ports
@@ -214,6 +216,9 @@ def _list_workloads() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["chaos"]:
+        from benchmarks.chaos import main as chaos
+        return chaos(argv[1:])
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["compare", *argv]
     parser = build_parser()
