@@ -125,12 +125,12 @@ def judge(status: int, content_type: str, raw: bytes, stream: bool, expected: st
             continue
         try:
             chunk = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            return "corrupted", f"an event that is not JSON: {data[:80]!r}"
-        if "error" in chunk:
-            error = chunk["error"]
-            continue
-        text += [c["delta"].get("content") or "" for c in chunk.get("choices") or () if "delta" in c]
+            if "error" in chunk:
+                error = chunk["error"]
+                continue
+            text += [c["delta"].get("content") or "" for c in chunk.get("choices") or () if "delta" in c]
+        except (orjson.JSONDecodeError, AttributeError, TypeError, KeyError):
+            return "corrupted", f"an event that is not a chat chunk: {data[:80]!r}"
     content = "".join(text)
     if not expected.startswith(content):
         return "corrupted", f"a stream that is not the answer: {content[:60]!r}"
