@@ -33,7 +33,7 @@ from proxy.gateway import Gateway
 from proxy.ids import unique_id
 from proxy.logs import flush_logs, log_access
 from proxy.metrics import CONTENT_TYPE_LATEST, Metrics
-from proxy.responses import FlightResponse
+from proxy.responses import FlightResponse, shutting_down
 from proxy.sampling import HEADER as SAMPLED_HEADER
 from proxy.sampling import parse_header as sampled_policy
 from proxy.upstream import CallOptions
@@ -274,6 +274,11 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> ChatFirst:
             response = await chat_completions(request)
         except ClientDisconnect:
             return  # gone while sending its body: nobody to answer
+        except asyncio.CancelledError:  # the server's shutdown grace is over: still a proper answer
+            asyncio.current_task().uncancel()
+            error = shutting_down()
+            count_error(error)
+            response = error_response(error)
         except Exception as exc:
             error = as_herd_error(exc, f"on {request.url.path}")
             count_error(error)
@@ -313,5 +318,27 @@ class ChatFirst:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] == "/v1/chat/completions" and scope["method"] == "POST":
             await self.chat(scope, receive, send)
+        elif scope["type"] == "http":
+            await answer_shutdown(self.app, scope, receive, send)
         else:
             await self.app(scope, receive, send)
+
+
+async def answer_shutdown(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+    """Run `app` for a request; if the server cancels it when its shutdown grace is over,
+    the client gets an OpenAI-format 503 instead of the server's plain-text 500. (A response
+    that has started is cut: a forwarded body cannot take an error.)"""
+    started = False
+
+    async def tracked(message: dict) -> None:
+        nonlocal started
+        started = started or message["type"] == "http.response.start"
+        await send(message)
+
+    try:
+        await app(scope, receive, tracked)
+    except asyncio.CancelledError:
+        if started:
+            raise
+        asyncio.current_task().uncancel()
+        await error_response(shutting_down())(scope, receive, send)

@@ -92,6 +92,14 @@ class Overloaded(HerdError):
     code = "overloaded"
 
 
+class ShuttingDown(HerdError):
+    """herd is stopping and this request did not finish within [server] shutdown_grace_s."""
+
+    status = 503
+    type = "server_error"
+    code = "shutting_down"
+
+
 class DeadlineExceeded(HerdError):
     """A waiter's own deadline passed before its answer was complete."""
 

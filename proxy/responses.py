@@ -19,7 +19,7 @@ import orjson
 
 from proxy.answer import Stream, json_body, stream_of
 from proxy.coalescer import Ticket
-from proxy.errors import DeadlineExceeded, HerdError, as_herd_error
+from proxy.errors import DeadlineExceeded, HerdError, ShuttingDown, as_herd_error
 from proxy.sse import DONE
 
 log = logging.getLogger("herd.responses")
@@ -96,6 +96,10 @@ SSE_HEADERS = [
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
 ]
+
+
+def shutting_down() -> ShuttingDown:
+    return ShuttingDown("herd is shutting down and this request did not finish within its grace period; retry it")
 
 
 async def drop_connection(send: Send) -> None:
@@ -179,7 +183,13 @@ class FlightResponse:
 
     async def __call__(self, scope: dict, receive: Receive, send: Send) -> None:
         try:
-            self.disconnected = not await until_disconnect(self._answer(send), receive)
+            try:
+                self.disconnected = not await until_disconnect(self._answer(send), receive)
+            except asyncio.CancelledError:
+                # Not the client leaving (until_disconnect returns for that): the server gave up
+                # on this request, its shutdown grace over. Its client still gets a proper end.
+                asyncio.current_task().uncancel()
+                await self._fail(send, shutting_down())
         finally:
             self._release(self.ticket)
             try:
@@ -206,7 +216,7 @@ class FlightResponse:
                 if not self.started:
                     return await send_error(send, self.error, self.headers)
                 if self.stream:
-                    body = b"data: " + orjson.dumps(self.error.body()) + b"\n\n"
+                    body = b"data: " + orjson.dumps(self.error.body()) + b"\n\n" + DONE
                     return await send({"type": "http.response.body", "body": body, "more_body": False})
         except TimeoutError:
             pass
