@@ -33,16 +33,19 @@ class Section(BaseModel):
 
 Positive = Annotated[float, Field(gt=0)]
 NonNegative = Annotated[float, Field(ge=0)]
+Fraction = Annotated[float, Field(gt=0, le=1)]
+Count = Annotated[int, Field(ge=0)]
+AtLeastOne = Annotated[int, Field(ge=1)]
 
 
 class ServerConfig(Section):
     host: str = "127.0.0.1"
     port: int = 8080
-    max_body_bytes: int = Field(4 * 1024 * 1024, gt=0)
+    max_body_bytes: AtLeastOne = 4 * 1024 * 1024
     request_timeout_s: Positive = 600.0  # each waiter's deadline: a client that has not read its answer by then is cut
     # the kernel's send buffer of each client connection (SO_SNDBUF, which Linux doubles): what a
     # client that does not read can hold there; 0: the kernel's autotuning (net.ipv4.tcp_wmem, MBs)
-    send_buffer_bytes: int = Field(128 * 1024, ge=0)
+    send_buffer_bytes: Count = 128 * 1024
     body_timeout_s: Positive = 30.0  # the whole request body must arrive within this; else 408
     shutdown_grace_s: float = 30.0
     log_level: str = "info"
@@ -67,7 +70,7 @@ class AuthConfig(Section):
     # auto: forward-key upstreams need nothing; an upstream holding its own key needs
     # client keys (or mode = "open"). keys: always check client keys. open: accept anyone.
     mode: Literal["auto", "keys", "open"] = "auto"
-    hash_key: str = Field("", repr=False)  # secret for keyed tenant hashes; empty: random per process
+    hash_key: str = Field(default="", repr=False)  # secret for keyed tenant hashes; empty: random per process
     tenant_header: str = ""  # narrows the tenant further, e.g. "x-tenant-id"
     keys: list[ClientKey] = []
     # mode = "open" on a non-loopback host while herd holds a provider key lets anyone who
@@ -92,18 +95,19 @@ class UpstreamConfig(Section):
     name: str = ""
     kind: str = "openai"
     base_url: str = ""  # openai, vllm: ends in /v1; anthropic: no /v1 (the SDK adds it)
-    api_key: str = Field("", repr=False)  # empty: forward the client's own key
+    api_key: str = Field(default="", repr=False)  # empty: forward the client's own key
     connect_timeout_s: Positive = 10.0
     first_byte_timeout_s: Positive = 120.0
     idle_timeout_s: Positive = 60.0
     total_timeout_s: Positive = 600.0
     max_connections: int = 1000
-    headers: dict[str, str] = Field({}, repr=False)
+    headers: dict[str, str] = Field(default={}, repr=False)
     # resilience (proxy.resilience): every call of a flight goes through these
-    retries: int = Field(2, ge=0)  # extra tries of a retryable failure (connect, 408/409/429/5xx), never mid-stream
+    retries: Count = 2  # extra tries of a retryable failure (connect, 408/409/429/5xx), never mid-stream
     backoff_base_s: NonNegative = 0.5  # try k waits uniform(0, min(backoff_max_s, backoff_base_s * 2**k))
     backoff_max_s: NonNegative = 8.0  # also the longest Retry-After herd waits for; longer: fail over at once
-    circuit_failures: int = Field(5, ge=0)  # failed calls in a row (concurrent ones count once) that open the circuit; 0: off
+    # failed calls in a row (concurrent ones count once) that open the circuit; 0: off
+    circuit_failures: Count = 5
     circuit_reset_s: Positive = 1.0  # open this long, then one probe call (half-open); others wait for it
     circuit_reset_max_s: Positive = 30.0  # each failed probe doubles the time open, up to this
     requests_per_minute: NonNegative = 0.0  # token bucket shared by all flights; 0: unlimited
@@ -127,7 +131,7 @@ class OpenAIUpstreamConfig(UpstreamConfig):
 
 class AnthropicUpstreamConfig(UpstreamConfig):
     kind: Literal["anthropic"] = "anthropic"
-    default_max_tokens: int = Field(4096, ge=1)  # Anthropic needs max_tokens; used when the client sends none
+    default_max_tokens: AtLeastOne = 4096  # Anthropic needs max_tokens; used when the client sends none
 
 
 class VLLMUpstreamConfig(UpstreamConfig):
@@ -136,10 +140,10 @@ class VLLMUpstreamConfig(UpstreamConfig):
     kind: Literal["vllm"] = "vllm"
     metrics_url: str = ""  # empty: base_url without /v1, plus /metrics
     max_concurrency: int = 64
-    min_concurrency: int = Field(1, ge=1)
-    kv_cache_high: float = Field(0.9, gt=0, le=1)  # at or above this KV-cache usage the limit halves
-    waiting_high: int = Field(1, ge=1)  # this many requests waiting inside vLLM also halves it
-    queue_size: int = Field(100, ge=0)  # calls waiting in herd for a slot; more get 503 + Retry-After
+    min_concurrency: AtLeastOne = 1
+    kv_cache_high: Fraction = 0.9  # at or above this KV-cache usage the limit halves
+    waiting_high: AtLeastOne = 1  # this many requests waiting inside vLLM also halves it
+    queue_size: Count = 100  # calls waiting in herd for a slot; more get 503 + Retry-After
     queue_timeout_s: Positive = 30.0  # longest wait in that queue; longer gets 503 + Retry-After
     poll_interval_s: Positive = 1.0  # how often /metrics is read
 
@@ -202,8 +206,8 @@ class TokensConfig(Section):
     """Pre-flight prompt token counting (proxy.tokens)."""
 
     check_context: bool = True  # refuse a prompt over its model's context window before any call
-    context_windows: dict[str, Annotated[int, Field(ge=0)]] = {}  # model glob -> tokens; added to the built-in table
-    default_context_window: int = Field(0, ge=0)  # models in no table; 0: not checked
+    context_windows: dict[str, Count] = {}  # model glob -> tokens; added to the built-in table
+    default_context_window: Count = 0  # models in no table; 0: not checked
     encoding: str = "cl100k_base"  # counts models whose own encoding is not available locally (an estimate)
 
 
@@ -216,13 +220,14 @@ AUTH_MODES = ("auto", "keys", "open")
 
 class CoalesceConfig(Section):
     mode: Literal["off", "exact", "semantic"] = "exact"
-    threshold: float = Field(0.40, gt=0, le=1)  # the embedding's second witness to the verifier: benchmarks/SEMANTIC.md
+    threshold: Fraction = 0.40  # the embedding's second witness to the verifier: benchmarks/SEMANTIC.md
     guards: list[str] = ["all"]  # ignored: the verifier replaced the guards
     model_path: str = ""  # ONNX model; empty: the bundled all-MiniLM-L6-v2 int8
     # the languages that model reads; a language merges semantically only with verifier
     # tables too (English today), any other only when normalized-equal
     model_languages: list[str] = ["en"]
-    embed_precision: Literal["int8", "fp32"] = "int8"  # int8: matrix products in 8-bit integers (about 2x cheaper a text)
+    # int8: matrix products in 8-bit integers (about 2x cheaper a text) | fp32
+    embed_precision: Literal["int8", "fp32"] = "int8"
     embed_batch: int = 32
     embed_cache: int = 10_000
     # auto: a flight calls the upstream the way its first request asked (stream or not);
@@ -237,13 +242,13 @@ class CacheConfig(Section):
     enabled: bool = True
     ttl_seconds: Positive = 300.0
     sampled_ttl_seconds: NonNegative = 10.0  # sampled answers (at most ttl_seconds); 0: never cache them
-    max_bytes: int = Field(256 * 1024 * 1024, ge=1)  # memory cache: answers' bytes; least recently used go first
-    max_entries: int = Field(10_000, ge=1)  # memory cache, a second bound (it also bounds the semantic cache index)
+    max_bytes: AtLeastOne = 256 * 1024 * 1024  # memory cache: answers' bytes; least recently used go first
+    max_entries: AtLeastOne = 10_000  # memory cache, a second bound (it also bounds the semantic cache index)
     backend: Literal["auto", "memory", "redis"] = "auto"  # auto: redis when [redis] url is set, else memory
 
 
 class RedisConfig(Section):
-    url: str = Field("", repr=False)  # may hold a password; empty: one machine, in-memory state
+    url: str = Field(default="", repr=False)  # may hold a password; empty: one machine, in-memory state
     cluster: bool = False  # Redis Cluster (keys of one flight share a hash slot)
     timeout_s: Positive = 0.25  # per operation; slower counts as Redis trouble
     lease_s: Positive = 3.0  # a flight leader's lease, renewed while it runs
@@ -273,15 +278,15 @@ class MetricsConfig(Section):
 
 
 class Settings(Section):
-    server: ServerConfig = Field(default_factory=ServerConfig)
-    auth: AuthConfig = Field(default_factory=AuthConfig)
+    server: ServerConfig = ServerConfig()
+    auth: AuthConfig = AuthConfig()
     upstreams: dict[str, AnyUpstream] = {}
     routes: list[RouteConfig] = []
-    tokens: TokensConfig = Field(default_factory=TokensConfig)
-    coalesce: CoalesceConfig = Field(default_factory=CoalesceConfig)
-    cache: CacheConfig = Field(default_factory=CacheConfig)
-    redis: RedisConfig = Field(default_factory=RedisConfig)
-    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    tokens: TokensConfig = TokensConfig()
+    coalesce: CoalesceConfig = CoalesceConfig()
+    cache: CacheConfig = CacheConfig()
+    redis: RedisConfig = RedisConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
     def route_for(self, model: str) -> RouteConfig | None:
         for route in self.routes:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from proxy.config import UpstreamConfig
+from proxy.config import AnthropicUpstreamConfig, UpstreamConfig, VLLMUpstreamConfig
 from proxy.upstream.base import CallOptions, ForwardResponse, Upstream
 from proxy.upstream.openai import OpenAIUpstream
 
@@ -10,14 +10,14 @@ __all__ = ["CallOptions", "ForwardResponse", "Upstream", "make_upstream"]
 
 
 def make_upstream(cfg: UpstreamConfig) -> Upstream:
-    if cfg.kind == "openai":
-        return OpenAIUpstream(cfg)
-    if cfg.kind == "vllm":
+    if isinstance(cfg, VLLMUpstreamConfig):
         from proxy.upstream.vllm import VLLMUpstream
 
         return VLLMUpstream(cfg)
-    if cfg.kind == "anthropic":
+    if isinstance(cfg, AnthropicUpstreamConfig):
         from proxy.upstream.anthropic import AnthropicUpstream
 
         return AnthropicUpstream(cfg)
+    if cfg.kind == "openai":
+        return OpenAIUpstream(cfg)
     raise ValueError(f"unknown upstream kind {cfg.kind!r}")

@@ -21,6 +21,7 @@ import httpx2
 import orjson
 
 from proxy.chunks import Chunk
+from proxy.config import AnthropicUpstreamConfig
 from proxy.errors import (
     AuthenticationError,
     InvalidRequest,
@@ -544,7 +545,9 @@ class StreamTranslator:
 class AnthropicUpstream(Upstream):
     kind = "anthropic"
 
-    def __init__(self, cfg) -> None:
+    cfg: AnthropicUpstreamConfig
+
+    def __init__(self, cfg: AnthropicUpstreamConfig) -> None:
         super().__init__(cfg)
         self._client: anthropic.AsyncAnthropic | None = None
 

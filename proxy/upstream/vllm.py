@@ -20,6 +20,7 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.chunks import Chunk
+from proxy.config import VLLMUpstreamConfig
 from proxy.resilience import CapacityLimiter
 from proxy.upstream.base import CallOptions
 from proxy.upstream.openai import OpenAIUpstream
@@ -54,7 +55,9 @@ def parse_load(text: str) -> tuple[float | None, float | None]:
 class VLLMUpstream(OpenAIUpstream):
     kind = "vllm"
 
-    def __init__(self, cfg) -> None:
+    cfg: VLLMUpstreamConfig
+
+    def __init__(self, cfg: VLLMUpstreamConfig) -> None:
         super().__init__(cfg)
         self.metrics_url = cfg.metrics_url or metrics_url(cfg.base_url)
         self.capacity = CapacityLimiter(
