@@ -495,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=None, help="ONNX model path (default: the bundled all-MiniLM-L6-v2 int8)")
     ap.add_argument("--tokenizer", default=None, help="tokenizer.json path (default: embeddings/assets)")
     ap.add_argument("--languages", default="en", help="languages the model reads, comma separated (default en)")
-    ap.add_argument("--datasets", default="questions,conversations,herd",
+    ap.add_argument("--datasets", default=None,
                     help="comma separated: questions,conversations,herd,scrambled (with only --pairs: those files)")
     ap.add_argument("--pairs", action="append", default=[], metavar="FILE.jsonl",
                     help='labelled pairs, one JSON object a line: {"a", "b", "label": "same"|"different", "kind", "lang"}')
@@ -516,9 +516,9 @@ def main(argv: list[str] | None = None) -> int:
     sweep = parse_sweep(args.sweep)
     if all(abs(t - args.threshold) > 1e-9 for t in sweep):
         sweep = sorted(sweep + [args.threshold])
-    names = [d.strip() for d in args.datasets.split(",") if d.strip()]
-    if args.pairs and argv is not None and "--datasets" not in argv:
-        names = []
+    # default: fow-cache and herd's own; with --pairs alone, only those files
+    spec = args.datasets if args.datasets is not None else ("" if args.pairs else "questions,conversations,herd")
+    names = [d.strip() for d in spec.split(",") if d.strip()]
     datasets: list[tuple[str, list[dict[str, Any]]]] = []
     try:
         for name in names + args.pairs:
