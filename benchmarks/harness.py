@@ -39,6 +39,7 @@ import redis
 
 if TYPE_CHECKING:
     from proxy.config import Settings
+    from proxy.gateway import Gateway
 
 HOST = "127.0.0.1"
 # the folder holding the proxy and benchmarks packages (the repository, or site-packages)
@@ -479,16 +480,17 @@ class Stack:
 
 
 class HerdServer:
-    """herd for real on a free loopback port, in a thread of its own with its own event loop."""
+    """herd for real on a free loopback port, in a thread of its own with its own event loop
+    (its gateway built by the app from `settings`, or the one given)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, gateway: Gateway | None = None) -> None:
         import uvicorn
 
         from proxy.app import create_app
         from proxy.cli import listen_socket
 
         self.settings = settings
-        self.app = create_app(settings)
+        self.app = create_app(settings, gateway)
         self.gateway = self.app.state.gateway
         self._sock = listen_socket(HOST, 0, settings.server.send_buffer_bytes)  # as `herd serve` listens
         self.port = self._sock.getsockname()[1]

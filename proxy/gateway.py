@@ -16,6 +16,7 @@ import functools
 import logging
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from proxy.accounting import Accountant
@@ -55,8 +56,11 @@ class Plan:
 
 
 class Gateway:
-    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics | None = None, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """`clock` (seconds) is what the caches' TTLs count with."""
         self.settings = settings
+        self._clock = clock
         self.metrics = metrics or Metrics()
         self.auth = Authenticator(settings.auth, settings)
         self.upstreams: dict[str, Upstream] = {n: make_upstream(c) for n, c in settings.upstreams.items()}
@@ -72,7 +76,8 @@ class Gateway:
             self.shared = SharedFlights(self.redis, self.group, self.metrics)
         self.cache: AnswerCache | None = None
         if cache.enabled:
-            memory = MemoryCache(cache.max_bytes, cache.max_entries, on_evict=self.metrics.cache_evictions.inc)
+            memory = MemoryCache(cache.max_bytes, cache.max_entries, clock=clock,
+                                 on_evict=self.metrics.cache_evictions.inc)
             self.metrics.cache_bytes.set_function(lambda: memory.nbytes)
             self.metrics.cache_entries.set_function(lambda: len(memory))
             backend = cache.backend if cache.backend != "auto" else ("redis" if self.redis else "memory")
@@ -91,7 +96,7 @@ class Gateway:
         if self.settings.coalesce.mode == "semantic":
             self.matcher = self._load_matcher()
             if self.cache is not None:
-                self.similar = SimilarAnswers(self._new_index, self.settings.cache.max_entries)
+                self.similar = SimilarAnswers(self._new_index, self.settings.cache.max_entries, clock=self._clock)
 
     async def aclose(self) -> None:
         await self.group.aclose()

@@ -18,8 +18,21 @@ from benchmarks.harness import (
     to_toml,
 )
 
-__all__ = ["HerdServer", "chat_calls", "free_port", "herd_settings", "sim_faults", "sim_reset", "sim_stats",
-           "start_herd"]
+__all__ = ["HerdServer", "ManualClock", "chat_calls", "free_port", "herd_settings", "sim_faults", "sim_reset",
+           "sim_stats", "start_herd"]
+
+
+class ManualClock:
+    """A clock for the caches (`Gateway(clock=...)`) that moves only when a test moves it."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
 
 
 def start_herd(tmp_path: Path, sim_url: str, extra: str = "") -> tuple[subprocess.Popen, str]:

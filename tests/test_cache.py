@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import httpx
 import openai
@@ -14,7 +13,8 @@ from hypothesis import strategies as st
 from benchmarks.simulator import expected_text
 from proxy.answer import Answer
 from proxy.cache import MemoryCache
-from tests.harness import HerdServer, chat_calls, herd_settings, sim_faults, sim_reset
+from proxy.gateway import Gateway
+from tests.harness import HerdServer, ManualClock, chat_calls, herd_settings, sim_faults, sim_reset
 
 
 def answer(text: bytes, size: int = 0) -> Answer:
@@ -26,8 +26,14 @@ def user(text: str) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def cached_herd(sim):
-    with HerdServer(herd_settings(sim.url, cache={"enabled": True, "ttl_seconds": 1.0})) as h:
+def clock():
+    return ManualClock()
+
+
+@pytest.fixture(scope="module")
+def cached_herd(sim, clock):
+    settings = herd_settings(sim.url, cache={"enabled": True, "ttl_seconds": 60.0})
+    with HerdServer(settings, Gateway(settings, clock=clock)) as h:
         yield h
 
 
@@ -36,13 +42,13 @@ def ask(herd, text: str, key: str = "sk-a", **kw):
     return c.chat.completions.with_raw_response.create(model="m", messages=user(text), **kw)
 
 
-def test_hit_within_ttl_and_miss_after(cached_herd, sim):
+def test_hit_within_ttl_and_miss_after(cached_herd, sim, clock):
     first = ask(cached_herd, "cache me")
     second = ask(cached_herd, "cache me")
     assert first.headers["x-herd"] == "leader" and second.headers["x-herd"] == "cache"
     assert second.parse().choices[0].message.content == expected_text({"messages": user("cache me")})
     assert chat_calls(sim.url) == 1
-    time.sleep(1.2)
+    clock.advance(60.1)  # past the TTL of an answer stored before `second` was served from it
     assert ask(cached_herd, "cache me").headers["x-herd"] == "leader"
     assert chat_calls(sim.url) == 2
 

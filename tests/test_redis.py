@@ -22,9 +22,11 @@ from benchmarks.simulator import expected_text
 from proxy.chunks import Chunk
 from proxy.coalescer import Flight
 from proxy.config import ConfigError, parse_settings
+from proxy.gateway import Gateway
 from proxy.shared import LeaderLost, Splice
 from tests.harness import (
     HerdServer,
+    ManualClock,
     chat_calls,
     herd_settings,
     sim_faults,
@@ -401,12 +403,19 @@ async def test_redis_down_at_start_serves_local_only_and_joins_when_it_comes_up(
 
 
 @pytest.fixture(scope="module")
-def cache_pair(sim, redis_server):
-    """Two in-process herds sharing the Redis cache (an answer stored by one is a hit on the other)."""
+def cache_clock():
+    return ManualClock()
+
+
+@pytest.fixture(scope="module")
+def cache_pair(sim, redis_server, cache_clock):
+    """Two in-process herds sharing the Redis cache (an answer stored by one is a hit on the other);
+    their memory caches count TTLs with `cache_clock`."""
     def settings():
-        return herd_settings(sim.url, auth={"hash_key": HASH_KEY}, cache={"enabled": True, "ttl_seconds": 1.0},
+        return herd_settings(sim.url, auth={"hash_key": HASH_KEY}, cache={"enabled": True, "ttl_seconds": 60.0},
                              redis={"url": redis_server.url, "timeout_s": 0.5})
-    with HerdServer(settings()) as a, HerdServer(settings()) as b:
+    sa, sb = settings(), settings()
+    with HerdServer(sa, Gateway(sa, clock=cache_clock)) as a, HerdServer(sb, Gateway(sb, clock=cache_clock)) as b:
         yield a, b
 
 
@@ -414,17 +423,20 @@ def sdk(herd, key: str = KEYS[0]) -> openai.OpenAI:
     return openai.OpenAI(base_url=herd.url + "/v1", api_key=key, max_retries=0, timeout=30)
 
 
-def test_redis_cache_hits_within_ttl_on_another_replica_and_misses_after(cache_pair, sim, redis_server):
+def test_redis_cache_hits_within_ttl_on_another_replica_and_misses_after(cache_pair, sim, redis_server, cache_clock):
     a, b = cache_pair
+    stored_before = set(herd_keys(redis_server))
     first = sdk(a).chat.completions.with_raw_response.create(model="m", messages=user("cache across"))
     second = sdk(b).chat.completions.with_raw_response.create(model="m", messages=user("cache across"))
     assert first.headers["x-herd"] == "leader" and second.headers["x-herd"] == "cache"
     assert second.parse().choices[0].message.content == expected_text({"messages": user("cache across")})
     assert chat_calls(sim.url) == 1
     keys = check_keys(redis_server)
-    answers = [k for k, v in keys.items() if k.endswith(":answer")]
-    assert len(answers) == 1 and 0 < keys[answers[0]]["pttl"] <= 1000
-    time.sleep(1.2)
+    answers = [k for k in keys if k.endswith(":answer") and k not in stored_before]
+    assert len(answers) == 1 and 0 < keys[answers[0]]["pttl"] <= 60_000
+    # the TTL passes: on the replicas' clock, and in Redis (an expired key is a missing key)
+    cache_clock.advance(60.1)
+    redis_server.client().delete(answers[0])
     assert sdk(b).chat.completions.with_raw_response.create(
         model="m", messages=user("cache across")).headers["x-herd"] == "leader"
     assert chat_calls(sim.url) == 2
