@@ -138,7 +138,7 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> ChatFirst:
                 extra = {
                     "request_id": request_id,
                     "flight": ticket.flight.public_id,
-                    "role": ticket.role,
+                    "role": response.role,
                     "status": response.error.status if response.error is not None else 200,
                     "disconnected": response.disconnected,
                     "stream": req.stream,
@@ -161,6 +161,7 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> ChatFirst:
             on_done=done,
             request_id=request_id,
             on_cut=metrics.clients_cut.inc,
+            coalesce=mode if headers.get("x-herd-coalesce") else "",
         )
 
     async def list_models(request: Request) -> Response:

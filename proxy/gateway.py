@@ -67,6 +67,7 @@ class Gateway:
         self.dispatcher = Dispatcher(settings, self.upstreams, self.metrics)
         self.accountant = Accountant(settings.metrics, self.metrics)
         self.matcher = None  # set by start() in semantic mode
+        self._said_no_semantic = False  # a semantic request in another mode is logged once
         self.group = Group(index_factory=self._new_index)
         cache = settings.cache
         # [redis] url: replicas share flights and (by default) the result cache through Redis
@@ -147,7 +148,14 @@ class Gateway:
                 f"x-herd-coalesce must be off, exact or semantic, got {header!r}", param="x-herd-coalesce"
             )
         if mode == "semantic" and self.matcher is None:
-            return "exact"  # the embedder is loaded only when [coalesce] mode = "semantic"
+            # The embedder is loaded only when [coalesce] mode = "semantic": the request is
+            # coalesced exactly, and its response says so (x-herd-coalesce: exact).
+            if not self._said_no_semantic:
+                self._said_no_semantic = True
+                log.warning('x-herd-coalesce: semantic asked while [coalesce] mode = "%s": such requests are '
+                            'coalesced exactly (their responses say x-herd-coalesce: exact); set mode = "semantic" '
+                            "to load the embedder", self.settings.coalesce.mode)
+            return "exact"
         return mode
 
     # -- the data path -----------------------------------------------------------------
@@ -315,7 +323,8 @@ class Gateway:
                     first = False
                 flight.extend(batch)
         except Exception as e:
-            m.upstream_errors.labels(route.upstream, type(e).__name__).inc()
+            if not isinstance(e, InvalidRequest):  # refused by herd before any call: the client's error
+                m.upstream_errors.labels(route.upstream, type(e).__name__).inc()
             raise
         finally:
             answered = flight.served_by or route.upstream

@@ -19,7 +19,7 @@ import orjson
 
 from proxy.answer import Stream, json_body, stream_of
 from proxy.coalescer import Ticket
-from proxy.errors import DeadlineExceeded, HerdError, ShuttingDown, as_herd_error
+from proxy.errors import DeadlineExceeded, HerdError, InvalidRequest, ShuttingDown, as_herd_error
 from proxy.sse import DONE
 
 log = logging.getLogger("herd.responses")
@@ -140,8 +140,10 @@ class FlightResponse:
         request_id: str = "",
         sampled: bool = False,
         on_cut: Callable[[], None] | None = None,
+        coalesce: str = "",
     ) -> None:
         self.ticket = ticket
+        self.coalesce = coalesce  # the policy applied, said in x-herd-coalesce when the request asked for one
         self.sampled = sampled  # the request asked for a random draw (proxy.sampling)
         self.request_id = request_id
         self.stream = stream
@@ -157,21 +159,28 @@ class FlightResponse:
         self.answered_at: float | None = None  # perf_counter() when the whole answer was written
 
     @property
+    def role(self) -> str:
+        """How this request was served: its ticket's role, or "none" when herd refused the
+        request itself before any upstream call (a prompt over the context window, say)."""
+        return "none" if isinstance(self.error, InvalidRequest) else self.ticket.role
+
+    @property
     def headers(self) -> list[tuple[bytes, bytes]]:
         """herd's own response headers; the upstream is the one that answered, if known."""
         ticket = self.ticket
         flight = ticket.flight
-        headers = [
-            (b"x-herd", ticket.role.encode()),
-            (b"x-herd-flight", flight.public_id.encode()),
-            (b"x-herd-upstream", (flight.served_by or "").encode()),
-        ]
+        role = self.role
+        headers = [(b"x-herd", role.encode()), (b"x-herd-flight", flight.public_id.encode())]
+        if role != "none":
+            headers.append((b"x-herd-upstream", (flight.served_by or "").encode()))
         if self.request_id:
             headers.append((b"x-request-id", self.request_id.encode()))
         if ticket.score is not None:
             headers.append((b"x-herd-similarity", f"{ticket.score:.4f}".encode()))
         if self.shared_sample:
             headers.append((b"x-herd-shared-sample", b"1"))
+        if self.coalesce:
+            headers.append((b"x-herd-coalesce", self.coalesce.encode()))
         return headers
 
     @property

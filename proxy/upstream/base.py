@@ -39,6 +39,10 @@ HOP_BY_HOP = frozenset(
         "accept-encoding",
     }
 )
+# An upstream response's headers that are not passed on: hop-by-hop ones, the encoding (herd
+# relays the decoded body), the date (herd's own server writes one) and the upstream's
+# `server` (which names its software, not herd's).
+NOT_RELAYED = HOP_BY_HOP | {"content-encoding", "date", "server"}
 
 
 # A path segment below /v1, after percent-decoding: the characters of every API path, id

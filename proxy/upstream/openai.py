@@ -19,6 +19,7 @@ from proxy.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from proxy.sse import Event, EventParser
 from proxy.upstream.base import (
     HOP_BY_HOP,
+    NOT_RELAYED,
     CallOptions,
     ForwardResponse,
     Upstream,
@@ -206,9 +207,7 @@ class OpenAIUpstream(Upstream):
         out.update(self._auth_headers(options))
         with self._failures():
             resp = await self.session.request(method, url, data=body or None, headers=out, timeout=self._timeout())
-        back = [
-            (k, v) for k, v in resp.headers.items() if k.lower() not in HOP_BY_HOP and k.lower() != "content-encoding"
-        ]
+        back = [(k, v) for k, v in resp.headers.items() if k.lower() not in NOT_RELAYED]
         return ForwardResponse(resp.status, back, resp.content.iter_any(), resp.release)
 
 
