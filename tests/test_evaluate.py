@@ -122,5 +122,7 @@ def test_split_keeps_alternate_pairs() -> None:
 def test_scrambled_pairs_swap_two_words_of_one_question() -> None:
     items = evaluate.load_items("scrambled")
     assert len(items) > 500 and not any(i["should_merge"] for i in items)
-    strip = lambda s: sorted(w.strip("?.,!").lower() for w in s.split())
-    assert all(i["a"] != i["b"] and strip(i["a"]) == strip(i["b"]) for i in items)
+    def bag(s: str) -> list[str]:
+        return sorted(w.strip("?.,!").lower() for w in s.split())
+
+    assert all(i["a"] != i["b"] and bag(i["a"]) == bag(i["b"]) for i in items)

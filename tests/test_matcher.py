@@ -65,7 +65,8 @@ SAME = [
     ("frame", "How do I reset my password?", "how can I reset my password"),
     ("frame", "Can you tell me what the capital of France is?", "What is the capital of France?"),
     ("opener", "Sorry to bother you, but how do I bleed a radiator?", "How do I bleed a radiator?"),
-    ("fronted", "In the app settings, how do I change the language?", "How do I change the language in the app settings?"),
+    ("fronted", "In the app settings, how do I change the language?",
+     "How do I change the language in the app settings?"),
     ("typo", "How do I change the email adress on my acount?", "How do I change the email address on my account?"),
     ("spelling", "Summarise the plot of Hamlet", "Can you summarize the plot of Hamlet?"),
     ("long", LONG + "Can you summarise my week, please?", LONG + "Summarize my week."),
@@ -121,7 +122,8 @@ def test_conjuncts_in_another_order_stay_refused(matcher, embedder):
 
 
 def test_normalized_equal_merges_in_any_language(matcher):
-    for a, b in [("如何重置我的密码？", "如何重置我的密码"), ("¿Cómo restablezco mi contraseña?", "cómo restablezco mi contraseña")]:
+    for a, b in [("如何重置我的密码？", "如何重置我的密码"),
+                 ("¿Cómo restablezco mi contraseña?", "cómo restablezco mi contraseña")]:
         d = decide(matcher.prepare(a), matcher.prepare(b), matcher.config)
         assert d.merge and d.normalized_equal
 
@@ -141,7 +143,8 @@ def test_over_the_window_never_merges_semantically(embedder):
 def test_a_language_the_model_does_not_declare_is_refused_and_one_without_tables_too():
     one = np.ones(4, dtype=np.float32) / 2
     m = Matcher(None, MatchConfig(languages=("fr",)))
-    a, b = m.probe_with_vector("How do I reset my password?", one), m.probe_with_vector("how can I reset my password", one)
+    a = m.probe_with_vector("How do I reset my password?", one)
+    b = m.probe_with_vector("how can I reset my password", one)
     assert not decide(a, b, m.config).merge  # English is not declared by this model
     m = Matcher(None, MatchConfig(languages=("en", "de")))
     a, b = (m.probe_with_vector("Wie setze ich mein Passwort zurück?", one),
@@ -291,3 +294,15 @@ def test_the_model_declares_its_languages_in_the_config():
     s = parse_settings({**upstreams, "coalesce": {"mode": "semantic", "model_languages": ["en", "de"]}})
     assert MatchConfig.from_settings(s.coalesce).languages == ("en", "de")
     assert MatchConfig.from_settings(parse_settings(upstreams).coalesce).languages == ("en",)
+
+
+@pytest.mark.parametrize("a, b, merge", [
+    ("er how do I apply for a parking permit", "How do I apply for a parking permit?", True),
+    ("yeah can i um order food for collection", "Can I order food for collection?", True),
+    ("ER wait times tonight?", "Wait times tonight?", False),
+    ("Evening classes near me?", "Classes near me?", False),
+    ("Right can I turn on red?", "Can I turn on red?", False),
+])
+def test_spoken_openers_before_a_question(a, b, merge):
+    m = Matcher(None)
+    assert decide(m.probe_with_vector(a, ONE), m.probe_with_vector(b, ONE), m.config).merge == merge

@@ -42,12 +42,14 @@ quick question | a quick question | just a quick question | i have a question | 
 just wondering | i was wondering | i was just wondering | i am wondering | i wonder
 so | ok | okay | ok so | okay so | oh | right so | but | and | but so
 """)
-#: Openers that are also ordinary words ("evening classes", "yes or no"): dropped only
-#: when a comma (or the end of the sentence) follows them.
+#: Openers that are also ordinary words ("evening classes", "yes or no", "ER"): dropped
+#: only before a comma, at the end of the sentence, or before a question word or auxiliary
+#: ("yeah can I ...", "er how do I ...").
 WEAK_OPENERS = _phrases("""
 good morning | good afternoon | good evening | morning | afternoon | evening | yeah | yes | right | well
 sorry | quick one | a quick one | silly question | a silly question | stupid question | a stupid question
 dumb question | a dumb question | random question | question | wondering | thanks | thank you | please
+er
 """)
 
 #: Closers dropped from the end of a sentence after a comma (or as a sentence of their own):

@@ -52,7 +52,8 @@ _ENGLISH: list[tuple[Any, ...]] = [
     ("paraphrase", True, "What is the capital of France?", "what's the capital city of france"),
     ("paraphrase", True, "How do I change my email address?", "How can I update my email address?"),
     ("paraphrase", True, "Where can I find my order history?", "Where do I find my order history?"),
-    ("paraphrase", True, "Can I get a refund for a damaged item?", "Is it possible to get a refund for a damaged item?"),
+    ("paraphrase", True, "Can I get a refund for a damaged item?",
+                          "Is it possible to get a refund for a damaged item?"),
     ("paraphrase", True, "How long does shipping to Canada take?", "How long does shipping to Canada usually take?"),
     ("paraphrase", True, "What are your opening hours on Saturday?", "What are your Saturday opening hours?"),
     ("paraphrase", True, "Explain how photosynthesis works", "Can you explain how photosynthesis works?"),
@@ -62,7 +63,8 @@ _ENGLISH: list[tuple[Any, ...]] = [
     ("paraphrase", True, "How do I cancel my subscription?", "How can I cancel my subscription please?"),
     ("paraphrase", True, "Who wrote Pride and Prejudice?", "who wrote pride and prejudice"),
     ("paraphrase", True, "How do I fix a flat tyre on my bike?", "How do I repair a flat tyre on my bike?"),
-    ("paraphrase", True, "What is the boiling point of water at sea level?", "What's the boiling point of water at sea level?"),
+    ("paraphrase", True, "What is the boiling point of water at sea level?",
+                          "What's the boiling point of water at sea level?"),
     ("paraphrase", True, "Translate 'good morning' into Spanish", "translate 'good morning' into spanish please"),
     ("paraphrase", True, "How do I export my contacts?", "How can I export my contacts?"),
     ("paraphrase", True, "Summarise the plot of Hamlet", "Can you summarise the plot of Hamlet?"),
@@ -109,8 +111,10 @@ _ENGLISH: list[tuple[Any, ...]] = [
     ("format", False, "Give me a short summary of the article", "Give me a detailed summary of the article"),
     ("format", False, "Write a poem about autumn", "Write an essay about autumn"),
     ("language", False, "Translate this sentence into French", "Translate this sentence into German"),
-    ("language", False, "Write a function to reverse a string in Python", "Write a function to reverse a string in JavaScript"),
-        ("roles", False, "How do I move files from my laptop to my phone?", "How do I move files from my phone to my laptop?"),
+    ("language", False, "Write a function to reverse a string in Python",
+                         "Write a function to reverse a string in JavaScript"),
+    ("roles", False, "How do I move files from my laptop to my phone?",
+                          "How do I move files from my phone to my laptop?"),
     ("roles", False, "Is Python faster than Java?", "Is Java faster than Python?"),
     ("wording", False, "How do I train my puppy?", "How do I train my parrot?"),
     ("wording", False, "How long should I boil an egg?", "How long should I boil a potato?"),
@@ -139,7 +143,8 @@ _ENGLISH: list[tuple[Any, ...]] = [
     ("topic", False, 'How do I open a bank account?', 'What documents do I need to open a bank account?'),
     ("topic", False, 'How do I apply for a mortgage?', 'How much can I borrow for a mortgage?'),
     ("topic", False, 'Why is my internet slow?', 'How do I restart my router?'),
-    ("topic", False, "What's the difference between a Roth IRA and a traditional IRA?", 'How much can I put into a Roth IRA?'),
+    ("topic", False, "What's the difference between a Roth IRA and a traditional IRA?",
+                      'How much can I put into a Roth IRA?'),
     ("topic", False, 'Tell me a joke about cats', 'Tell me a fun fact about cats'),
     ("topic", False, 'How do I learn to play guitar?', 'What guitar should a beginner buy?'),
     ("topic", False, 'What is machine learning?', 'How do I get a job in machine learning?'),
@@ -156,22 +161,29 @@ _ADVERSARIAL: list[tuple[Any, ...]] = [
     ("role_swap", False, "Why does my cat chase the dog?", "Why does my dog chase the cat?"),
     ("role_swap", False, "Is tea healthier than coffee?", "Is coffee healthier than tea?"),
     ("role_swap", False, "Cheap trains from Leeds to York", "Cheap trains from York to Leeds"),
-    ("role_swap", False, "Should the tenant pay the landlord for repairs?", "Should the landlord pay the tenant for repairs?"),
+    ("role_swap", False, "Should the tenant pay the landlord for repairs?",
+                          "Should the landlord pay the tenant for repairs?"),
     ("role_swap", False, "Write an email from a manager to an intern", "Write an email from an intern to a manager"),
-    ("role_swap", False, "Does salt dissolve faster in hot water or cold water?", "Does salt dissolve faster in cold water or hot water?"),
+    ("role_swap", False, "Does salt dissolve faster in hot water or cold water?",
+                          "Does salt dissolve faster in cold water or hot water?"),
     ("range", False, "Count from 1 to 10", "Count from 10 to 1"),
-    ("range", False, "List the years between 1990 and 2000 in order from 2000 to 1990", "List the years between 1990 and 2000 in order from 1990 to 2000"),
+    ("range", False, "List the years between 1990 and 2000 in order from 2000 to 1990",
+                      "List the years between 1990 and 2000 in order from 1990 to 2000"),
     ("range", False, "Sort the numbers from 5 down to 2", "Sort the numbers from 2 down to 5"),
     ("ordinal", False, "Who was the second person on the moon?", "Who was the first person on the moon?"),
     ("ordinal", False, "What is the 3rd planet from the sun?", "What is the 4th planet from the sun?"),
-    ("antonym_both", False, "Turn left after the bank and right at the church", "Turn right after the bank and left at the church"),
+    ("antonym_both", False, "Turn left after the bank and right at the church",
+                             "Turn right after the bank and left at the church"),
     ("antonym_both", False, "Should I import before I export the data?", "Should I export before I import the data?"),
-    ("antonym_both", False, "Why do rich countries lend to poor countries?", "Why do poor countries lend to rich countries?"),
+    ("antonym_both", False, "Why do rich countries lend to poor countries?",
+                             "Why do poor countries lend to rich countries?"),
     ("antonym_both", False, "Is it better to buy high and sell low?", "Is it better to buy low and sell high?"),
     ("antonym_both", False, "Open the window before you close the door", "Close the window before you open the door"),
-    ("long_one_word", False, "{LONG} Recommend three children's books for the trip.", "{LONG} Recommend three cookbooks for the trip."),
+    ("long_one_word", False, "{LONG} Recommend three children's books for the trip.",
+                              "{LONG} Recommend three cookbooks for the trip."),
     ("long_one_word", False, "{LONG} Should I keep the changes?", "{LONG} Should I discard the changes?"),
-    ("long_one_word", False, "{LONG} What was the return rate last quarter?", "{LONG} What were the shipping costs last quarter?"),
+    ("long_one_word", False, "{LONG} What was the return rate last quarter?",
+                              "{LONG} What were the shipping costs last quarter?"),
     ("long_added_instruction", False, "{LONG} Summarise the plan.", "{LONG} Summarise the plan. Answer as a table."),
     ("long_added_instruction", False, "{LONG} List the risks.", "{LONG} List the risks in French."),
     ("long_paraphrase", True, "{LONG} Can you summarise the plan, please?", "{LONG} Summarize the plan."),
@@ -190,7 +202,8 @@ _ADVERSARIAL: list[tuple[Any, ...]] = [
     ("negation", False, "Je veux annuler ma commande", "Je ne veux pas annuler ma commande", "fr"),
     ("polarity", False, "¿Cómo dejo el modo activo?", "¿Cómo dejo el modo desactivo?", "es"),
     ("polarity", False, "¿La tienda está abierta hoy?", "¿La tienda está cerrada hoy?", "es"),
-    ("polarity", False, "Wie schalte ich die Benachrichtigungen ein?", "Wie schalte ich die Benachrichtigungen aus?", "de"),
+    ("polarity", False, "Wie schalte ich die Benachrichtigungen ein?",
+                         "Wie schalte ich die Benachrichtigungen aus?", "de"),
     ("near_repeat", True, "Wie setze ich mein Passwort zurück?", "wie setze ich mein passwort zurück", "de"),
     ("near_repeat", True, "¿Cómo restablezco mi contraseña?", "¿cómo restablezco mi contraseña", "es"),
     ("near_repeat", True, "如何重置我的密码？", "如何重置我的密码", "zh"),
@@ -245,7 +258,8 @@ class Dataset:
     rows: list[Row] = field(default_factory=list)
     history_rule: bool = True
 
-    def rates(self, threshold: float, history_rule: bool | None = None, rows: list[Row] | None = None) -> dict[str, Any]:
+    def rates(self, threshold: float, history_rule: bool | None = None,
+              rows: list[Row] | None = None) -> dict[str, Any]:
         hr = self.history_rule if history_rule is None else history_rule
         rows = self.rows if rows is None else rows
         pos = [r for r in rows if r.should_merge]
@@ -348,7 +362,8 @@ def load_items(name: str, ambiguous: str = "different", limit: int | None = None
 
 def scrambled(questions: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each distinct question with its first and last long words swapped (deterministic)."""
-    items, seen = [], set()
+    items: list[dict[str, Any]] = []
+    seen: set[str] = set()
     for q in questions:
         for text in (q["a"], q["b"]):
             words = text.split()
@@ -361,8 +376,9 @@ def scrambled(questions: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 continue
             seen.add(text)
             swapped = list(words)
-            swapped[i], swapped[j] = words[j].strip("?.,!"), words[i].strip("?.,!") + words[j][len(words[j].rstrip("?.,!")):]
-            swapped[i] = swapped[i] + words[i][len(words[i].rstrip("?.,!")):]
+            tail_i, tail_j = words[i][len(words[i].rstrip("?.,!")):], words[j][len(words[j].rstrip("?.,!")):]
+            swapped[i] = words[j].strip("?.,!") + tail_i
+            swapped[j] = words[i].strip("?.,!") + tail_j
             items.append({"id": f"scrambled-{len(items):03d}", "kind": "order_swap", "lang": "en",
                           "should_merge": False, "a": text, "b": " ".join(swapped)})
     return items
@@ -435,7 +451,10 @@ def _table(p, title: str, groups: dict[str, dict[str, Any]]) -> None:
 
 def report(ds: Dataset, threshold: float, sweep: list[float], out=None, explain: bool = False) -> dict[str, Any]:
     out = out or sys.stdout
-    p = lambda *a: print(*a, file=out)
+
+    def p(*a: Any) -> None:
+        print(*a, file=out)
+
     summary = ds.rates(threshold)
     kinds, langs = ds.by("kind", threshold), ds.by("lang", threshold)
     p(f"\n== {ds.name}: {len(ds.rows)} pairs, threshold {threshold:.2f}")
@@ -489,7 +508,8 @@ def best_threshold(ds: Dataset, sweep: list[float], max_trap_rate: float) -> dic
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="herd eval", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help=f"similarity threshold (default {DEFAULT_THRESHOLD})")
+    ap.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                    help=f"similarity threshold (default {DEFAULT_THRESHOLD})")
     ap.add_argument("--sweep", default=DEFAULT_SWEEP, help=f"thresholds LO:HI:STEP (default {DEFAULT_SWEEP})")
     ap.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"write results here (default {DEFAULT_JSON})")
     ap.add_argument("--model", default=None, help="ONNX model path (default: the bundled all-MiniLM-L6-v2 int8)")
@@ -498,7 +518,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--datasets", default=None,
                     help="comma separated: questions,conversations,herd,scrambled (with only --pairs: those files)")
     ap.add_argument("--pairs", action="append", default=[], metavar="FILE.jsonl",
-                    help='labelled pairs, one JSON object a line: {"a", "b", "label": "same"|"different", "kind", "lang"}')
+                    help='labelled pairs, one JSON object a line: '
+                         '{"a", "b", "label": "same"|"different", "kind", "lang"}')
     ap.add_argument("--ambiguous", choices=("different", "same", "skip"), default="different",
                     help="how to count fow-cache's ambiguous pairs (default: as traps)")
     ap.add_argument("--limit", type=int, default=None, help="at most N pairs per kind (quick runs)")
@@ -548,7 +569,8 @@ def main(argv: list[str] | None = None) -> int:
             res["best_threshold_at_1pct_traps"] = best
             met = (res["trap_rate"] or 0) <= TARGET_TRAPS and (res["served_rate"] or 0) >= TARGET_SERVED
             res["targets"] = {"traps_max": TARGET_TRAPS, "served_min": TARGET_SERVED, "met": met}
-            print(f"   targets (traps <= {TARGET_TRAPS:.0%}, served >= {TARGET_SERVED:.0%}): {'met' if met else 'NOT met'}"
+            print(f"   targets (traps <= {TARGET_TRAPS:.0%}, served >= {TARGET_SERVED:.0%}): "
+                  f"{'met' if met else 'NOT met'}"
                   + (f"; best swept threshold at <=1% traps: {best['threshold']:.2f} serves {_pct(best['served_rate'])}"
                      if best else ""))
         if name == "conversations":

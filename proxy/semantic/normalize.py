@@ -123,7 +123,9 @@ _WORD_SPLIT = re.compile(
 #: (openers end at a comma; a fronted phrase ends at one); never compared.
 SENTENCE = "\x01"
 CLAUSE = "\x02"
-_SENTENCE_END = re.compile(r"(?<=[^\W\d_])\.(?=\s|$)|(?<=\d)\.(?=\s|$)|[!?\u3002\uff01\uff1f]+|\n\s*\n|\n(?=\s*[-*\u2022\d])")
+_SENTENCE_END = re.compile(
+    r"(?<=[^\W\d_])\.(?=\s|$)|(?<=\d)\.(?=\s|$)|[!?\u3002\uff01\uff1f]+|\n\s*\n|\n(?=\s*[-*\u2022\d])"
+)
 _CLAUSE_END = re.compile(r"[,;:\u3001\uff0c\uff1b\uff1a](?=\s|$)|\s[-\u2013\u2014]+\s")
 
 

@@ -26,6 +26,10 @@ from proxy.semantic.script import language, readable, vocabulary
 WORD_MEMO = 65_536
 INFO_NEXT = frozenset(words("what which who whom whose when where why how if whether"))
 INFO_FRAMES = frozenset(p for p in en.REQUEST_FRAMES if {"tell", "know", "idea"} & set(p))
+_QUESTION_START = frozenset(words("is are am was were do does did can could should would will may might must have has"))
+_QUESTION_WORDS = INFO_NEXT | _QUESTION_START
+#: Weak openers that, before a question, may still be part of it ("right can I turn on red")
+_CONTENT_OPENERS = frozenset((w,) for w in words("right well morning afternoon evening question"))
 
 
 @dataclass(frozen=True)
@@ -63,9 +67,13 @@ def _strip_opening(seq: list[str]) -> bool:
             if seq and seq[0] == CLAUSE:
                 del seq[0]
             return True
-    for p in en.WEAK_OPENERS:  # only before a comma, or as the whole sentence
+    for p in en.WEAK_OPENERS:  # only before a comma or a question, or as the whole sentence
         if _starts(seq, p) and (len(seq) == len(p) or seq[len(p)] == CLAUSE):
             del seq[: len(p) + 1]
+            return True
+        if (_starts(seq, p) and len(seq) > len(p) + 1 and seq[len(p)] in _QUESTION_WORDS
+                and p not in _CONTENT_OPENERS):
+            del seq[: len(p)]
             return True
     for p in en.REQUEST_FRAMES:
         if _starts(seq, p) and len(seq) > len(p):
@@ -94,12 +102,11 @@ def _unfront(seq: list[str]) -> list[str]:
     if seq and seq[0] in en.FRONTED and CLAUSE in seq[1:7]:
         k = seq.index(CLAUSE)
         rest = seq[k + 1 :]
-        if rest and CLAUSE not in seq[1:k] and rest[0] in INFO_NEXT | _QUESTION_START:
+        if rest and CLAUSE not in seq[1:k] and rest[0] in _QUESTION_WORDS:
             return rest + seq[:k]
     return seq
 
 
-_QUESTION_START = frozenset(words("is are am was were do does did can could should would will may might must have has"))
 
 
 def _sentences(seq: list[str]) -> list[list[str]]:
