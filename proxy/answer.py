@@ -18,6 +18,7 @@ anything again. Nothing here knows HTTP beyond the SSE framing.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -34,6 +35,12 @@ ENTRY_OVERHEAD = 400
 
 def event(raw: bytes) -> bytes:
     return b"data: " + raw + b"\n\n"
+
+
+def typed_event(kind: str, raw: bytes) -> bytes:
+    """A typed event (a Responses or Anthropic stream event: its data carries its `type`),
+    named by an `event:` line as those APIs send it."""
+    return b"event: " + kind.encode() + b"\ndata: " + raw + b"\n\n"
 
 
 class Answer:
@@ -123,7 +130,9 @@ class Stream:
                     run = []
                 self.usage.add(len(self.parts))
                 self.parts.append(event(chunk.raw))
-            else:
+            elif isinstance(kind := chunk.data.get("type"), str) and kind.isprintable():
+                run.append(typed_event(kind, chunk.raw))
+            else:  # a chat chunk: no `type`, data alone
                 run += (b"data: ", chunk.raw, b"\n\n")
         if run:
             self.parts.append(b"".join(run))
@@ -139,26 +148,28 @@ def stream_of(flight: Flight) -> Stream:
     return stream
 
 
-def json_body(flight: Flight) -> bytes:
+def json_body(flight: Flight, build: Callable[[list[Chunk]], dict] = assemble) -> bytes:
     """The non-stream body of a finished flight: the upstream's own, when it sent one, else
-    assembled from the chunks; made once per flight."""
+    `build` from the chunks (its API's assembly: a chat completion by default); made once
+    per flight."""
     if flight.body is None:
         if flight.answer is not None:
             flight.body = flight.answer.body
         else:
             whole = flight.chunks[0].whole if flight.chunks else None
-            flight.body = whole if whole is not None else orjson.dumps(assemble(flight.chunks))
+            flight.body = whole if whole is not None else orjson.dumps(build(flight.chunks))
     return flight.body
 
 
-def answer_of(flight: Flight) -> Answer:
-    """A cleanly finished flight as an Answer (made once per flight, from its renderings)."""
+def answer_of(flight: Flight, build: Callable[[list[Chunk]], dict] = assemble) -> Answer:
+    """A cleanly finished flight as an Answer (made once per flight, from its renderings;
+    `build`: as for json_body)."""
     if flight.answer is None:
         stream = flight.sse or Stream()
         stream.update(flight.chunks)
         sse = b"".join(p for i, p in enumerate(stream.parts) if i not in stream.usage)
         usage = b"".join(stream.parts[i] for i in sorted(stream.usage))
-        flight.answer = Answer(sse, usage, json_body(flight))
+        flight.answer = Answer(sse, usage, json_body(flight, build))
     return flight.answer
 
 

@@ -17,8 +17,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from proxy.answer import usage_of_flight
-from proxy.canonical import parse_chat
+from proxy.apis import APIS
+from proxy.apis.base import Api
+from proxy.apis.chat import CHAT
 from proxy.config import Settings
 from proxy.errors import (
     HerdError,
@@ -61,8 +62,10 @@ def header_map(request: Request) -> dict[str, str]:
     return {k.decode("latin-1"): v.decode("latin-1") for k, v in reversed(request.scope["headers"])}
 
 
-def error_response(error: HerdError) -> Response:
-    return Response(error.body_bytes(), status_code=error.status, media_type=error.content_type, headers=error.headers)
+def error_response(error: HerdError, api: Api | None = None) -> Response:
+    """An error in `api`'s shape (OpenAI's by default)."""
+    body, content_type = api.error_body(error) if api is not None else (error.body_bytes(), error.content_type)
+    return Response(body, status_code=error.status, media_type=content_type, headers=error.headers)
 
 
 async def read_body(receive: Receive, limit: int, length: str | None, timeout_s: float) -> bytes:
@@ -91,7 +94,7 @@ async def read_body(receive: Receive, limit: int, length: str | None, timeout_s:
         ) from None
 
 
-def create_app(settings: Settings, gateway: Gateway | None = None) -> ChatFirst:
+def create_app(settings: Settings, gateway: Gateway | None = None) -> ApisFirst:
     gateway = gateway or Gateway(settings, Metrics())
     limit = settings.server.max_body_bytes
     body_timeout = settings.server.body_timeout_s
@@ -99,15 +102,18 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> ChatFirst:
     metrics = gateway.metrics
     access_log = settings.server.access_log
 
-    def count_error(error: HerdError, chat: bool = True) -> None:
+    def count_error(error: HerdError, api: Api | None = CHAT) -> None:
         metrics.errors.labels(str(error.status)).inc()
-        if chat:
+        if api is not None:
             metrics.requests.labels("error").inc()
+            metrics.api_requests.labels(api.name, "error").inc()
 
-    async def chat_completions(request: Request) -> Response | FlightResponse:
+    async def coalesced(api: Api, request: Request) -> FlightResponse:
+        """POST to a coalesced API (chat, Responses, legacy completions): parse with the
+        API's module, submit to the gateway, render the flight to this waiter."""
         headers = header_map(request)
         identity = gateway.auth.identify(headers)
-        req = parse_chat(await read_body(request.receive, limit, headers.get("content-length"), body_timeout))
+        req = api.parse(await read_body(request.receive, limit, headers.get("content-length"), body_timeout))
         mode = gateway.mode_for(headers.get("x-herd-coalesce"))
         sampled = sampled_policy(headers.get(SAMPLED_HEADER))
         control = headers.get("cache-control")
@@ -123,20 +129,23 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> ChatFirst:
         def done(response: FlightResponse) -> None:
             ticket = response.ticket
             if response.error is not None:
-                count_error(response.error)
+                count_error(response.error, api)
             elif response.disconnected:
                 metrics.disconnects.labels(ticket.role).inc()
             else:
                 metrics.requests.labels(ticket.role).inc()
+                metrics.api_requests.labels(api.name, ticket.role).inc()
                 if response.shared_sample:
                     metrics.shared_samples.labels(ticket.role).inc()
-                gateway.accountant.record(ticket.role, req.model, identity.tenant, usage_of_flight(ticket.flight))
+                usage = req.wire.flight_usage(ticket.flight)
+                gateway.accountant.record(ticket.role, req.model, identity.tenant, usage)
                 finished = ticket.flight.finished_at
                 if finished is not None and response.answered_at is not None and ticket.role != "cache":
                     metrics.fanout_lag.observe(max(0.0, response.answered_at - finished))
             if access_log:
                 extra = {
                     "request_id": request_id,
+                    "api": api.name,
                     "flight": ticket.flight.public_id,
                     "role": response.role,
                     "status": response.error.status if response.error is not None else 200,
@@ -149,13 +158,11 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> ChatFirst:
                 }
                 if settings.server.log_prompts and req.final_text is not None:
                     extra["prompt"] = req.final_text
-                log_access("chat", extra)
+                log_access(api.name, extra)
 
         return FlightResponse(
             ticket,
-            stream=req.stream,
-            include_usage=req.include_usage,
-            sampled=req.sampled,
+            req,
             deadline=started + settings.server.request_timeout_s,
             release=gateway.release,
             on_done=done,
@@ -239,7 +246,7 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> ChatFirst:
         return Response(gateway.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     async def on_herd_error(request: Request, exc: HerdError) -> Response:
-        count_error(exc, chat=request.url.path == "/v1/chat/completions")
+        count_error(exc, None)
         return error_response(exc)
 
     async def on_http_exception(request: Request, exc: HTTPException) -> Response:
@@ -268,28 +275,31 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> ChatFirst:
             log.info("herd stopped: every flight finished")
             flush_logs()  # the process may end by the re-raised SIGTERM, before atexit runs
 
-    async def chat_route(scope: Scope, receive: Receive, send: Send) -> None:
-        """POST /v1/chat/completions, with the error handling Starlette's layers give the rest."""
-        request = Request(scope, receive)
-        try:
-            response = await chat_completions(request)
-        except ClientDisconnect:
-            return  # gone while sending its body: nobody to answer
-        except asyncio.CancelledError:  # the server's shutdown grace is over: still a proper answer
-            asyncio.current_task().uncancel()
-            error = shutting_down()
-            count_error(error)
-            response = error_response(error)
-        except Exception as exc:
-            error = as_herd_error(exc, f"on {request.url.path}")
-            count_error(error)
-            response = error_response(error)
-        await response(scope, receive, send)
+    def api_route(api: Api) -> ASGIApp:
+        async def route(scope: Scope, receive: Receive, send: Send) -> None:
+            """POST to `api`, with the error handling Starlette's layers give the rest."""
+            request = Request(scope, receive)
+            response: Response | FlightResponse
+            try:
+                response = await coalesced(api, request)
+            except ClientDisconnect:
+                return  # gone while sending its body: nobody to answer
+            except asyncio.CancelledError:  # the server's shutdown grace is over: still a proper answer
+                asyncio.current_task().uncancel()
+                error = shutting_down()
+                count_error(error, api)
+                response = error_response(error, api)
+            except Exception as exc:
+                error = as_herd_error(exc, f"on {request.url.path}")
+                count_error(error, api)
+                response = error_response(error, api)
+            await response(scope, receive, send)
+
+        return route
 
     methods = ["GET", "POST", "PUT", "PATCH", "DELETE"]
     app = Starlette(
         routes=[
-            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/v1/models", list_models, methods=["GET"]),
             Route("/v1/{path:path}", forward, methods=methods),
             Route("/healthz", healthz, methods=["GET"]),
@@ -300,25 +310,26 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> ChatFirst:
         lifespan=lifespan,
     )
     app.state.gateway = gateway
-    return ChatFirst(app, chat_route)
+    return ApisFirst(app, {api.path: api_route(api) for api in APIS})
 
 
-class ChatFirst:
-    """The ASGI app herd serves: POST /v1/chat/completions, the hot path, goes straight to its
-    handler; everything else (the other routes, lifespan) goes to the Starlette app.
+class ApisFirst:
+    """The ASGI app herd serves: a POST to a coalesced API (chat completions, the hot path,
+    and the others in proxy.apis) goes straight to its handler; everything else (the other
+    routes, lifespan) goes to the Starlette app.
 
-    Starlette's router and middleware add calls to every chat request, and to every chunk
-    sent to every stream waiter, that do nothing for it (see benchmarks/RESULTS.md).
+    Starlette's router and middleware add calls to every request, and to every chunk sent
+    to every stream waiter, that do nothing for it (see benchmarks/RESULTS.md).
     """
 
-    def __init__(self, app: Starlette, chat: ASGIApp) -> None:
+    def __init__(self, app: Starlette, apis: dict[str, ASGIApp]) -> None:
         self.app = app
-        self.chat = chat
+        self.apis = apis
         self.state = app.state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] == "/v1/chat/completions" and scope["method"] == "POST":
-            await self.chat(scope, receive, send)
+        if scope["type"] == "http" and scope["method"] == "POST" and (api := self.apis.get(scope["path"])):
+            await api(scope, receive, send)
         elif scope["type"] == "http":
             await answer_shutdown(self.app, scope, receive, send)
         else:

@@ -14,7 +14,8 @@ Every waiter of a flight depends on this call, so `Dispatcher.stream` gives it e
                  retries, when the primary still fails or is shut off (circuit, rate, capacity)
 
 `served_by` is told the name of the upstream that answers, just before its first chunk.
-`stream=False` lets the adapter make a non-stream call (see Upstream.chat).
+`stream=False` lets the adapter make a non-stream call (see Upstream.chat); `wire` is the
+protocol of the call (chat, the Responses API, legacy completions: proxy.apis).
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 
+import orjson
+
+from proxy.apis.base import Wire
+from proxy.apis.chat import CHAT_WIRE
 from proxy.chunks import Chunk
 from proxy.config import RouteConfig, Settings
 from proxy.errors import (
@@ -87,6 +92,7 @@ class Dispatcher:
         options: CallOptions,
         served_by: Callable[[str], None],
         stream: bool = True,
+        wire: Wire = CHAT_WIRE,
     ) -> AsyncIterator[list[Chunk]]:
         try:
             failure: HerdError | None = None  # why the last upstream tried could not answer
@@ -100,7 +106,7 @@ class Dispatcher:
                 try:
                     count = await self._preflight(name, target)
                     last = position == len(plan) - 1  # nothing to fall back to: worth waiting for the circuit
-                    tries = self._tries(name, target, options, count, stream, last)
+                    tries = self._tries(name, target, options, count, stream, last, wire)
                     async with contextlib.aclosing(tries) as batches:
                         async for batch in batches:
                             if not started:
@@ -138,14 +144,17 @@ class Dispatcher:
         return count
 
     async def _tries(
-        self, name: str, body: dict, options: CallOptions, count: TokenCount | None, stream: bool, last: bool = True
+        self, name: str, body: dict, options: CallOptions, count: TokenCount | None, stream: bool, last: bool = True,
+        wire: Wire = CHAT_WIRE,
     ) -> AsyncIterator[list[Chunk]]:
         """One upstream's answer, tried again on retryable failures until a chunk has gone out."""
         upstream, guard, m = self.upstreams[name], self.guards[name], self.metrics
         circuit_wait = guard.retry.max_s if last else 0.0
         want = 0
         if count is not None:
-            want = count.tokens + (body.get("max_completion_tokens") or body.get("max_tokens") or 0)
+            want = count.tokens + (
+                body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens") or 0
+            )
         attempt = 0
         while True:
             ticket = await guard.circuit.enter(name, circuit_wait)
@@ -161,13 +170,12 @@ class Dispatcher:
             m.upstream_calls.labels(name).inc()
             started, usage = False, None
             try:
-                async with contextlib.aclosing(upstream.chat(body, options, stream)) as batches:
+                async with contextlib.aclosing(upstream.call(wire, body, options, stream)) as batches:
                     async for batch in batches:
                         if not started:
                             guard.circuit.success(ticket)  # it answers: a probe's waiters may go
                             started = True
-                        for chunk in batch:
-                            usage = chunk.data.get("usage") or usage
+                        usage = wire.usage(batch) or usage
                         yield batch
             except HerdError as error:
                 guard.circuit.record(error, ticket)
@@ -196,8 +204,9 @@ class Dispatcher:
 
 
 def _text_size(body: dict) -> int:
-    size = 0
-    for message in body["messages"]:
+    size = sum(len(v) if isinstance(v, str) else len(orjson.dumps(v)) for k in ("input", "prompt")
+               if (v := body.get(k)) is not None)
+    for message in body.get("messages") or ():
         content = message.get("content")
         if isinstance(content, str):
             size += len(content)

@@ -1,12 +1,13 @@
-"""The gateway: what herd does with one chat request, without any HTTP.
+"""The gateway: what herd does with one request of any API, without any HTTP.
 
     request -> route -> scope and keys -> join a flight (exact, normalized, similar)
             -> or lead one: the upstream call runs in the flight's own task
                (with [redis] url, that task first claims the flight across replicas:
                it calls the upstream, or mirrors the flight another replica leads)
 
-The route layer (proxy.app) parses, authenticates and renders; everything in between
-lives here, so it can be driven and tested without a server.
+The route layer (proxy.app) reads and authenticates; each API's module (proxy.apis)
+parses, keys and renders; everything in between lives here, API-neutral (a request is a
+proxy.apis.base.ApiRequest), so it can be driven and tested without a server.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from dataclasses import dataclass
 
 from proxy.accounting import Accountant
 from proxy.answer import Answer, answer_of
+from proxy.apis.base import ApiRequest, digest
 from proxy.auth import Authenticator, Identity
 from proxy.cache import AnswerCache, MemoryCache, SimilarAnswers
-from proxy.canonical import ChatRequest, assign_keys, digest
 from proxy.coalescer import Flight, Group, Ticket
 from proxy.config import MODEL_MEMO, RouteConfig, Settings
 from proxy.dispatch import Dispatcher
@@ -45,7 +46,7 @@ log = logging.getLogger("herd.gateway")
 class Plan:
     """What a flight's work needs to know about the request that started it."""
 
-    req: ChatRequest
+    req: ApiRequest  # its body is the upstream call's, its wire the call's protocol
     route: RouteConfig
     options: CallOptions
     stream: bool  # call the upstream in streaming mode
@@ -160,7 +161,7 @@ class Gateway:
 
     # -- the data path -----------------------------------------------------------------
     def submit(
-        self, req: ChatRequest, identity: Identity, mode: str, *, read_cache: bool = True, write_cache: bool = True,
+        self, req: ApiRequest, identity: Identity, mode: str, *, read_cache: bool = True, write_cache: bool = True,
         sampled: str | None = None,
     ) -> Ticket:
         """A ticket on the flight that answers `req`: one in progress, or a new one it leads.
@@ -173,10 +174,17 @@ class Gateway:
         `sampled`: the request's own x-herd-sampled policy; a sampled request under
         "distinct" gets a private flight.
         """
-        route, _ = self.route(req.model)
+        route, upstream = self.route(req.model)
+        if not upstream.speaks(req.wire):
+            raise InvalidRequest(
+                f"The {req.wire.title} is not available for model '{req.model}': its route's upstream "
+                f"{upstream.name!r} ({upstream.kind}) does not speak it.", param="model", code="unsupported_api",
+            )
         if distinct(req.sampled, sampled, identity.sampled, route.sampled, self.settings.coalesce.sampled):
             mode = "off"  # its own draw: nobody joins it, no cache read or write
-        assign_keys(req, identity.tenant, route.upstream)
+        if req.private is not None:
+            mode = "off"  # it changes server state or runs in the background: never shared
+        req.api.keys(req, identity.tenant, route.upstream)
         cache = self.settings.cache
         plan = Plan(
             req=req,
@@ -231,7 +239,7 @@ class Gateway:
     async def _lead(self, plan: Plan, flight: Flight) -> None:
         """Call the upstream for `flight`, and keep a clean answer in the cache."""
         flight.served_by = plan.route.upstream
-        await self._call(plan.route, plan.req.body, plan.options, flight, plan.stream)
+        await self._call(plan.route, plan.req, plan.options, flight, plan.stream)
         if plan.store:
             self._spawn(self._store(plan, flight))
 
@@ -277,7 +285,7 @@ class Gateway:
             self.shared.lead(key, flight, new, redact=secrets)
 
         called = await self.shared.mirror(
-            key, claim, flight, functools.partial(self._call, plan.route, plan.req.body, plan.options), on_lead
+            key, claim, flight, functools.partial(self._call, plan.route, plan.req, plan.options), on_lead
         )
         if called and plan.store:
             self._spawn(self._store(plan, flight))
@@ -288,7 +296,7 @@ class Gateway:
         ttl = plan.ttl
         if flight.error is not None or ttl <= 0:
             return
-        answer = answer_of(flight)  # the bytes its waiters write, rendered once
+        answer = answer_of(flight, plan.req.api.assemble)  # the bytes its waiters write, rendered once
         for key in flight.keys:
             await self.cache.put(key, answer, ttl)
         probe = flight.probe
@@ -305,7 +313,7 @@ class Gateway:
         self.group.release(ticket)
 
     async def _call(
-        self, route: RouteConfig, body: dict, options: CallOptions, flight: Flight, stream: bool = True
+        self, route: RouteConfig, req: ApiRequest, options: CallOptions, flight: Flight, stream: bool = True
     ) -> None:
         """The one upstream call of a flight: publish each chunk to its waiters."""
         m = self.metrics
@@ -315,7 +323,7 @@ class Gateway:
             def served_by(name: str) -> None:
                 flight.served_by = name
 
-            async for batch in self.dispatcher.stream(route, body, options, served_by, stream):
+            async for batch in self.dispatcher.stream(route, req.body, options, served_by, stream, req.wire):
                 if first:
                     # after a fallback, the upstream that answered is not the route's primary
                     answered = flight.served_by or route.upstream

@@ -37,8 +37,14 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
-            "herd_requests", "Chat requests, counted when answered, by how: leader, follower, cache, bypass or error",
+            "herd_requests", "Requests to the coalesced APIs, counted when answered, by how: leader, follower, cache, "
+            "bypass or error",
             ["outcome"], registry=r,
+        )
+        self.api_requests = Counter(
+            "herd_api_requests",
+            "Requests by API (chat, responses, completions, forward, ...) and how they were answered: leader, "
+            "follower, cache, bypass or error", ["api", "outcome"], registry=r,
         )
         self.errors = Counter("herd_errors", "Error answers by HTTP status", ["status"], registry=r)
         self.upstream_calls = Counter("herd_upstream_calls", "Calls made to upstreams", ["upstream"], registry=r)

@@ -15,12 +15,10 @@ import struct
 import time
 from collections.abc import Awaitable, Callable
 
-import orjson
-
 from proxy.answer import Stream, json_body, stream_of
+from proxy.apis.base import Api, ApiRequest
 from proxy.coalescer import Ticket
 from proxy.errors import DeadlineExceeded, HerdError, InvalidRequest, ShuttingDown, as_herd_error
-from proxy.sse import DONE
 
 log = logging.getLogger("herd.responses")
 
@@ -28,9 +26,12 @@ Send = Callable[[dict], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict]]
 
 
-async def send_error(send: Send, error: HerdError, extra: list[tuple[bytes, bytes]] = ()) -> None:
-    body = error.body_bytes()
-    headers = [(b"content-type", error.content_type.encode()), (b"content-length", str(len(body)).encode())]
+async def send_error(
+    send: Send, error: HerdError, extra: list[tuple[bytes, bytes]] = (), api: Api | None = None
+) -> None:
+    """An error answered before anything else was sent, in `api`'s shape (OpenAI's by default)."""
+    body, content_type = api.error_body(error) if api is not None else (error.body_bytes(), error.content_type)
+    headers = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]
     headers += [(k.lower().encode(), str(v).encode()) for k, v in error.headers.items()]
     await send({"type": "http.response.start", "status": error.status, "headers": headers + list(extra)})
     await send({"type": "http.response.body", "body": body})
@@ -131,23 +132,23 @@ class FlightResponse:
     def __init__(
         self,
         ticket: Ticket,
+        req: ApiRequest,
         *,
-        stream: bool,
-        include_usage: bool,
         deadline: float,
         release: Callable[[Ticket], None],
         on_done: Callable[[FlightResponse], None] | None = None,
         request_id: str = "",
-        sampled: bool = False,
         on_cut: Callable[[], None] | None = None,
         coalesce: str = "",
     ) -> None:
         self.ticket = ticket
         self.coalesce = coalesce  # the policy applied, said in x-herd-coalesce when the request asked for one
-        self.sampled = sampled  # the request asked for a random draw (proxy.sampling)
+        self.req = req  # what the waiter asked
+        self.api = req.api  # its API, whose shapes the answer and errors take
+        self.sampled = req.sampled  # the request asked for a random draw (proxy.sampling)
         self.request_id = request_id
-        self.stream = stream
-        self.include_usage = include_usage
+        self.stream = req.stream
+        self.include_usage = req.include_usage
         self.deadline = deadline  # loop.time() by which this waiter must be answered
         self._release = release
         self._on_done = on_done or (lambda response: None)
@@ -223,9 +224,9 @@ class FlightResponse:
         try:
             async with asyncio.timeout(ERROR_GRACE_S):
                 if not self.started:
-                    return await send_error(send, self.error, self.headers)
+                    return await send_error(send, self.error, self.headers, self.api)
                 if self.stream:
-                    body = b"data: " + orjson.dumps(self.error.body()) + b"\n\n" + DONE
+                    body = self.api.stream_error(self.error)  # a final event, in the API's shape
                     return await send({"type": "http.response.body", "body": body, "more_body": False})
         except TimeoutError:
             pass
@@ -251,7 +252,7 @@ class FlightResponse:
         await flight.wait()
         if flight.error is not None:
             return flight.error
-        body = json_body(flight)
+        body = json_body(flight, self.api.assemble)
         await self._start(send, [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())])
         if len(body) > WRITE_PIECE:
             await self._write(send, body)
@@ -279,7 +280,7 @@ class FlightResponse:
             sse = stream_of(flight)  # the chunks published meanwhile, rendered once for every waiter
         if flight.error is not None:
             return flight.error
-        await send({"type": "http.response.body", "body": DONE, "more_body": False})
+        await send({"type": "http.response.body", "body": self.api.stream_end, "more_body": False})
         self.answered_at = time.perf_counter()
         return None
 

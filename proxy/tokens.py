@@ -118,7 +118,15 @@ def _gather(body: dict[str, Any]) -> _Prompt:
             elif value is not None:  # tool calls and the like: their JSON, roughly
                 texts.append(orjson.dumps(value).decode())
                 estimate = True
-    for key in ("tools", "functions", "response_format"):
+    for key in ("instructions", "input", "prompt"):  # the Responses API, legacy completions
+        value = body.get(key)
+        for item in value if isinstance(value, list) else (value,):
+            if isinstance(item, str):
+                texts.append(item)
+            elif item is not None:
+                texts.append(orjson.dumps(item).decode())
+                estimate = True
+    for key in ("tools", "functions", "response_format", "text"):
         if body.get(key):
             texts.append(orjson.dumps(body[key]).decode())
             estimate = True

@@ -7,8 +7,8 @@ import httpx
 import orjson
 import pytest
 
+from proxy.apis.chat import assign_keys, parse_chat
 from proxy.auth import Authenticator
-from proxy.canonical import assign_keys, parse_chat
 from proxy.config import parse_settings
 from proxy.errors import AuthenticationError, InvalidRequest
 from tests.harness import chat_calls

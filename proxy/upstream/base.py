@@ -1,7 +1,9 @@
 """The one small interface every upstream adapter implements.
 
 An adapter turns an OpenAI chat request into a stream of OpenAI `chat.completion.chunk`s
-(whatever the provider speaks), yielded in batches of those that arrived together, and forwards any other API call as it is. Errors are raised
+(whatever the provider speaks), yielded in batches of those that arrived together; makes
+the calls of the other protocols it speaks (`call`, with a proxy.apis.base.Wire: the
+Responses API, legacy completions); and forwards any other API call as it is. Errors are raised
 as proxy.errors types: UpstreamError (the upstream's status and body), UpstreamUnavailable
 (connect error, reset) or UpstreamTimeout.
 """
@@ -9,17 +11,21 @@ as proxy.errors types: UpstreamError (the upstream's status and body), UpstreamU
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import yarl
 
 from proxy.chunks import Chunk
 from proxy.config import UpstreamConfig
-from proxy.errors import NotFound, UpstreamTimeout
+from proxy.errors import InvalidRequest, NotFound, UpstreamTimeout
+
+if TYPE_CHECKING:
+    from proxy.apis.base import Wire
 
 T = TypeVar("T")
 
@@ -118,6 +124,25 @@ class Upstream:
         a non-stream call (cheaper for both sides) and yield its answer split into chunks.
         """
         raise NotImplementedError
+
+    def speaks(self, wire: Wire) -> bool:
+        """Whether this upstream can answer calls of `wire`'s protocol."""
+        return wire.name == "chat"
+
+    async def call(
+        self, wire: Wire, body: dict, options: CallOptions, stream: bool = True
+    ) -> AsyncIterator[list[Chunk]]:
+        """The answer to a call of `wire`'s protocol (see proxy.apis.base.Wire), in batches
+        of chunks as `chat` yields them. The base speaks chat only; any other protocol is
+        a 400 naming this upstream (a fallback that cannot take the request)."""
+        if wire.name != "chat":
+            raise InvalidRequest(
+                f"The {wire.title} is not available on the {self.kind} upstream {self.name!r} of this model's route.",
+                param="model", code="unsupported_api",
+            )
+        async with contextlib.aclosing(self.chat(body, options, stream)) as batches:
+            async for batch in batches:
+                yield batch
 
     async def forward(
         self, method: str, path: str, query: str, headers: dict[str, str], body: bytes, options: CallOptions

@@ -14,9 +14,11 @@ from collections.abc import AsyncIterator, Iterator
 import aiohttp
 import orjson
 
-from proxy.chunks import Chunk, malformed, malformed_completion, split
+from proxy.apis.base import Wire, malformed_answer
+from proxy.apis.chat import CHAT_WIRE
+from proxy.chunks import Chunk
 from proxy.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
-from proxy.sse import Event, EventParser
+from proxy.sse import EventParser
 from proxy.upstream.base import (
     HOP_BY_HOP,
     NOT_RELAYED,
@@ -38,7 +40,7 @@ class OpenAIUpstream(Upstream):
         super().__init__(cfg)
         self._session: aiohttp.ClientSession | None = None
         self._client_timeout: aiohttp.ClientTimeout | None = None
-        self._chat_url = f"{cfg.base_url}/chat/completions"
+        self._urls: dict[str, str] = {}  # by wire name
         self._fixed_headers: dict[str, dict[str, str]] = {}  # by accept, when the key is herd's own
 
     async def start(self) -> None:
@@ -88,43 +90,60 @@ class OpenAIUpstream(Upstream):
             )
         return self._client_timeout
 
-    async def chat(self, body: dict, options: CallOptions, stream: bool = True) -> AsyncIterator[list[Chunk]]:
+    def speaks(self, wire: Wire) -> bool:
+        return True  # OpenAI-compatible servers speak every OpenAI API (or answer its 404)
+
+    def chat(self, body: dict, options: CallOptions, stream: bool = True) -> AsyncIterator[list[Chunk]]:
+        return self.call(CHAT_WIRE, body, options, stream)
+
+    def _url(self, wire: Wire) -> str:
+        url = self._urls.get(wire.name)
+        if url is None:
+            url = self._urls[wire.name] = f"{self.cfg.base_url}/{wire.path}"
+        return url
+
+    async def call(
+        self, wire: Wire, body: dict, options: CallOptions, stream: bool = True
+    ) -> AsyncIterator[list[Chunk]]:
         if not stream:
-            yield await self._whole(body, options)
+            yield await self._whole(wire, body, options)
             return
-        payload = {**body, "stream": True, "stream_options": {"include_usage": True}}
         headers = self._chat_headers(options, "text/event-stream")
         resp: aiohttp.ClientResponse | None = None
         watchdog = Watchdog(self.cfg.first_byte_timeout_s, f"upstream {self.name!r}")
         try:
             with self._failures():
                 resp = await watchdog.wait(self.session.post(
-                    self._chat_url, data=orjson.dumps(payload), headers=headers, timeout=self._timeout()
+                    self._url(wire), data=orjson.dumps(wire.stream_payload(body)), headers=headers,
+                    timeout=self._timeout(),
                 ))
                 if resp.status >= 400:
                     raise await watchdog.wait(self._error(resp))
                 if not resp.content_type.startswith("text/event-stream"):  # a server that ignores `stream`
-                    yield self._answer(await watchdog.wait(resp.read()))
+                    yield wire.whole(await watchdog.wait(resp.read()), self.name)
                     return
-                async for batch in self._events(resp, watchdog):
+                async for batch in self._events(wire, resp, watchdog):
                     yield batch  # the chunks of one network read go out together
         finally:
             watchdog.stop()
             if resp is not None:
                 resp.release()
 
-    async def _events(self, resp: aiohttp.ClientResponse, watchdog: Watchdog) -> AsyncIterator[list[Chunk]]:
-        """The chunks of an SSE answer, a batch per network read, until [DONE] or the end.
-        Only data events move the idle limit: `: keep-alive` comments never hold waiters."""
+    async def _events(
+        self, wire: Wire, resp: aiohttp.ClientResponse, watchdog: Watchdog
+    ) -> AsyncIterator[list[Chunk]]:
+        """The chunks of an SSE answer, a batch per network read, until the wire's end or
+        the stream's. Only data events move the idle limit: `: keep-alive` comments never
+        hold waiters."""
         reads = aiter(resp.content.iter_any())
         parser = EventParser()
-        finished = done = False  # a choice finished; [DONE] seen: nothing more will come
+        finished = done = False  # the answer is complete; nothing more will come ([DONE])
         while not done:
             data = await watchdog.wait(anext(reads, None))
             events = parser.close() if data is None else parser.feed(data)
             if events:
                 watchdog.progress(self.cfg.idle_timeout_s)
-            batch, ends, done = self._chunks(events)
+            batch, ends, done = wire.events(events, self.name)
             finished = finished or ends or done
             if batch:
                 yield batch
@@ -133,54 +152,25 @@ class OpenAIUpstream(Upstream):
         if not finished:
             raise UpstreamUnavailable(f"upstream {self.name!r} ended the stream before it was complete")
 
-    def _chunks(self, events: list[Event]) -> tuple[list[Chunk], bool, bool]:
-        """The chunks these events carry; whether a choice finished; whether [DONE] came."""
-        batch, finished = [], False
-        for event in events:
-            if event.data == b"[DONE]":
-                return batch, finished, True
-            data = orjson.loads(event.data)
-            if isinstance(data, dict) and "error" in data and "choices" not in data:
-                raise UpstreamError(502, orjson.dumps(data), upstream=self.name)
-            if (why := malformed(data)) is not None:
-                raise self._malformed(why)
-            if any(c.get("finish_reason") for c in data.get("choices") or ()):
-                finished = True
-            batch.append(Chunk(data, event.data))
-        return batch, finished, False
-
-    def _answer(self, raw: bytes) -> list[Chunk]:
-        """A `chat.completion` body as chunks (kept whole on the first chunk)."""
-        chunks = split(_completion(raw, self.name), raw)
-        for chunk in chunks:
-            if (why := malformed(chunk.data)) is not None:
-                raise self._malformed(why)
-        return chunks
-
-    async def _whole(self, body: dict, options: CallOptions) -> list[Chunk]:
+    async def _whole(self, wire: Wire, body: dict, options: CallOptions) -> list[Chunk]:
         """A non-stream call. Its first byte is the whole answer, so no first-byte or idle
         timeout applies: only the call's total timeout (aiohttp's own). A server that
         streams anyway is read as a stream, with its first-byte and idle timeouts."""
-        payload = {k: v for k, v in body.items() if k != "stream_options"}
-        payload["stream"] = False
         headers = self._chat_headers(options, "application/json")
         with self._failures():
             async with self.session.post(
-                self._chat_url, data=orjson.dumps(payload), headers=headers, timeout=self._timeout()
+                self._url(wire), data=orjson.dumps(wire.whole_payload(body)), headers=headers,
+                timeout=self._timeout(),
             ) as resp:
                 if resp.status >= 400:
                     raise await self._error(resp)
                 if not resp.content_type.startswith("text/event-stream"):
-                    return self._answer(await resp.read())
+                    return wire.whole(await resp.read(), self.name)
                 watchdog = Watchdog(self.cfg.first_byte_timeout_s, f"upstream {self.name!r}")
                 try:
-                    return [chunk async for batch in self._events(resp, watchdog) for chunk in batch]
+                    return [chunk async for batch in self._events(wire, resp, watchdog) for chunk in batch]
                 finally:
                     watchdog.stop()
-
-    def _malformed(self, why: str) -> UpstreamUnavailable:
-        return UpstreamUnavailable(f"upstream {self.name!r} sent a malformed answer: {why}",
-                                   code="upstream_malformed")
 
     @contextlib.contextmanager
     def _failures(self) -> Iterator[None]:
@@ -190,7 +180,7 @@ class OpenAIUpstream(Upstream):
         except TimeoutError:  # aiohttp's own connect or total timeout
             raise UpstreamTimeout(f"upstream {self.name!r} did not answer in time") from None
         except orjson.JSONDecodeError:
-            raise self._malformed("data that is not JSON") from None
+            raise malformed_answer(self.name, "data that is not JSON") from None
         except (aiohttp.ClientError, ConnectionError) as e:
             raise UpstreamUnavailable(f"upstream {self.name!r} failed: {type(e).__name__}") from None
 
@@ -209,14 +199,4 @@ class OpenAIUpstream(Upstream):
             resp = await self.session.request(method, url, data=body or None, headers=out, timeout=self._timeout())
         back = [(k, v) for k, v in resp.headers.items() if k.lower() not in NOT_RELAYED]
         return ForwardResponse(resp.status, back, resp.content.iter_any(), resp.release)
-
-
-def _completion(raw: bytes, upstream: str) -> dict:
-    """A non-stream answer's `chat.completion` object; anything else is the upstream's fault."""
-    data = orjson.loads(raw)
-    if isinstance(data, dict) and "error" in data and "choices" not in data:
-        raise UpstreamError(502, raw, upstream=upstream)  # an error object with a 200 status
-    if (why := malformed_completion(data)) is not None:
-        raise UpstreamUnavailable(f"upstream {upstream!r} sent a malformed answer: {why}", code="upstream_malformed")
-    return data
 

@@ -19,6 +19,7 @@ from typing import cast
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy.apis.base import Wire
 from proxy.chunks import Chunk
 from proxy.config import VLLMUpstreamConfig
 from proxy.resilience import CapacityLimiter
@@ -82,9 +83,11 @@ class VLLMUpstream(OpenAIUpstream):
             self._poller = None
         await super().aclose()
 
-    async def chat(self, body: dict, options: CallOptions, stream: bool = True) -> AsyncIterator[list[Chunk]]:
-        # OpenAIUpstream.chat is an async generator: closed here, whatever ends this one
-        batches = cast(AsyncGenerator[list[Chunk], None], super().chat(body, options, stream))
+    async def call(
+        self, wire: Wire, body: dict, options: CallOptions, stream: bool = True
+    ) -> AsyncIterator[list[Chunk]]:
+        # OpenAIUpstream.call is an async generator: closed here, whatever ends this one
+        batches = cast(AsyncGenerator[list[Chunk], None], super().call(wire, body, options, stream))
         async with self.capacity.slot(), contextlib.aclosing(batches):
             async for batch in batches:
                 yield batch

@@ -1,0 +1,8 @@
+"""One module per client API herd coalesces, each behind proxy.apis.base.Api.
+
+APIS: the coalesced APIs proxy.app serves, each on its own POST route.
+"""
+
+from proxy.apis.chat import CHAT
+
+APIS = (CHAT,)
