@@ -23,7 +23,6 @@ from typing import Any
 
 import orjson
 
-from proxy.accounting import usage_of
 from proxy.chunks import Chunk, assemble
 from proxy.coalescer import Flight
 
@@ -172,7 +171,3 @@ def answer_of(flight: Flight, build: Callable[[list[Chunk]], dict] = assemble) -
         flight.answer = Answer(sse, usage, json_body(flight, build))
     return flight.answer
 
-
-def usage_of_flight(flight: Flight) -> dict[str, Any] | None:
-    """The usage a flight's answer reports (for accounting)."""
-    return flight.answer.usage if flight.answer is not None else usage_of(flight.chunks)
