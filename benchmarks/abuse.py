@@ -37,14 +37,12 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import orjson
 
-from benchmarks.harness import Stack
+from benchmarks.harness import RssSampler, Stack, rss_bytes
 from benchmarks.procs import REPO_ROOT
 
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "abuse"
@@ -65,42 +63,6 @@ class Target:
     pid: int
     deadline_s: float
     model: str = "sim"
-
-
-def rss_bytes(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-class RssSampler:
-    """herd's RSS every `interval` seconds in a thread; `on_sample` may stop a run that grows too big."""
-
-    def __init__(self, pid: int, interval: float = 0.05, on_sample: Callable[[int], None] | None = None) -> None:
-        self.pid = pid
-        self.interval = interval
-        self.peak = rss_bytes(pid)
-        self.on_sample = on_sample or (lambda rss: None)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="rss")
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            rss = rss_bytes(self.pid)
-            self.peak = max(self.peak, rss)
-            self.on_sample(rss)
-
-    def __enter__(self) -> Self:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def chat_request(target: Target, prompt: str, stream: bool = True) -> bytes:

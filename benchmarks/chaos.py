@@ -23,13 +23,12 @@ import argparse
 import asyncio
 import contextlib
 import sys
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import aiohttp
 import orjson
@@ -40,6 +39,7 @@ from benchmarks.harness import (
     HOST,
     Herd,
     Proc,
+    RssSampler,
     Stack,
     herd_config,
     http_json,
@@ -91,7 +91,8 @@ class Tally:
 # --------------------------------------------------------------------------- judging one ending
 
 
-def judge(status: int, content_type: str, raw: bytes, stream: bool, expected: str, complete: bool = True) -> tuple[str, str]:
+def judge(status: int, content_type: str, raw: bytes, stream: bool, expected: str,
+          complete: bool = True) -> tuple[str, str]:
     """(outcome, why) for one response; `complete`: the body ended (not cut by our own bound)."""
     if PROVIDER_KEY.encode() in raw:
         return "corrupted", "the provider key is in the body"
@@ -480,29 +481,6 @@ def chaos_config(sim_url: str, faulty_url: str, size: Size) -> dict[str, Any]:
     return data
 
 
-class RssPeak:
-    """The highest RSS of a process, sampled in a thread while the block runs."""
-
-    def __init__(self, proc: Proc, every_s: float = 0.05) -> None:
-        self.proc, self.every_s, self.peak = proc, every_s, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.rss_bytes())
-            self._stop.wait(self.every_s)
-
-    def __enter__(self) -> Self:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.proc.rss_bytes())
-
-
 async def run_scenarios(stack: Stack, size: Size, names: list[str] | None = None,
                         say: Callable[[str], None] = lambda s: None) -> dict[str, Tally]:
     """Start the simulator, the faulty upstream and herd, run each scenario, return the tallies."""
@@ -526,7 +504,7 @@ async def run_scenarios(stack: Stack, size: Size, names: list[str] | None = None
             env.reset_upstreams()
             tally = Tally()
             started = time.monotonic()
-            with RssPeak(herd) as rss:
+            with RssSampler(herd.pid) as rss:
                 await scenario(env, tally)
             with contextlib.suppress(Exception):
                 tally.upstream_calls = env.upstream_calls()

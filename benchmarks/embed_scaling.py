@@ -1,7 +1,7 @@
 """How the embedder scales with cores: prompts/s by ONNX Runtime intra-op threads and batch size,
 and by how a box's cores are split between processes (herd replicas) and worker threads.
 
-    python benchmarks/embed_scaling.py [--n 2000] [--threads 1,2,4,8,16] [--batches 1,8,32,64]
+    python -m benchmarks.embed_scaling [--n 2000] [--threads 1,2,4,8,16] [--batches 1,8,32,64]
                                        [--layouts 1x4x1,4x1x4,...] [--layout-batches 32]
                                        [--model PATH] [--json PATH] [--budget-s 300] [--quick]
 
@@ -42,23 +42,10 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import report
-
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as a file: make `embeddings` importable
-    sys.path.insert(0, str(REPO))
+from benchmarks.semantic_throughput import prompts  # the same short unique prompts
 
 DEFAULT_JSON = Path("benchmarks/out/embed-scaling.json")
 DEFAULT_LAYOUTS = "1x1x1,1x4x1,1x16x1,4x4x1,16x1x1,1x1x16,2x1x8,4x1x4,4x1x4p,8x1x2"
-
-
-def prompts(n: int, offset: int = 0) -> list[str]:
-    """The short unique prompts of benchmarks/semantic_throughput.py (same formula)."""
-    topics = ["billing", "shipping", "passwords", "returns", "warranty", "delivery", "accounts", "refunds"]
-    return [
-        f"Question {i + offset}: how does {topics[i % len(topics)]} work for order {1000 + i + offset} "
-        f"in region {i % 17}?"
-        for i in range(n)
-    ]
 
 
 # -- the machine ---------------------------------------------------------------
@@ -256,7 +243,7 @@ def ints(s: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python benchmarks/embed_scaling.py", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.embed_scaling", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=2000,
                         help="unique prompts per grid measurement; in layouts, per worker thread of each process")

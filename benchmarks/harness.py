@@ -216,6 +216,50 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def rss_bytes(pid: int) -> int:
+    """Resident set size of process `pid` now (Linux /proc; 0 elsewhere)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class RssSampler:
+    """The highest resident memory of process `pid` while the block runs, sampled every
+    `every_s` seconds in a thread; `on_sample(rss)` sees each sample (and may stop a run
+    that grows too big)."""
+
+    def __init__(self, pid: int, every_s: float = 0.05, on_sample: Callable[[int], None] | None = None) -> None:
+        self.pid = pid
+        self.every_s = every_s
+        self.peak = rss_bytes(pid)
+        self.on_sample = on_sample
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="rss")
+
+    def _sample(self) -> None:
+        rss = rss_bytes(self.pid)
+        self.peak = max(self.peak, rss)
+        if self.on_sample is not None:
+            self.on_sample(rss)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self._sample()
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes(self.pid))
+
+
 def stat_cpu_seconds(path: str) -> float:
     """User + system CPU time from a /proc stat file (a process's or a thread's); 0.0 if unreadable."""
     try:
@@ -333,13 +377,7 @@ class Proc:
 
     def rss_bytes(self) -> int:
         """Resident set size now (Linux /proc; 0 elsewhere)."""
-        try:
-            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        return 0
+        return rss_bytes(self.pid)
 
     def log_tail(self, lines: int = 30) -> str:
         try:
