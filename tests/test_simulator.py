@@ -31,7 +31,8 @@ TOOLS = [
     {"type": "function", "function": {"name": "other", "parameters": {"type": "object"}}},
 ]
 A_TOOLS = [
-    {"name": "search", "description": "search", "input_schema": {"type": "object", "properties": {"q": {"type": "string"}}}},
+    {"name": "search", "description": "search",
+     "input_schema": {"type": "object", "properties": {"q": {"type": "string"}}}},
     {"name": "other", "input_schema": {"type": "object"}},
 ]
 
@@ -64,7 +65,8 @@ def test_expected_text_rule():
             {"role": "system", "content": "be nice"},
             {"role": "user", "content": "first"},
             {"role": "assistant", "content": "ok"},
-            {"role": "user", "content": [{"type": "text", "text": "hello "}, {"type": "image_url"}, {"type": "text", "text": "big  world"}]},
+            {"role": "user", "content": [{"type": "text", "text": "hello "}, {"type": "image_url"},
+                                         {"type": "text", "text": "big  world"}]},
         ]
     }
     assert expected_text(body) == "echo: hello big world"
@@ -175,7 +177,8 @@ async def test_openai_other_endpoints_and_errors():
         assert e.data[0].embedding == pytest.approx(expected_embedding("c", 3))
         c = await client.completions.create(model="m1", prompt="legacy prompt")
         assert c.choices[0].text == "echo: legacy prompt"
-        got = "".join([x.choices[0].text async for x in await client.completions.create(model="m1", prompt="p q", stream=True) if x.choices])
+        stream = await client.completions.create(model="m1", prompt="p q", stream=True)
+        got = "".join([x.choices[0].text async for x in stream if x.choices])
         assert got == "echo: p q"
 
         async with aiohttp.ClientSession() as http:
@@ -310,7 +313,8 @@ async def test_anthropic_validation_and_auth():
 async def test_fault_status_with_retry_after_and_match():
     async with SimulatorServer() as sim:
         client = oai(sim)
-        sim.add_faults([{"kind": "status", "status": 429, "headers": {"Retry-After": "2"}, "match": "boom", "times": 2}])
+        sim.add_faults([{"kind": "status", "status": 429, "headers": {"Retry-After": "2"}, "match": "boom",
+                         "times": 2}])
         r = await client.chat.completions.create(**chat("fine"))  # does not match
         assert r.choices[0].message.content == "echo: fine"
         for _ in range(2):
@@ -420,9 +424,8 @@ async def test_metrics_and_max_running_queue():
         client = oai(sim)
 
         async def metrics() -> dict[str, float]:
-            async with aiohttp.ClientSession() as http:
-                async with http.get(sim.url + "/metrics") as r:
-                    text = await r.text()
+            async with aiohttp.ClientSession() as http, http.get(sim.url + "/metrics") as r:
+                text = await r.text()
             out = {}
             for line in text.splitlines():
                 if line and not line.startswith("#"):
