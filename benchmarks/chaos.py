@@ -41,6 +41,7 @@ from benchmarks.harness import (
     Proc,
     RssSampler,
     Stack,
+    chat_calls,
     herd_config,
     http_json,
     sim_faults,
@@ -197,8 +198,7 @@ class Env:
         http_json("POST", self.faulty.url + "/_faulty/settings", {"ttft_ms": faulty_ttft_ms})
 
     def upstream_calls(self) -> int:
-        sim = http_json("GET", self.sim.url + "/_sim/stats?log=0")["by_path"].get("/v1/chat/completions", 0)
-        return int(sim) + int(http_json("GET", self.faulty.url + "/_faulty/stats")["calls"])
+        return chat_calls(self.sim.url) + int(http_json("GET", self.faulty.url + "/_faulty/stats")["calls"])
 
     async def settle(self) -> None:
         """Until both routes answer again (a circuit a scenario opened has closed)."""
