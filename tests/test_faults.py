@@ -176,3 +176,55 @@ async def test_a_429_storm_retries_once_per_flight_spread_out_not_in_one_wave(up
     retries = sorted(times[30:])
     assert len(retries) == 30
     assert retries[-1] - retries[0] > 0.2  # jitter on top of Retry-After: not one synchronized wave
+
+
+# -- the simulator's fault schedules under bursts ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def simulator():
+    from benchmarks.simulator import ThreadedSimulator
+
+    with ThreadedSimulator() as sim:
+        yield sim
+
+
+@pytest.mark.parametrize(
+    "faults",
+    [
+        [{"kind": "status", "status": 500, "times": 8}],
+        [{"kind": "status", "status": 502, "times": -1}],  # down for good: every client gets an error
+        [{"kind": "reset", "times": 8}],
+        [{"kind": "reset", "after_chunks": 3, "times": 4}],
+        [{"kind": "stall", "after_chunks": 2, "stall_s": 30, "times": 2}],
+        [{"kind": "status", "status": 429, "headers": {"retry-after": "0.2"}, "times": 12}],
+        [{"kind": "reset", "times": 2}, {"kind": "status", "status": 503, "times": 2},
+         {"kind": "reset", "after_chunks": 5, "times": 2}],
+    ],
+    ids=["500x8", "502-forever", "reset-before-x8", "reset-mid-x4", "stall-x2", "429-storm", "mixed"],
+)
+async def test_every_client_of_a_burst_gets_the_answer_or_an_openai_error(simulator, faults):
+    from benchmarks.harness import sim_faults, sim_reset
+    from benchmarks.simulator import expected_text
+
+    sim_reset(simulator.url, ttft_ms=100, tokens_per_s=100, reply_tokens=12)
+    sim_faults(simulator.url, *faults)
+    settings = herd_settings(
+        simulator.url,
+        upstreams={"sim": {"retries": 2, "backoff_base_s": 0.05, "idle_timeout_s": 1, "first_byte_timeout_s": 3}},
+        server={"request_timeout_s": 10},
+    )
+    with HerdServer(settings) as herd:
+        c = client(herd, timeout=30)
+        texts = [f"burst {i % 10}" for i in range(40)]
+        outcomes = await asyncio.gather(*[ask(c, t, stream=i % 3 == 0) for i, t in enumerate(texts)])
+        assert herd.flights == 0  # nothing left running
+    reply = {"reply_tokens": 12}
+    for text, outcome in zip(texts, outcomes):
+        if isinstance(outcome, str):  # the whole answer, never another prompt's or a mix
+            assert outcome == expected_text({"messages": user(text)}, reply)
+        else:
+            assert isinstance(outcome, openai.APIError) and outcome.message
+    if faults[0].get("times") == -1:
+        assert not any(isinstance(o, str) for o in outcomes)
+        assert {code(o) for o in outcomes} <= {None, "circuit_open"}
