@@ -296,6 +296,7 @@ def _fault_burst(model: str, setup: Callable[[Env], None], second_pass: bool = F
         texts = await env.burst(tally, model, env.size.burst)
         if second_pass:
             env.faulty_fault("ok")
+            await env.settle()  # a circuit the fault opened has closed again
             outcomes = await asyncio.gather(*[env.ask(model, t, i % 2 == 1) for i, t in enumerate(texts)])
             for outcome, why in outcomes:
                 tally.add(outcome, why)

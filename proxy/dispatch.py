@@ -5,8 +5,9 @@ Every waiter of a flight depends on this call, so `Dispatcher.stream` gives it e
 
     pre-flight   count the prompt's tokens; over the model's context window -> 400 at once
     per try      circuit breaker (an open circuit: fall back at once, or, on the last upstream
-                 of the plan, wait out a cool-down or a probe's verdict of up to backoff_max_s;
-                 longer: 503) -> rate limits (wait, or 429) -> the adapter's call
+                 of the plan, wait out a blip's cool-down and the probe's verdict, up to
+                 backoff_max_s; an upstream that is down: 503) -> rate limits (wait, or 429)
+                 -> the adapter's call
                  (its own timeouts; a vLLM backend's capacity queue)
     retries      retryable failures only, with backoff and full jitter, honouring Retry-After,
                  and never once a chunk has gone to the flight

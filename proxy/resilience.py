@@ -137,7 +137,7 @@ class CircuitBreaker:
     CLOSED, HALF_OPEN, OPEN = "closed", "half_open", "open"
 
     def __init__(
-        self, failures: int = 5, reset_s: float = 1.0, reset_max_s: float = 30.0, clock: Clock = time.monotonic
+        self, failures: int = 5, reset_s: float = 1.0, reset_max_s: float = 10.0, clock: Clock = time.monotonic
     ) -> None:
         self.failures = failures
         self.reset_s = reset_s
@@ -182,8 +182,9 @@ class CircuitBreaker:
         raise error
 
     async def enter(self, upstream: str, max_wait: float = 0.0) -> int:
-        """`admit`, waiting up to `max_wait` seconds for the cool-down to end or for the
-        probe's verdict; a longer wait is a CircuitOpen at once."""
+        """`admit`, waiting up to `max_wait` seconds for a probe's verdict, or for the end of
+        a first cool-down (a blip: the upstream may well be back). Once a probe has failed
+        the upstream is down: CircuitOpen at once, its Retry-After the time left."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max_wait
         while True:
@@ -192,7 +193,7 @@ class CircuitBreaker:
             except CircuitOpen as refused:
                 left = deadline - loop.time()
                 if refused.wait is not None:
-                    if refused.wait > left:
+                    if refused.wait > left or self.cooldown > self.reset_s:
                         raise
                     await asyncio.sleep(refused.wait)
                     continue

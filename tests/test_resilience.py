@@ -183,6 +183,9 @@ async def test_enter_waits_out_a_short_cool_down_and_one_probe_decides_for_all()
     breaker.failure(breaker.probe)  # open again for 0.6 s: past what they may wait
     outcomes = await waiting
     assert sum(isinstance(o, CircuitOpen) for o in outcomes) == 4 and breaker.state == "open"
+    with pytest.raises(CircuitOpen) as info:  # down, not a blip: no waiting, however long one may wait
+        await asyncio.wait_for(breaker.enter("u", max_wait=30), 0.2)
+    assert 0 < info.value.wait <= 0.6
 
 
 def test_token_bucket_bursts_then_holds_the_rate():
