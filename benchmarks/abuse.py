@@ -42,6 +42,7 @@ from typing import Any
 
 import orjson
 
+from benchmarks import report
 from benchmarks.harness import RssSampler, Stack, rss_bytes
 from benchmarks.procs import REPO_ROOT
 
@@ -275,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rss-cap-mb", type=float, default=4000.0,
                         help="stop a scenario once herd's RSS passes this (protects the machine)")
     parser.add_argument("--scenarios", default="cached,fresh,slow", help="comma-separated: cached, fresh, slow")
-    parser.add_argument("--label", default="", help="names the JSON file (results-<label>.json)")
+    parser.add_argument("--label", default="", help="names the files (results-<label>.json, summary-<label>.txt)")
     parser.add_argument("--keep-logs", action="store_true", help="keep the processes' logs (the path is shown)")
     args = parser.parse_args(argv)
     chosen = [s.strip() for s in args.scenarios.split(",") if s.strip()]
@@ -292,12 +293,16 @@ def main(argv: list[str] | None = None) -> int:
                                   rss_cap_mb=args.rss_cap_mb)
             rows.append(row)
             print(table([row]).splitlines()[1], file=sys.stderr, flush=True)
-    print(table(rows))
+    text = table(rows)
+    print(text)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / (f"results-{args.label}.json" if args.label else "results.json")
-    meta = {"tokens": args.tokens, "deadline_s": args.deadline, "argv": sys.argv[1:] if argv is None else argv}
-    path.write_bytes(orjson.dumps({"schema": "herd-abuse/1", **meta, "rows": rows}, option=orjson.OPT_INDENT_2))
-    print(f"wrote {path.relative_to(REPO_ROOT)}", file=sys.stderr)
+    suffix = f"-{args.label}" if args.label else ""
+    meta = {"tokens": args.tokens, "deadline_s": args.deadline, **report.provenance("python -m benchmarks.abuse", argv)}
+    report.write_json(RESULTS / f"results{suffix}.json", {"schema": "herd-abuse/1", **meta, "rows": rows})
+    git = meta["git"] or {}
+    source = f"{meta['command']}, at {git.get('commit', '?')}" + (" with uncommitted changes" if git.get("dirty") else "")
+    (RESULTS / f"summary{suffix}.txt").write_text(f"{source}\n\n{text}\n")
+    print(f"wrote {(RESULTS / f'results{suffix}.json').relative_to(REPO_ROOT)}", file=sys.stderr)
     return 0
 
 

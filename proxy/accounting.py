@@ -71,7 +71,7 @@ class Accountant:
 def usage_of(chunks: list) -> dict[str, Any] | None:
     """The usage a flight's chunks report (the last chunk that carries one)."""
     for chunk in reversed(chunks):
-        data = chunk.data if hasattr(chunk, "data") else chunk
-        if data.get("usage"):
-            return data["usage"]
+        usage = chunk.usage if hasattr(chunk, "usage") else chunk.get("usage")
+        if usage:
+            return usage
     return None

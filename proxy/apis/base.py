@@ -157,8 +157,8 @@ class Wire:
         """The usage the chunks report, in chat terms (prompt_tokens, completion_tokens,
         total_tokens), for accounting and rate limits: by default the last `usage`."""
         for chunk in reversed(chunks):
-            if chunk.data.get("usage"):
-                return chunk.data["usage"]
+            if chunk.usage:  # read once when the chunk was made (a chunk's object is not kept)
+                return chunk.usage
         return None
 
     def answer_usage(self, usage: dict[str, Any] | None) -> dict[str, Any] | None:
