@@ -300,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"tokens": args.tokens, "deadline_s": args.deadline, **report.provenance("python -m benchmarks.abuse", argv)}
     report.write_json(RESULTS / f"results{suffix}.json", {"schema": "herd-abuse/1", **meta, "rows": rows})
     git = meta["git"] or {}
-    source = f"{meta['command']}, at {git.get('commit', '?')}" + (" with uncommitted changes" if git.get("dirty") else "")
+    source = f"{meta['command']}, at {git.get('commit', '?')}"
+    source += " with uncommitted changes" if git.get("dirty") else ""
     (RESULTS / f"summary{suffix}.txt").write_text(f"{source}\n\n{text}\n")
     print(f"wrote {(RESULTS / f'results{suffix}.json').relative_to(REPO_ROOT)}", file=sys.stderr)
     return 0
