@@ -14,6 +14,8 @@ Scenarios (subcommands; `herd bench` alone runs `compare`):
   soak     herd's resident memory sampled across many requests after a warm-up.
   chaos    upstream faults and misbehaving clients: answered, errors, hung, corrupted
            (benchmarks/chaos.py; its own options: `herd bench chaos --help`).
+  fuzz     property-based fuzzing of request validation, canonical keys and tenant
+           isolation (benchmarks/fuzz.py; `herd bench fuzz --cases 5000`).
   list     the workloads.
 
 Every run starts its own simulator, passthrough and herd processes on free loopback ports
@@ -219,6 +221,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["chaos"]:
         from benchmarks.chaos import main as chaos
         return chaos(argv[1:])
+    if argv[:1] == ["fuzz"]:
+        from benchmarks.fuzz import main as fuzz
+        return fuzz(argv[1:])
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["compare", *argv]
     parser = build_parser()

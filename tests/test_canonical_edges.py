@@ -44,7 +44,8 @@ def test_invalid_content_parts_are_a_400_naming_the_part(content, param):
 
 @pytest.mark.parametrize("content, param", BAD_PARTS[:5])
 def test_invalid_content_parts_get_an_openai_400_from_herd(herd, sim, content, param):
-    r = httpx.post(herd.url + "/v1/chat/completions", content=body(content), headers={"content-type": "application/json"})
+    headers = {"content-type": "application/json"}
+    r = httpx.post(herd.url + "/v1/chat/completions", content=body(content), headers=headers)
     assert r.status_code == 400
     error = r.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
@@ -76,7 +77,10 @@ def test_several_text_parts_are_not_one_final_text():
 
 def test_what_the_api_reads_the_same_shares_a_key():
     one = b'{"model":"m","messages":[{"role":"user","content":"hi"}],"temperature":1,"logit_bias":{"1":2,"3":4}}'
-    two = b'{ "logit_bias" : {"3":4, "1":2},\n "temperature": 1.0, "messages": [ {"content": "hi", "role": "user"} ],"model":"m"}'
+    two = (
+        b'{ "logit_bias" : {"3":4, "1":2},\n "temperature": 1.0,'
+        b' "messages": [ {"content": "hi", "role": "user"} ],"model":"m"}'
+    )
     three = body([{"text": "hi", "type": "text"}], temperature=1, logit_bias={"1": 2, "3": 4})
     assert key_of(one) == key_of(two) == key_of(three)
 

@@ -57,7 +57,8 @@ def test_requests_cut_by_the_end_of_the_shutdown_grace_get_a_proper_end(caplog):
 
         def stream() -> tuple[bytes, bytes]:
             with socket.create_connection(("127.0.0.1", herd.port), timeout=30) as sock:
-                sock.sendall(post(herd.port, "/v1/chat/completions", {"model": "m", "messages": message + message, "stream": True}))
+                body = {"model": "m", "messages": message + message, "stream": True}
+                sock.sendall(post(herd.port, "/v1/chat/completions", body))
                 raw = b""
                 while b"first" not in raw:
                     raw += sock.recv(65536)
