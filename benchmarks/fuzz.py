@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import json
 import random
 import sys
@@ -160,7 +161,7 @@ valid_values: dict[str, st.SearchStrategy] = {
     "logprobs": st.booleans(),
     "user": texts,
     "reasoning_effort": st.sampled_from(["low", "medium", "high"]),
-    "unknown_param": st.one_of(st.integers(), texts, st.dictionaries(texts, st.integers(), max_size=2)),
+    "unknown_param": st.one_of(st.integers(-(2**63), 2**63 - 1), texts, st.dictionaries(texts, st.integers(), max_size=2)),
 }
 
 
@@ -186,7 +187,7 @@ Rewrite = Callable[[Request, random.Random], Request]
 
 def _copy(request: Request) -> Request:
     headers, body = request
-    return dict(headers), orjson.loads(orjson.dumps(body))
+    return dict(headers), copy.deepcopy(body)
 
 
 def _shuffled(d: dict, rng: random.Random) -> dict:
@@ -265,16 +266,17 @@ def other_param(request: Request, rng: random.Random) -> Request:
     headers, body = _copy(request)
     name = rng.choice(["temperature", "top_p", "seed", "n", "max_tokens", "user", "unknown_param", "logprobs"])
     old = body.get(name)
-    new = {
-        "temperature": 0.25 if old != 0.25 else 0.5,
-        "top_p": 0.5 if old != 0.5 else 0.25,
-        "seed": (old or 0) + 1 if isinstance(old, int) else 7,
-        "n": (old or 1) % 4 + 1,
-        "max_tokens": (old or 1) % 64 + 1,
-        "user": f"{old}-other",
-        "unknown_param": [old],
-        "logprobs": not old,
-    }[name]
+    changed: dict[str, Callable[[Any], Any]] = {
+        "temperature": lambda v: 0.25 if v != 0.25 else 0.5,
+        "top_p": lambda v: 0.5 if v != 0.5 else 0.25,
+        "seed": lambda v: v + 1 if isinstance(v, int) else 7,
+        "n": lambda v: v % 4 + 1 if isinstance(v, int) else 2,
+        "max_tokens": lambda v: v % 64 + 1 if isinstance(v, int) else 3,
+        "user": lambda v: f"{v}-other",
+        "unknown_param": lambda v: [v],
+        "logprobs": lambda v: not v,
+    }
+    new = changed[name](old)
     body[name] = new
     return headers, body
 
