@@ -341,6 +341,26 @@ def _events(stop_reason: str, blocks: list[tuple[str, list]]) -> list[dict]:
     return out
 
 
+@pytest.mark.parametrize(
+    "event",
+    [
+        {"type": "content_block_delta", "index": 0, "delta": "oops"},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": 5}},
+        {"type": "content_block_start", "index": 0, "content_block": ["text"]},
+        {"type": "message_delta", "delta": {}, "usage": {"output_tokens": "many"}},
+    ],
+)
+def test_a_malformed_event_is_an_upstream_error_not_a_crash(event):
+    from proxy.errors import UpstreamUnavailable
+
+    t = StreamTranslator()
+    t.feed(_events("end_turn", [("text", ["Hi"])])[0])  # message_start
+    with pytest.raises(UpstreamUnavailable) as info:
+        t.feed(event)
+        t.feed({"type": "message_stop"})
+    assert info.value.status == 502 and "malformed" in info.value.message
+
+
 def test_event_stream_becomes_openai_chunks():
     from proxy.chunks import assemble
 

@@ -20,7 +20,7 @@ import anthropic
 import httpx2
 import orjson
 
-from proxy.chunks import Chunk
+from proxy.chunks import Chunk, malformed
 from proxy.config import AnthropicUpstreamConfig
 from proxy.errors import (
     AuthenticationError,
@@ -445,6 +445,10 @@ def to_messages_request(body: dict, default_max_tokens: int) -> dict[str, Any]:
 # -- answer: Anthropic events -> OpenAI chunks -------------------------------------------
 
 
+def _malformed(why: str) -> UpstreamUnavailable:
+    return UpstreamUnavailable(f"the Anthropic upstream sent a malformed answer: {why}", code="upstream_malformed")
+
+
 class StreamTranslator:
     """Feed it Messages stream events (as dicts); it returns the OpenAI chunks they make."""
 
@@ -473,6 +477,17 @@ class StreamTranslator:
         )
 
     def feed(self, event: dict[str, Any]) -> list[Chunk]:
+        """The chunks `event` makes; an event herd cannot read is an UpstreamUnavailable (502)."""
+        try:
+            chunks = self._feed(event)
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            raise _malformed(f"a {type(e).__name__} reading a stream event") from None
+        for chunk in chunks:
+            if (why := malformed(chunk.data)) is not None:
+                raise _malformed(why)
+        return chunks
+
+    def _feed(self, event: dict[str, Any]) -> list[Chunk]:
         kind = event.get("type")
         if kind == "message_start":
             message = event["message"]
