@@ -39,7 +39,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proxy.auth import Authenticator
-from proxy.canonical import FLOAT_PARAMS, assign_keys, parse_chat
+from proxy.apis.chat import FLOAT_PARAMS, assign_keys, parse_chat
 from proxy.config import Settings, parse_settings
 from proxy.errors import HerdError
 
