@@ -4,6 +4,8 @@ It speaks enough of three dialects for the official SDKs to parse every answer:
 
 * OpenAI: ``POST /v1/chat/completions`` (JSON or SSE, ``n``, ``max_tokens`` /
   ``max_completion_tokens``, ``stop``, tools, ``stream_options.include_usage``),
+  ``POST /v1/responses`` (the Responses API: JSON or its typed SSE events, string or item
+  ``input``, ``instructions``, ``max_output_tokens``, function tools),
   ``POST /v1/completions`` (legacy), ``POST /v1/embeddings``, ``GET /v1/models``.
 * Anthropic: ``POST /v1/messages`` (JSON or the real SSE event sequence, tools,
   ``stop_sequences``, header and body validation with Anthropic-format errors).
@@ -104,7 +106,8 @@ CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
 EMBEDDINGS_PATH = "/v1/embeddings"
 MESSAGES_PATH = "/v1/messages"
-MODEL_PATHS = frozenset({CHAT_PATH, COMPLETIONS_PATH, EMBEDDINGS_PATH, MESSAGES_PATH})
+RESPONSES_PATH = "/v1/responses"
+MODEL_PATHS = frozenset({CHAT_PATH, COMPLETIONS_PATH, EMBEDDINGS_PATH, MESSAGES_PATH, RESPONSES_PATH})
 
 _FILLER = (
     "lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor "
@@ -138,6 +141,21 @@ def _content_text(content: Any) -> str:
             if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
         )
     return ""
+
+
+def _responses_messages(value: Any) -> list[Any]:
+    """A Responses ``input`` as chat messages: a string is one user message; ``input_text``
+    parts read as text parts."""
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    out = []
+    for item in value:
+        if isinstance(item, dict) and isinstance(item.get("content"), list):
+            parts = [dict(p, type="text") if isinstance(p, dict) and p.get("type") == "input_text" else p
+                     for p in item["content"]]
+            item = {**item, "content": parts}
+        out.append(item)
+    return out
 
 
 def last_user_text(body: Mapping[str, Any]) -> str:
@@ -175,7 +193,7 @@ def _stop_list(body: Mapping[str, Any]) -> list[str]:
 
 
 def _max_tokens(body: Mapping[str, Any]) -> int | None:
-    for key in ("max_completion_tokens", "max_tokens"):
+    for key in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
         value = body.get(key)
         if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
             return value
@@ -439,6 +457,7 @@ class Simulator:
         self._api = {
             ("POST", CHAT_PATH): self._chat,
             ("POST", COMPLETIONS_PATH): self._completions,
+            ("POST", RESPONSES_PATH): self._responses,
             ("POST", EMBEDDINGS_PATH): self._embeddings,
             ("POST", MESSAGES_PATH): self._messages,
             ("GET", "/v1/models"): self._models,
@@ -951,6 +970,89 @@ class Simulator:
         if include_usage:
             last.append(b"data: " + head + b',"choices":[],"usage":' + orjson.dumps(usage) + b"}\n\n")
         last.append(b"data: [DONE]\n\n")
+        return await self._deliver_stream(request, steps, fault, call, {**_SSE_HEADERS, **xh})
+
+    async def _responses(self, request: web.BaseRequest, body: dict[str, Any], call: _Call) -> web.StreamResponse:
+        """The Responses API: one output item (a message, or a function call), its typed
+        events one token apart, numbered from 0, ending with response.completed (or
+        response.incomplete at max_output_tokens)."""
+        model = body.get("model")
+        value = body.get("input")
+        if not isinstance(model, str) or not model:
+            return _openai_error(400, "you must provide a model parameter")
+        if not (isinstance(value, str) or (isinstance(value, list) and value)):
+            return _openai_error(400, "'input' must be a string or a non-empty array of input items")
+        # read as a chat request: `input` as messages, `instructions` as the system prompt
+        body = {**body, "messages": _responses_messages(value), "system": body.get("instructions")}
+        fault = self._take_fault(RESPONSES_PATH, last_user_text(body))
+        if fault is not None and fault["kind"] == "status":
+            return await self._fault_response(fault, RESPONSES_PATH)
+        reply = compute_reply(body, self.settings)
+        ident = "resp_" + self._next_id()
+        item_id = ("fc_" if reply.tool_name is not None else "msg_") + self._next_id()
+        input_tokens = _count_words(body)
+        if reply.tool_name is not None:
+            frags = _fragments(reply.tool_args or "")
+            item: dict[str, Any] = {"id": item_id, "type": "function_call", "status": "completed",
+                                    "call_id": "call_" + self._next_id(), "name": reply.tool_name,
+                                    "arguments": reply.tool_args}
+        else:
+            frags = reply.tokens
+            item = {"id": item_id, "type": "message", "status": "completed", "role": "assistant",
+                    "content": [{"type": "output_text", "text": reply.text, "annotations": [], "logprobs": []}]}
+        incomplete = reply.finish == "length"
+        output_tokens = len(frags)
+        response = {
+            "id": ident, "object": "response", "created_at": int(time.time()),
+            "status": "incomplete" if incomplete else "completed", "background": False, "error": None,
+            "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
+            "instructions": body.get("instructions"), "max_output_tokens": body.get("max_output_tokens"),
+            "model": model, "output": [item], "parallel_tool_calls": body.get("parallel_tool_calls", True),
+            "previous_response_id": body.get("previous_response_id"), "reasoning": {"effort": None, "summary": None},
+            "store": body.get("store", True), "temperature": body.get("temperature", 1.0),
+            "text": body.get("text") or {"format": {"type": "text"}}, "tool_choice": body.get("tool_choice", "auto"),
+            "tools": body.get("tools") or [], "top_p": body.get("top_p", 1.0), "truncation": "disabled",
+            "usage": {"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": 0},
+                      "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+                      "total_tokens": input_tokens + output_tokens},
+            "metadata": body.get("metadata") or {},
+        }
+        xh = {"x-request-id": "req_" + self._next_id()}
+        if not body.get("stream"):
+            return await self._deliver_json(request, orjson.dumps(response), output_tokens, fault, call, xh)
+
+        seq = itertools.count()
+
+        def event(kind: str, **fields: Any) -> bytes:
+            data = {"type": kind, "sequence_number": next(seq), **fields}
+            return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+
+        started = {**response, "status": "in_progress", "output": [], "usage": None, "incomplete_details": None}
+        first = [event("response.created", response=started), event("response.in_progress", response=started)]
+        if reply.tool_name is not None:
+            where: dict[str, Any] = {"item_id": item_id, "output_index": 0}
+            first.append(event("response.output_item.added", output_index=0,
+                               item={**item, "status": "in_progress", "arguments": ""}))
+            deltas = [event("response.function_call_arguments.delta", **where, delta=f) for f in frags]
+            done = [event("response.function_call_arguments.done", **where, arguments=reply.tool_args)]
+        else:
+            where = {"item_id": item_id, "output_index": 0, "content_index": 0}
+            part = item["content"][0]
+            first.append(event("response.output_item.added", output_index=0,
+                               item={**item, "status": "in_progress", "content": []}))
+            first.append(event("response.content_part.added", **where, part={**part, "text": ""}))
+            deltas = [event("response.output_text.delta", **where, delta=t, logprobs=[]) for t in frags]
+            done = [event("response.output_text.done", **where, text=reply.text, logprobs=[]),
+                    event("response.content_part.done", **where, part=part)]
+        steps = [first]
+        for k, d in enumerate(deltas):
+            if k == 0:
+                first.append(d)
+            else:
+                steps.append([d])
+        done.append(event("response.output_item.done", output_index=0, item=item))
+        done.append(event("response.incomplete" if incomplete else "response.completed", response=response))
+        steps[-1].extend(done)
         return await self._deliver_stream(request, steps, fault, call, {**_SSE_HEADERS, **xh})
 
     async def _completions(self, request: web.BaseRequest, body: dict[str, Any], call: _Call) -> web.StreamResponse:

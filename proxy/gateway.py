@@ -294,7 +294,7 @@ class Gateway:
         """Keep a cleanly finished flight's answer for later identical (or similar) requests."""
         await flight.wait()
         ttl = plan.ttl
-        if flight.error is not None or ttl <= 0:
+        if flight.error is not None or ttl <= 0 or not plan.req.wire.cacheable(flight.chunks):
             return
         answer = answer_of(flight, plan.req.api.assemble)  # the bytes its waiters write, rendered once
         for key in flight.keys:

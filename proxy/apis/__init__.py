@@ -4,5 +4,6 @@ APIS: the coalesced APIs proxy.app serves, each on its own POST route.
 """
 
 from proxy.apis.chat import CHAT
+from proxy.apis.responses import RESPONSES
 
-APIS = (CHAT,)
+APIS = (CHAT, RESPONSES)

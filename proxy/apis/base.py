@@ -171,6 +171,11 @@ class Wire:
             return self.answer_usage(flight.answer.usage)
         return self.usage(flight.chunks)
 
+    def cacheable(self, chunks: list[Chunk]) -> bool:
+        """Whether a cleanly finished answer may be kept in the cache (a Responses stream
+        that ended in `response.failed` may not)."""
+        return True
+
     def content(self, data: dict) -> Any:
         """What two answers' n-th chunks must share to be the same answer (ids and times
         aside): a replica that takes over a stream checks its own against what was sent."""
