@@ -128,7 +128,8 @@ def variants() -> list[tuple[str, dict, dict]]:
         ("metadata", {"metadata": {"run": "7"}}),
         ("an unknown field", {"extra_body": {"herd_unknown": 1}}),
         ("another input", {"input": "isolate me, please"}),
-        ("an earlier turn", {"input": [{"role": "user", "content": "before"}, {"role": "user", "content": "isolate me"}]}),
+        ("an earlier turn", {"input": [{"role": "user", "content": "before"},
+                                       {"role": "user", "content": "isolate me"}]}),
     ]
     out = [("the base", base, {})]
     out += [(name, {**base, **change}, {}) for name, change in fields]
