@@ -4,6 +4,7 @@ APIS: the coalesced APIs proxy.app serves, each on its own POST route.
 """
 
 from proxy.apis.chat import CHAT
+from proxy.apis.completions import COMPLETIONS
 from proxy.apis.responses import RESPONSES
 
-APIS = (CHAT, RESPONSES)
+APIS = (CHAT, RESPONSES, COMPLETIONS)
