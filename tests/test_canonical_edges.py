@@ -83,6 +83,7 @@ def test_what_the_api_reads_the_same_shares_a_key():
     )
     three = body([{"text": "hi", "type": "text"}], temperature=1, logit_bias={"1": 2, "3": 4})
     assert key_of(one) == key_of(two) == key_of(three)
+    assert key_of(body("hi", presence_penalty=-0.0)) == key_of(body("hi", presence_penalty=0))  # found by the fuzzer
 
 
 BASE = {"upstreams": {"sim": {"base_url": "http://127.0.0.1:1/v1"}}}

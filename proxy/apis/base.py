@@ -114,7 +114,7 @@ def canonical_params(body: dict, skip: frozenset[str], floats: frozenset[str], u
         if k in skip:
             continue
         if k in floats and is_number(v):
-            v = float(v)
+            v = float(v) + 0.0  # + 0.0: -0.0 is 0.0 too
         elif isinstance(v, (dict, list)) and k not in unordered:
             v = orjson.Fragment(orjson.dumps(v))  # serialized as it came: not sorted
         out[k] = v
