@@ -14,6 +14,7 @@ import openai
 import pytest
 
 from benchmarks.faulty import FaultyUpstream
+from proxy.chunks import Chunk, assemble, malformed
 from tests.harness import HerdServer, herd_settings
 
 CHAT = "/v1/chat/completions"
@@ -228,3 +229,37 @@ async def test_every_client_of_a_burst_gets_the_answer_or_an_openai_error(simula
     if faults[0].get("times") == -1:
         assert not any(isinstance(o, str) for o in outcomes)
         assert {code(o) for o in outcomes} <= {None, "circuit_open"}
+
+
+# -- what counts as a malformed chunk ------------------------------------------------------
+
+GOOD = {"id": "c", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": "hi"}}]}
+
+
+@pytest.mark.parametrize(
+    "data, ok",
+    [
+        (GOOD, True),
+        ({"choices": [], "usage": {"total_tokens": 3}}, True),
+        ({"choices": [{"index": 0, "delta": {"role": "assistant", "content": None, "tool_calls": [
+            {"index": 0, "function": {"name": "f", "arguments": ""}}]}, "finish_reason": None}]}, True),
+        ({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop", "logprobs": None}]}, True),
+        ([GOOD], False),
+        (5, False),
+        ({"choices": {"0": {}}}, False),
+        ({"choices": ["text"]}, False),
+        ({"choices": [{"index": "0", "delta": {}}]}, False),
+        ({"choices": [{"index": 0, "delta": "oops"}]}, False),
+        ({"choices": [{"index": 0, "delta": {"content": 5}}]}, False),
+        ({"choices": [{"index": 0, "delta": {"role": ["assistant"]}}]}, False),
+        ({"choices": [{"index": 0, "delta": {"tool_calls": {"function": {}}}}]}, False),
+        ({"choices": [{"index": 0, "delta": {"tool_calls": [{"function": "f"}]}}]}, False),
+        ({"choices": [{"index": 0, "delta": {"function_call": "f"}}]}, False),
+        ({"choices": [{"index": 0, "delta": {}, "finish_reason": 1}]}, False),
+        ({"choices": [], "usage": 7}, False),
+    ],
+)
+def test_malformed_chunks_are_told_apart(data, ok):
+    assert (malformed(data) is None) is ok
+    if ok:
+        assemble([Chunk(data)])  # what passes can be assembled
