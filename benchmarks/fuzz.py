@@ -2,7 +2,8 @@
 
 Three properties, each checked over generated requests:
 
-  validation  any body and headers, through the real app (httpx's ASGI transport; herd's
+  validation  any body and headers, to chat completions (and responses, completions,
+              embeddings), through the real app (httpx's ASGI transport; herd's
               simulator as the upstream, on loopback): never a 5xx, never an exception out of
               the app, every error in OpenAI's shape, every 200 a whole answer.
   keys        canonical keys, through herd's own authentication and canonicalization: a
@@ -125,6 +126,26 @@ def chat_bodies(draw) -> bytes:
             else:
                 body["stream"] = True
     return json.dumps(body).encode()  # the standard library: NaN, Infinity and huge integers too
+
+
+# the coalesced APIs (and a forwarded one), with the field each takes its input in
+OTHER_APIS = {"/v1/responses": "input", "/v1/completions": "prompt", "/v1/embeddings": "input"}
+API_OBJECTS = {"/v1/chat/completions": "chat.completion", "/v1/responses": "response",
+               "/v1/completions": "text_completion", "/v1/embeddings": "list"}
+
+
+@st.composite
+def api_requests(draw) -> tuple[str, bytes]:
+    """(path, body): mostly chat requests, else a request for another API (or a chat body sent there)."""
+    path = draw(st.sampled_from(["/v1/chat/completions"] * 4 + sorted(OTHER_APIS)))
+    if path == "/v1/chat/completions" or draw(st.integers(0, 3)) == 0:
+        return path, draw(chat_bodies())
+    body = {"model": draw(st.one_of(st.sampled_from(MODELS), json_values))}
+    if draw(st.integers(0, 5)):
+        body[OTHER_APIS[path]] = draw(st.one_of(texts, st.lists(texts, max_size=3), json_values))
+    extra = [*PARAM_NAMES, "instructions", "suffix", "echo", "best_of", "dimensions", "encoding_format"]
+    body.update(draw(st.dictionaries(st.sampled_from(extra), param_values, max_size=3)))
+    return path, json.dumps(body).encode()
 
 
 @st.composite
@@ -398,12 +419,18 @@ def well_formed_error(body: bytes) -> bool:
     )
 
 
-def complete_answer(response: httpx.Response) -> bool:
+def complete_answer(path: str, response: httpx.Response) -> bool:
+    """A 200 is a whole answer: a stream that ends as its API ends one (chat and completions:
+    [DONE]; responses: response.completed) with no error event, or the API's JSON object."""
     if response.headers.get("content-type", "").startswith("text/event-stream"):
         events = [e for e in response.content.split(b"\n\n") if e]
-        return bool(events) and events[-1] == b"data: [DONE]" and not any(b'"error"' in e[:20] for e in events)
+        if not events or any(b'"error"' in e[:40] for e in events):
+            return False
+        if path == "/v1/responses":
+            return b"response.completed" in events[-1]
+        return events[-1] == b"data: [DONE]"
     try:
-        return orjson.loads(response.content)["object"] == "chat.completion"
+        return orjson.loads(response.content)["object"] == API_OBJECTS[path]
     except (orjson.JSONDecodeError, KeyError, TypeError):
         return False
 
@@ -436,23 +463,24 @@ def hypothesis_settings(cases: int) -> settings:
 
 def validation(app: App, cases: int, tally: Tally) -> None:
     @hypothesis_settings(cases)
-    @given(body=chat_bodies(), headers=request_headers())
-    def prop(body: bytes, headers: dict[str, str]) -> None:
+    @given(request=api_requests(), headers=request_headers())
+    def prop(request: tuple[str, bytes], headers: dict[str, str]) -> None:
         tally.cases += 1
+        path, body = request
         try:
-            response = app.run(app.client.post("/v1/chat/completions", content=body, headers=headers))
+            response = app.run(app.client.post(path, content=body, headers=headers))
         except Exception:
             tally.crashes += 1
             raise
         tally.count(response.status_code)
-        assert response.status_code < 500, (response.status_code, response.content[:300])
+        assert response.status_code < 500, (path, response.status_code, response.content[:300])
         if response.status_code >= 400:
             ok = well_formed_error(response.content)
         else:
-            ok = complete_answer(response)
+            ok = complete_answer(path, response)
         if not ok:
             tally.bad_errors += 1
-        assert ok, (response.status_code, response.content[:300])
+        assert ok, (path, response.status_code, response.content[:300])
 
     prop()
 
