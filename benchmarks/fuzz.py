@@ -39,8 +39,8 @@ import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.auth import Authenticator
 from proxy.apis.chat import FLOAT_PARAMS, assign_keys, parse_chat
+from proxy.auth import Authenticator
 from proxy.config import Settings, parse_settings
 from proxy.errors import HerdError
 
@@ -169,6 +169,7 @@ def request_headers(draw) -> dict[str, str]:
 
 # valid requests, for the key and isolation properties
 texts = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=20)
+int64 = st.integers(-(2**63), 2**63 - 1)  # what JSON numbers herd (orjson) reads as integers
 valid_values: dict[str, st.SearchStrategy] = {
     "temperature": st.one_of(st.integers(0, 2), st.floats(0, 2)),
     "top_p": st.one_of(st.integers(0, 1), st.floats(0, 1)),
@@ -182,7 +183,7 @@ valid_values: dict[str, st.SearchStrategy] = {
     "logprobs": st.booleans(),
     "user": texts,
     "reasoning_effort": st.sampled_from(["low", "medium", "high"]),
-    "unknown_param": st.one_of(st.integers(-(2**63), 2**63 - 1), texts, st.dictionaries(texts, st.integers(), max_size=2)),
+    "unknown_param": st.one_of(int64, texts, st.dictionaries(texts, int64, max_size=2)),
 }
 
 
