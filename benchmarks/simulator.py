@@ -312,7 +312,8 @@ def normalize_fault(rule: Mapping[str, Any]) -> dict[str, Any]:
     * ``times``: how many matching calls the rule consumes; a negative value = all.
     * ``match``: substring of the last user message; ``path``: exact request path.
       Without ``path`` a rule applies only to the model paths (chat, completions,
-      embeddings, messages).
+      embeddings, messages, responses); with it, any path (one the simulator does not
+      serve answers a ``status`` fault there, else its 404).
     * ``status``: answer ``status`` with ``body`` (default an error in the path's
       format, OpenAI or Anthropic) and ``headers`` before any chunk, at once.
     * ``reset``: abort the connection (TCP RST) after ``after_chunks`` SSE events
@@ -627,6 +628,10 @@ class Simulator:
             )
             handler = self._api.get(key)
             if handler is None:
+                # a path it does not serve (a forwarded call) still takes `status` faults named for it
+                fault = self._take_fault(path, "")
+                if fault is not None and fault["kind"] == "status":
+                    return await self._fault_response(fault, path)
                 return _openai_error(
                     404, f"Unknown request URL: {request.method} {path}. Please check the URL.", "unknown_url"
                 )

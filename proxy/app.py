@@ -207,14 +207,22 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> ApisFirst:
             _, upstream = gateway.route(model)
         else:
             upstream = gateway.upstreams[settings.routes[0].upstream]
-        resp = await upstream.forward(
-            request.method,
-            path,
-            request.url.query,
-            dict(request.headers),
-            body,
-            CallOptions(client_key=identity.client_key, headers=identity.headers),
-        )
+        try:
+            resp = await gateway.dispatcher.forward(
+                upstream.name,
+                request.method,
+                path,
+                request.url.query,
+                dict(request.headers),
+                body,
+                CallOptions(client_key=identity.client_key, headers=identity.headers),
+            )
+        except HerdError:
+            metrics.api_requests.labels("forward", "error").inc()
+            raise
+        # a forwarded answer is one upstream call of its own: counted as a bypass
+        metrics.requests.labels("bypass").inc()
+        metrics.api_requests.labels("forward", "bypass").inc()
         headers = [(k, v) for k, v in resp.headers] + [("x-herd", "bypass"), ("x-herd-upstream", upstream.name)]
 
         async def relay() -> AsyncIterator[bytes]:

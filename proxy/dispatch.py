@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 
 import orjson
@@ -41,14 +42,16 @@ from proxy.errors import (
     redact,
 )
 from proxy.metrics import Metrics
-from proxy.resilience import CircuitBreaker, Guard, RateLimited
+from proxy.resilience import CircuitBreaker, Guard, RateLimited, counts_against_circuit
 from proxy.tokens import TokenCount, TokenCounter
-from proxy.upstream import CallOptions, Upstream
+from proxy.upstream import CallOptions, ForwardResponse, Upstream
 
 log = logging.getLogger("herd.dispatch")
 
 # Prompts with more text than this are counted in a thread, off the event loop.
 COUNT_INLINE_MAX_CHARS = 50_000
+# Methods a forwarded call may be retried with: doing them twice is doing them once.
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 CIRCUIT_GAUGE = {
     CircuitBreaker.CLOSED: 0,
     CircuitBreaker.HALF_OPEN: 1,
@@ -202,6 +205,74 @@ class Dispatcher:
                 guard.circuit.success(ticket)
             guard.limits.settle(permit, usage.get("total_tokens") if usage else None)
             return
+
+
+    async def forward(
+        self, name: str, method: str, path: str, query: str, headers: dict[str, str], body: bytes,
+        options: CallOptions,
+    ) -> ForwardResponse:
+        """A forwarded call (any other /v1 path, as it came) behind the same protection as a
+        flight's call: the circuit (waiting out a blip), the rate limits, and metrics.
+
+        Retries only for idempotent methods (GET, HEAD, OPTIONS, PUT, DELETE): a POST that
+        failed may have done its work upstream (a file uploaded, a batch created), so its
+        answer goes back as it came. A retryable status (408/409/429/5xx) or a failed
+        connection is tried again with the flight's backoff; the response handed back is the
+        upstream's, status and all, with its body still to read.
+        """
+        upstream, guard, m = self.upstreams[name], self.guards[name], self.metrics
+        retry = method in IDEMPOTENT
+        attempt = 0
+        while True:
+            ticket = await guard.circuit.enter(name, guard.retry.max_s)
+            try:
+                permit = await guard.limits.acquire(0)
+            except BaseException as error:
+                guard.circuit.release(ticket)
+                if isinstance(error, RateLimited):
+                    m.rate_limited.labels(name).inc()
+                raise
+            if permit.waited_s:
+                m.rate_limit_wait.labels(name).observe(permit.waited_s)
+            m.upstream_calls.labels(name).inc()
+            started = time.perf_counter()
+            try:
+                resp = await upstream.forward(method, path, query, headers, body, options)
+            except HerdError as error:
+                guard.circuit.record(error, ticket)
+                guard.limits.settle(permit, None)
+                m.upstream_errors.labels(name, type(error).__name__).inc()
+                delay = guard.retry.delay(attempt, error) if retry else None
+                if delay is None:
+                    raise
+            except BaseException:
+                guard.circuit.release(ticket)
+                guard.limits.settle(permit, None)
+                raise
+            else:
+                guard.limits.settle(permit, None)
+                m.upstream_latency.labels(name).observe(time.perf_counter() - started)  # to its headers
+                if resp.status < 400:
+                    guard.circuit.success(ticket)
+                    return resp
+                keep = {k.lower(): v for k, v in resp.headers if k.lower() in ("retry-after", "retry-after-ms")}
+                error = UpstreamError(resp.status, headers=keep, upstream=name)
+                guard.circuit.record(error, ticket)
+                if counts_against_circuit(error):
+                    m.upstream_errors.labels(name, type(error).__name__).inc()
+                delay = guard.retry.delay(attempt, error) if retry else None
+                if delay is None:
+                    return resp  # the upstream's own error answer, as it came
+                _close(resp)
+            m.upstream_retries.labels(name).inc()
+            log.info("retrying forwarded %s /v1/%s on %s in %.2fs", method, path, name, delay)
+            await asyncio.sleep(delay)
+            attempt += 1
+
+
+def _close(resp: ForwardResponse) -> None:
+    if callable(resp.close):
+        resp.close()
 
 
 def _text_size(body: dict) -> int:
