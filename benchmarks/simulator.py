@@ -1135,8 +1135,10 @@ class Simulator:
         elif isinstance(inp, list) and inp:
             if all(isinstance(x, int) for x in inp):
                 inputs = [" ".join(map(str, inp))]
-            else:
+            elif all(isinstance(x, str) or (isinstance(x, list) and all(isinstance(t, int) for t in x)) for x in inp):
                 inputs = [x if isinstance(x, str) else " ".join(map(str, x)) for x in inp]
+            else:
+                return _openai_error(400, "'input' must be strings, tokens or arrays of tokens")
         else:
             return _openai_error(400, "'input' must be a string or a non-empty array")
         dim = body.get("dimensions") or self.settings["embedding_dim"]
