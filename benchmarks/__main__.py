@@ -11,6 +11,8 @@ Scenarios (subcommands; `herd bench` alone runs `compare`):
            coalescing proxy, benchmarks/fanout_floor.py, the least this stack can cost).
   fanout   N stream subscribers of one flight: the gaps between chunks that herd adds (and
            that the floor adds).
+  responses  N Responses API clients of one prompt, a share streaming: upstream calls, every
+           stream checked whole and in order, time to first event, gaps between events.
   soak     herd's resident memory sampled across many requests after a warm-up.
   chaos    upstream faults and misbehaving clients: answered, errors, hung, corrupted
            (benchmarks/chaos.py; its own options: `herd bench chaos --help`).
@@ -44,6 +46,7 @@ from benchmarks.fanout import run_fanout
 from benchmarks.harness import ProcError, Stack
 from benchmarks.measure import BUILTIN_TARGETS, Bench, say
 from benchmarks.procs import REPO_ROOT
+from benchmarks.responses_fanout import run_responses
 from benchmarks.soak import run_soak
 
 SCHEMA = "herd-bench/1"
@@ -58,6 +61,7 @@ results.json, summary.txt and PNG plots to --out (default benchmarks/out/<timest
 
 SCENARIOS: dict[str, Callable[[argparse.Namespace, Stack, Path], dict[str, Any]]] = {
     "compare": run_compare, "burst": run_burst, "fanout": run_fanout, "soak": run_soak,
+    "responses": run_responses,
 }
 
 # (normal, --quick) defaults per scenario; a flag given on the command line always wins
@@ -69,6 +73,8 @@ DEFAULTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
               {"requests": 200, "rounds": 1, "ttft_ms": 500.0}),
     "fanout": ({"subscribers": 500, "rounds": 3, "targets": "direct,passthrough,floor,exact"},
                {"subscribers": 100, "rounds": 1, "reply_tokens": 20}),
+    "responses": ({"clients": 200, "rounds": 3, "targets": "direct,exact"},
+                  {"clients": 50, "rounds": 1, "reply_tokens": 20}),
     "soak": ({"requests": 200_000, "warmup_requests": 20_000, "concurrency": 64, "targets": "exact"},
              {"requests": 20_000, "warmup_requests": 5_000}),
 }
@@ -136,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  herd bench compare --workload paraphrase --targets exact,semantic\n"
                "  herd bench burst -n 1000\n"
                "  herd bench fanout -n 500\n"
+               "  herd bench responses -n 200                 # Responses API stream fan-out\n"
                "  herd bench soak --requests 200000\n"
                "  herd bench compare --url litellm=http://127.0.0.1:4000   # another proxy, same load\n"
                "  herd bench SCENARIO --help                  # every option of a scenario")
@@ -180,6 +187,16 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("-n", "--subscribers", type=int, help="stream clients (default 500; quick 100)")
     f.add_argument("--rounds", type=int, help="runs per target, interleaved (default 3; quick 1)")
     _common(f)
+
+    rs = sub.add_parser("responses", help="N Responses API clients of one prompt: calls, order, event gaps",
+                        description="N clients send one POST /v1/responses at once (half of them streaming, "
+                                    "--stream-share to change); the simulator sends an event every 1/tokens-per-s "
+                                    "seconds (default 20/s, 40 words, 200 ms TTFT). Checks every stream is whole and "
+                                    "in order and every JSON answer the final response; reports upstream calls, time "
+                                    "to first event, gaps between events, completion times, through herd and direct.")
+    rs.add_argument("-n", "--clients", type=int, help="clients per burst (default 200; quick 50)")
+    rs.add_argument("--rounds", type=int, help="bursts per target, interleaved (default 3; quick 1)")
+    _common(rs)
 
     s = sub.add_parser("soak", help="herd's memory across many requests after a warm-up",
                        description="Warm herd up, then send many requests of a workload (default trace68, cache on) "

@@ -95,6 +95,18 @@ def test_tiny_burst_makes_one_upstream_call(tmp_path: Path) -> None:
     assert png_size(out / "burst_lag.png") == (800, 500)
 
 
+def test_tiny_responses_fanout_makes_one_upstream_call_and_checks_every_client(tmp_path: Path) -> None:
+    out = tmp_path / "responses"
+    proc = run_bench("responses", "-n", "30", "--rounds", "1", "--targets", "direct,exact", "--ttft-ms", "200",
+                     "--tokens-per-s", "100", "--reply-tokens", "10", "--no-progress", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    targets = json.loads((out / "results.json").read_text())["phases"][0]["targets"]
+    assert targets["direct"]["upstream_calls_per_round"] == [30]
+    herd = targets["herd-exact"]
+    assert herd["upstream_calls_per_round"] == [1] and herd["wrong_or_missing"] == 0
+    assert herd["stream_first_event_ms"]["n"] == 15 and herd["json_done_ms"]["n"] == 15
+
+
 def test_tiny_burst_and_fanout_measure_the_floor_after_its_leader(tmp_path: Path) -> None:
     out = tmp_path / "burst"
     proc = run_bench("burst", "-n", "40", "--rounds", "1", "--targets", "floor,exact", "--ttft-ms", "300",
@@ -166,7 +178,7 @@ def test_help_lists_the_scenarios() -> None:
     proc = subprocess.run([sys.executable, "-m", "proxy", "bench", "--help"], cwd=ROOT, capture_output=True,
                           text=True, timeout=30, check=False)
     assert proc.returncode == 0
-    for word in ("compare", "burst", "fanout", "soak", "--quick"):
+    for word in ("compare", "burst", "fanout", "responses", "soak", "--quick"):
         assert word in proc.stdout
 
 
