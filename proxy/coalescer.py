@@ -15,6 +15,7 @@ A flight's life, in one screen:
     running --publish/extend...--> running --finish()------> done, error is None
                                            --finish(error)--> done, error set
     running --last waiter releases--> work cancelled --> done, error = FlightCancelled
+    running --rewind(error)--> running, no chunks: a follower already given some ends with error
 
 Every chunk the work publishes is kept, so a waiter that joins late replays the flight
 from its first chunk and then follows it live: in order, with no gaps and no duplicates.
@@ -75,6 +76,8 @@ class Flight:
         self.task: asyncio.Task | None = None
         self._waiters = 0
         self._waiting: list[asyncio.Future] = []  # woken by the next publish or finish
+        self._rewinds = 0
+        self._rewound: BaseException | None = None  # for followers given part of a discarded answer
 
     @property
     def public_id(self) -> str:
@@ -84,6 +87,16 @@ class Flight:
     @property
     def waiters(self) -> int:
         return self._waiters
+
+    @property
+    def rewinds(self) -> int:
+        """How many times the answer was started over (see rewind)."""
+        return self._rewinds
+
+    @property
+    def rewound(self) -> BaseException | None:
+        """The error for a waiter that was given part of an answer the flight discarded."""
+        return self._rewound
 
     @classmethod
     def completed(cls, keys: Iterable[str], chunks: list[Any]) -> Flight:
@@ -104,6 +117,18 @@ class Flight:
         self.chunks.extend(chunks)
         self._wake()
 
+    def rewind(self, error: BaseException) -> None:
+        """Discard what was published and start the answer over (its source was lost and the
+        new one differs). Waiters that were given none of it get the new answer; a follower
+        that was given part of it raises `error`, so nobody gets a splice of two answers."""
+        if self.done:
+            raise RuntimeError(f"flight {self.id} is done; cannot rewind")
+        self.chunks = []
+        self.body = self.sse = self.answer = None
+        self._rewinds += 1
+        self._rewound = error
+        self._wake()
+
     def finish(self, error: BaseException | None = None) -> None:
         if not self.done:
             self.done = True
@@ -118,7 +143,7 @@ class Flight:
                 future.set_result(None)
 
     async def changed(self) -> None:
-        """Until the next publish or finish."""
+        """Until the next publish, rewind or finish."""
         future = asyncio.get_running_loop().create_future()
         self._waiting.append(future)
         await future
@@ -128,10 +153,16 @@ class Flight:
         whatever is new each time the follower looks (a late joiner's first batch is the
         whole replay), so a slow follower catches up in one step rather than one per chunk.
 
-        It ends normally either way: look at `error` afterwards.
+        It ends normally either way: look at `error` afterwards. It raises only when the
+        flight was rewound after this follower was given part of the discarded answer.
         """
         i = 0
+        rewinds = self._rewinds
         while True:
+            if rewinds != self._rewinds:
+                if i and self._rewound is not None:
+                    raise self._rewound
+                rewinds = self._rewinds
             if i < len(self.chunks):
                 batch = self.chunks[i:]
                 i += len(batch)
@@ -259,7 +290,7 @@ class Group:
             await work(flight)
         except asyncio.CancelledError:
             flight.finish(FlightCancelled("every waiter left; the upstream call was cancelled"))
-        except Exception as e:  # every waiter gets the same error
+        except Exception as e:  # noqa: BLE001 - every waiter gets the same error
             flight.finish(e)
         else:
             flight.finish()

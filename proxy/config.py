@@ -255,6 +255,7 @@ class RedisConfig(Section):
     key_prefix: str = "herd"
     retry_after_s: Positive = 2.0  # after trouble, local-only until this much time has passed
     share_flights: bool = True  # coalesce across replicas (false: share only the result cache)
+    pool_size: int = Field(256, ge=1)  # connections for blocking reads (Redis Cluster followers)
 
     @model_validator(mode="after")
     def _check(self) -> RedisConfig:

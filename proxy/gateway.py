@@ -30,9 +30,10 @@ from proxy.config import MODEL_MEMO, RouteConfig, Settings
 from proxy.dispatch import Dispatcher
 from proxy.errors import InvalidRequest, NotFound
 from proxy.metrics import Metrics
-from proxy.redis_cache import RedisCache
+from proxy.redis.cache import RedisCache
+from proxy.redis.flights import Claim, SharedFlights
+from proxy.redis.link import Link
 from proxy.sampling import distinct
-from proxy.shared import Claim, RedisLink, SharedFlights
 from proxy.upstream import CallOptions, Upstream, make_upstream
 
 # The interpreter's GIL switch interval in semantic mode: at 5 ms the embedding workers left
@@ -72,7 +73,7 @@ class Gateway:
         self.group = Group(index_factory=self._new_index)
         cache = settings.cache
         # [redis] url: replicas share flights and (by default) the result cache through Redis
-        self.redis: RedisLink | None = RedisLink(settings.redis, self.metrics) if settings.redis.url else None
+        self.redis: Link | None = Link(settings.redis, self.metrics) if settings.redis.url else None
         self.shared: SharedFlights | None = None
         if self.redis is not None and settings.redis.share_flights:
             self.shared = SharedFlights(self.redis, self.group, self.metrics)
@@ -225,13 +226,13 @@ class Gateway:
                 if (found := self.group.find_similar(req.group, probe)) is not None:
                     return await self._follow(flight, *found)
                 self.group.index(flight, req.group, probe)
-                if plan.read_cache and self.similar is not None:
-                    if (hit := self.similar.best(req.group, probe)) is not None:
-                        key, score = hit
-                        if (answer := await self.cache.get(key)) is not None:
-                            flight.similarity = score
-                            return self._replay(flight, answer)
-                        self.similar.discard(req.group, key)
+                hit = self.similar.best(req.group, probe) if plan.read_cache and self.similar is not None else None
+                if hit is not None:
+                    key, score = hit
+                    if (answer := await self.cache.get(key)) is not None:
+                        flight.similarity = score
+                        return self._replay(flight, answer)
+                    self.similar.discard(req.group, key)
         if self.shared is not None and self.shared.usable:
             return await self._shared_work(plan, flight)
         await self._lead(plan, flight)
@@ -285,7 +286,8 @@ class Gateway:
             self.shared.lead(key, flight, new, redact=secrets)
 
         called = await self.shared.mirror(
-            key, claim, flight, functools.partial(self._call, plan.route, plan.req, plan.options), on_lead
+            key, claim, flight, functools.partial(self._call, plan.route, plan.req, plan.options), plan.stream,
+            on_lead,
         )
         if called and plan.store:
             self._spawn(self._store(plan, flight))

@@ -144,7 +144,7 @@ class Metrics:
             "herd_clients_cut", "Connections herd dropped because the client did not read its answer in time",
             registry=r,
         )
-        # Redis (proxy.shared, proxy.redis_cache): present only with [redis] url
+        # Redis (proxy.redis): present only with [redis] url
         self.redis_up = Gauge(
             "herd_redis_up", "1 while Redis answers; 0 while herd serves local-only", ["backend"], registry=r
         )

@@ -270,7 +270,12 @@ class FlightResponse:
             return flight.error  # nothing sent yet: a plain error
         await self._start(send, SSE_HEADERS)
         written = 0  # parts of `sse` this waiter has written (a late joiner starts at the first)
+        rewinds = flight.rewinds
         while True:
+            if flight.rewinds != rewinds:  # the answer started over (a takeover's differs)
+                if written:
+                    return flight.rewound  # never a splice of two answers
+                rewinds, sse = flight.rewinds, stream_of(flight)
             if written < len(sse.parts):
                 written = await self._write_parts(send, sse, written)
             elif flight.done:

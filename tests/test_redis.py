@@ -14,16 +14,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+import httpx
 import openai
 import orjson
 import pytest
 
 from benchmarks.simulator import expected_text
-from proxy.chunks import Chunk
+from proxy.canonical import assign_keys, parse_chat
+from proxy.chunks import Chunk, split
 from proxy.coalescer import Flight
 from proxy.config import ConfigError, parse_settings
 from proxy.gateway import Gateway
-from proxy.shared import LeaderLost, Splice
+from proxy.redis.flights import LeaderLost, Splice
 from tests.harness import (
     HerdServer,
     ManualClock,
@@ -135,10 +137,19 @@ def check_burst(answers: list[Answer], replicas, text: str, **sim_settings) -> N
     assert roles.count("leader") == 1 and roles.count("follower") == len(answers) - 1
 
 
+def no_redis_errors(replicas) -> bool:
+    errors = [line for r in replicas for line in r.metrics().splitlines()
+              if line.startswith("herd_redis_errors_total{")]
+    assert not errors, errors
+    return True
+
+
 def check_keys(server, secrets: tuple[str, ...] = KEYS) -> dict:
     """Every herd key has a TTL; no key or value holds a client key."""
     keys = herd_keys(server)
     for name, info in keys.items():
+        if info["pttl"] == -2:
+            continue  # it expired while we looked
         assert info["pttl"] > 0, (name, info["pttl"])
         for secret in secrets:
             assert secret not in name and secret.encode() not in info["content"], name
@@ -189,7 +200,29 @@ async def test_a_cold_burst_with_the_cache_on_makes_one_call_and_keeps_sharing_o
         assert chat_calls(sim.url) == 1
         assert len({a.flight for a in answers}) == 1  # one flight, one id on every replica
         assert all(r.ready()["redis"] == "up" for r in replicas)
-        assert all(not re.search(r"^herd_redis_errors_total\{", r.metrics(), re.MULTILINE) for r in replicas)
+        assert no_redis_errors(replicas)
+    finally:
+        for r in replicas:
+            r.stop()
+    check_keys(redis_server)
+
+
+async def test_many_distinct_flights_on_every_replica_keep_sharing_on(sim, redis_server, workdir):
+    """Hundreds of distinct requests at once, each sent to both replicas: every flight is led
+    on one and followed on the other (a claim, a cache read, a stream read each), and Redis
+    stays in use: one call per prompt. redis-py's pool used to run out at about 100."""
+    replicas = start_replicas(2, replica_sections(sim.url, redis_server.url, cache=True, timeout_s=0.25), workdir)
+    try:
+        sim_reset(sim.url, ttft_ms=1000, tokens_per_s=50, reply_tokens=5)
+        prompts = [f"distinct prompt {i}" for i in range(300)]
+        async with session() as http:
+            answers = await asyncio.gather(*[ask(http, r.url, p, stream=i % 2 == 0)
+                                             for i, p in enumerate(prompts) for r in replicas])
+        bad = [a for a in answers if a.status != 200 or a.error]
+        assert not bad, bad[:3]
+        assert chat_calls(sim.url) == len(prompts)
+        assert all(r.ready()["redis"] == "up" for r in replicas)
+        assert no_redis_errors(replicas)
     finally:
         for r in replicas:
             r.stop()
@@ -282,6 +315,110 @@ async def test_upstream_error_reaches_followers_on_every_replica_without_the_key
     assert all("invalid_api_key" in a.error for a in answers)
     assert all(secret not in a.error for a in rest)  # what crossed Redis was redacted
     check_keys(redis_server)
+
+
+# -- takeovers -----------------------------------------------------------------------------
+
+
+class DeadLeader:
+    """The Redis side of a leader replica that published part of a flight and then died (or
+    lost Redis) before the stream's end: its lease, and its stream with `chunks` in it."""
+
+    def __init__(self, server: RedisServer, herd: HerdServer, text: str, key: str = KEYS[0]) -> None:
+        gateway = herd.gateway
+        req = parse_chat(orjson.dumps({"model": "m", "messages": user(text)}))
+        assign_keys(req, gateway.auth.identify({"authorization": f"Bearer {key}"}).tenant, "sim")
+        self.redis = server.client()
+        self.flight_id = "0123456789abcdef"
+        self.lease = f"herd:{{{req.key}}}:lease"
+        self.stream = f"herd:{{{req.key}}}:s:{self.flight_id}"
+
+    def publish(self, chunks: list[Chunk], *, whole: bool) -> None:
+        self.redis.set(self.lease, f"deadbeef0000:{self.flight_id}", px=20000)
+        for i, chunk in enumerate(chunks):
+            fields = {"c": chunk.raw}
+            if i == 0:
+                fields["u"] = "sim"
+                if whole:
+                    fields["w"] = "1"  # what a leader whose upstream call was non-stream writes
+            self.redis.xadd(self.stream, fields)
+        self.redis.pexpire(self.stream, 20000)
+
+    def die(self) -> None:
+        self.redis.delete(self.lease)
+
+
+def nonstream_answer(sim, text: str) -> dict:
+    """The simulator's non-stream answer to `text` (then its counters are reset)."""
+    answer = httpx.post(sim.url + "/v1/chat/completions", json={"model": "m", "messages": user(text)},
+                        timeout=10).json()
+    sim_reset(sim.url)
+    return answer
+
+
+@pytest.fixture()
+def follower_herd(sim, redis_server):
+    settings = herd_settings(sim.url, auth={"hash_key": HASH_KEY},
+                             redis={"url": redis_server.url, "timeout_s": 0.5, "lease_s": 1.5})
+    with HerdServer(settings) as herd:
+        yield herd
+
+
+async def test_a_takeover_after_a_non_stream_leader_gives_the_same_answer_to_every_follower(
+        sim, redis_server, follower_herd):
+    """The leader's answer came in one piece (a non-stream call) and its replica died before the
+    stream's end: the takeover calls the upstream the same way, so a deterministic upstream's
+    answer matches what the followers already have (it used to stream, and fail them all with
+    502 leader_lost)."""
+    text = "a non-stream leader dies"
+    leader = DeadLeader(redis_server, follower_herd, text)
+    leader.publish(split(nonstream_answer(sim, text)), whole=True)
+    async with session() as http:
+        followers = [asyncio.create_task(ask(http, follower_herd.url, text, stream=s)) for s in (True, False) * 3]
+        await asyncio.sleep(0.5)
+        leader.die()
+        answers = await asyncio.wait_for(asyncio.gather(*followers), 20)
+    expected = expected_text({"messages": user(text)})
+    assert [(a.status, a.error, a.text) for a in answers] == [(200, None, expected)] * 6
+    assert all(a.role == "follower" for a in answers)
+    assert {a.flight for a in answers} == {leader.flight_id}  # the id every replica reports
+    assert chat_calls(sim.url) == 1  # the takeover's
+
+
+async def test_a_different_answer_after_a_takeover_fails_only_the_streams_that_got_part_of_the_first(
+        sim, redis_server, follower_herd):
+    text = "the new leader answers differently"
+    leader = DeadLeader(redis_server, follower_herd, text)
+    first = [Chunk({"id": "chatcmpl-dead", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                    "choices": [{"index": 0, "delta": {"content": word}, "finish_reason": None}]})
+             for word in ("something ", "else ")]
+    leader.publish(first, whole=False)
+    async with session() as http:
+        watched = Answer()
+        streams = [asyncio.create_task(ask(http, follower_herd.url, text, stream=True, answer=watched))]
+        await wait_for(lambda: watched.chunks >= 2)  # this stream was sent "something else"
+        waiting = [asyncio.create_task(ask(http, follower_herd.url, text, stream=False)) for _ in range(3)]
+        await asyncio.sleep(0.3)
+        leader.die()
+        answers = await asyncio.wait_for(asyncio.gather(*streams, *waiting), 20)
+    streamed, *plain = answers
+    assert streamed.status == 200 and "leader_lost" in streamed.error and not streamed.done
+    assert [(a.status, a.error, a.text) for a in plain] == [(200, None, expected_text({"messages": user(text)}))] * 3
+
+
+async def test_a_non_stream_leader_whose_clients_leave_keeps_calling_for_other_replicas(replicas, sim):
+    sim_reset(sim.url, ttft_ms=1500, tokens_per_s=50, reply_tokens=10)
+    text = "the non-stream leader's client leaves"
+    async with session() as http, session(timeout=0.6) as impatient:
+        leaving = asyncio.create_task(ask(impatient, replicas[0].url, text, stream=False))
+        await asyncio.sleep(0.2)
+        followers = [ask(http, r.url, text, stream=s) for r in replicas[1:] for s in (True, False)]
+        answers = await asyncio.gather(*followers)
+        assert (await leaving).error is not None  # it gave up before the answer
+    expected = expected_text({"messages": user(text)}, {"reply_tokens": 10})
+    assert [(a.status, a.error, a.text) for a in answers] == [(200, None, expected)] * 4
+    stats = sim_stats(sim.url)
+    assert stats["calls"] == 1 and stats["disconnects"] == 0
 
 
 # -- Redis trouble -----------------------------------------------------------------------
@@ -501,15 +638,30 @@ async def test_takeover_splices_only_an_identical_prefix():
     same.complete()
     assert [c.data["choices"][0]["delta"]["content"] for c in flight.chunks] == ["a ", "b ", "c "]
     assert {c.data["id"] for c in flight.chunks} == {"chatcmpl-a"}  # one stream to the client
+
+
+def _words(flight) -> list[str]:
+    return [c.data["choices"][0]["delta"]["content"] for c in flight.chunks]
+
+
+async def test_a_different_answer_after_a_takeover_reaches_waiters_that_were_sent_none_of_the_first():
+    flight = Flight(["k"])
+    Splice(flight).extend([_chunk("a "), _chunk("b ")])
+    streaming = aiter(flight.follow())
+    assert len(await anext(streaming)) == 2  # a stream waiter was sent "a b"
+    fresh = aiter(flight.follow())  # a waiter that was sent nothing (a non-stream one, say)
     different = Splice(flight)
-    different.publish(_chunk("a "))
+    different.extend([_chunk("a ", id="chatcmpl-new"), _chunk("x ", id="chatcmpl-new")])
+    different.complete()
+    assert _words(flight) == ["a ", "x "] and {c.data["id"] for c in flight.chunks} == {"chatcmpl-new"}
     with pytest.raises(LeaderLost) as e:
-        different.publish(_chunk("x "))
-    assert e.value.status == 502 and "lost mid-stream" in e.value.message
+        await anext(streaming)
+    assert e.value.status == 502 and "differs" in e.value.message
+    assert [c.data["choices"][0]["delta"]["content"] for c in await anext(fresh)] == ["a ", "x "]
     shorter = Splice(flight)
     shorter.publish(_chunk("a "))
-    with pytest.raises(LeaderLost):
-        shorter.complete()
+    shorter.complete()  # shorter than what was published: the flight starts over with it
+    assert _words(flight) == ["a "]
 
 
 def test_redis_settings_are_checked():

@@ -16,7 +16,7 @@ Every key of one flight carries the flight key as its hash tag, so it lives in o
     {prefix}:{<key>}:w            followers' heartbeats (zset, score = expiry in ms): while any
                                   is alive the leader keeps its upstream call going, even when
                                   its own clients have all left
-    {prefix}:{<key>}:answer       the result cache (proxy.redis_cache)
+    {prefix}:{<key>}:answer       the result cache (proxy.redis.cache)
 
 `<key>` is the gateway's keyed digest (tenant hash, route, model, parameters, messages);
 values are ids, chunk JSON and error bodies, never a client key. Every key has a TTL.
@@ -26,39 +26,29 @@ ended claims it and calls the upstream itself, or follows whoever did. A new sou
 from its first chunk; the chunks this replica already gave its waiters must match it exactly
 (choices and deltas), or the flight fails with a 502 rather than splice two different answers.
 
-Degradation: every Redis call runs under `timeout_s`. Any error or timeout marks Redis down:
-herd serves locally (local flights, memory cache) and probes Redis every `retry_after_s`
-until it answers, then shares again. A Redis problem never fails a request.
+Degradation (proxy.redis.link): a call that fails or outlasts `timeout_s` raises
+RedisUnavailable and the flight goes on here: a claim that fails leads locally, a mirror
+that loses Redis calls the upstream itself. A Redis problem never fails a request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import orjson
-from redis.asyncio import Redis
-from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeout
 
 from proxy.chunks import Chunk
 from proxy.coalescer import Flight, FlightCancelled, Group, Ticket
-from proxy.config import RedisConfig
 from proxy.errors import HerdError, UpstreamError, UpstreamUnavailable, as_herd_error
 from proxy.metrics import Metrics
+from proxy.redis.link import Link, RedisUnavailable
 
 log = logging.getLogger("herd.shared")
-
-T = TypeVar("T")
 
 # A lease is ours only while it holds our value: renew and release compare first.
 _CLAIM = """
@@ -96,105 +86,8 @@ return redis.call('get', KEYS[2])
 """
 
 
-class RedisUnavailable(Exception):
-    """Redis is down, slow or marked down for now: do it locally."""
-
-
 class LeaderLost(UpstreamUnavailable):
     """The leading replica was lost mid-stream and the new answer differs from what was sent."""
-
-
-class RedisLink:
-    """The Redis client plus its health: every operation goes through `run`."""
-
-    def __init__(self, cfg: RedisConfig, metrics: Metrics) -> None:
-        self.cfg = cfg
-        self.metrics = metrics
-        self.replica = secrets.token_hex(6)  # this process, in lease values and heartbeats
-        self.up = False
-        self.client: Redis | RedisCluster | None = None
-        self._probe: asyncio.Task | None = None
-        self._gauge = metrics.redis_up.labels("cluster" if cfg.cluster else "standalone")
-        self._gauge.set(0)
-
-    def key(self, flight_key: str, part: str) -> str:
-        return f"{self.cfg.key_prefix}:{{{flight_key}}}:{part}"
-
-    async def start(self) -> None:
-        options: dict[str, Any] = {
-            "socket_connect_timeout": self.cfg.timeout_s,
-            "socket_timeout": None,  # every call has its own deadline (run); XREAD blocks on purpose
-            "retry": Retry(NoBackoff(), 1),  # one immediate retry: a stale connection after a restart
-            "health_check_interval": 0,
-        }
-        if self.cfg.cluster:
-            self.client = RedisCluster.from_url(self.cfg.url, max_connections=4096, **options)
-        else:
-            self.client = Redis.from_url(self.cfg.url, **options)
-        try:
-            async with asyncio.timeout(max(self.cfg.timeout_s, 2.0)):
-                if self.cfg.cluster:
-                    await self.client.initialize()
-                await self.client.ping()
-        except Exception as e:
-            self.trouble(e)
-            return
-        self._set_up()
-
-    async def aclose(self) -> None:
-        if self._probe is not None:
-            self._probe.cancel()
-            await asyncio.gather(self._probe, return_exceptions=True)
-        if self.client is not None:
-            try:
-                await self.client.aclose()
-            except (RedisError, OSError):
-                pass
-
-    async def run(self, op: Callable[[Any], Awaitable[T]], timeout: float | None = None) -> T:
-        """`op(client)` within the timeout; any trouble marks Redis down and raises RedisUnavailable."""
-        if not self.up or self.client is None:
-            raise RedisUnavailable("redis is marked down")
-        try:
-            async with asyncio.timeout(self.cfg.timeout_s if timeout is None else timeout):
-                return await op(self.client)
-        except Exception as e:  # whatever goes wrong with Redis, the request goes on without it
-            self.trouble(e)
-            raise RedisUnavailable(type(e).__name__) from None
-
-    def trouble(self, error: BaseException) -> None:
-        if isinstance(error, (TimeoutError, RedisTimeout)):
-            kind = "timeout"
-        elif isinstance(error, (RedisConnectionError, OSError)):
-            kind = "connection"
-        else:
-            kind = "other"
-        self.metrics.redis_errors.labels(kind).inc()
-        if self.up or self._probe is None:
-            log.warning("redis %s (%s): serving local-only, retrying every %.1fs", kind, type(error).__name__,
-                        self.cfg.retry_after_s)
-        self.up = False
-        self._gauge.set(0)
-        if self._probe is None or self._probe.done():
-            self._probe = asyncio.get_running_loop().create_task(self._probe_until_up(), name="redis-probe")
-
-    def _set_up(self) -> None:
-        self.up = True
-        self._gauge.set(1)
-
-    async def _probe_until_up(self) -> None:
-        while True:
-            await asyncio.sleep(self.cfg.retry_after_s)
-            try:
-                async with asyncio.timeout(max(self.cfg.timeout_s, 1.0)):
-                    await self.client.ping()  # type: ignore[union-attr]
-            except Exception as e:
-                self.metrics.redis_errors.labels("probe").inc()
-                log.debug("redis still down: %s", type(e).__name__)
-                continue
-            log.warning("redis is back: sharing flights and answers again")
-            self._set_up()
-            return
 
 
 @dataclass
@@ -211,27 +104,43 @@ class Splice:
     """Where a mirrored flight's chunks go: the local flight, through a prefix check.
 
     Each source (the leader's stream, a takeover's stream, our own takeover call) starts
-    from its first chunk. Chunks the flight already has must match; the rest are published,
-    with the id and creation time of the flight's first chunk, so clients see one stream.
+    from its first chunk. While it repeats chunks the flight already has, they must match
+    (their choices); the rest are published with the id and creation time of the flight's
+    first chunk, so clients see one stream. A source that tells a different story (or a
+    shorter one) rewinds the flight: waiters given none of the old answer get the new one;
+    a stream given part of it ends with 502 leader_lost, never a splice of two answers.
+
+    `whole`: the leader called the upstream non-stream (its answer came in one piece), so a
+    takeover calls it the same way and, from a deterministic upstream, gets the same chunks.
     """
 
     def __init__(self, flight: Flight) -> None:
         self.flight = flight
         self.index = 0
+        self.repeated: list[Chunk] = []  # this source's chunks that matched the flight's
+        self.whole: bool | None = None  # how the leader called the upstream, once known
+
+    @property
+    def served_by(self) -> str | None:
+        return self.flight.served_by
+
+    @served_by.setter
+    def served_by(self, name: str | None) -> None:
+        self.flight.served_by = name
 
     def restart(self) -> None:
         self.index = 0
+        self.repeated = []
 
     def publish(self, chunk: Chunk) -> None:
         chunks = self.flight.chunks
         if self.index < len(chunks):
-            if (chunks[self.index].data.get("choices") or []) != (chunk.data.get("choices") or []):
-                raise LeaderLost(
-                    "the leading replica was lost mid-stream and the new answer differs from the part already sent",
-                    code="leader_lost",
-                )
-            self.index += 1
-            return
+            if (chunks[self.index].data.get("choices") or []) == (chunk.data.get("choices") or []):
+                self.repeated.append(chunk)
+                self.index += 1
+                return
+            self._rewind("the new answer differs from the part already sent")
+            chunks = self.flight.chunks
         if chunks:
             head = chunks[0].data
             if chunk.data.get("id") != head.get("id") or chunk.data.get("created") != head.get("created"):
@@ -246,17 +155,27 @@ class Splice:
     def complete(self) -> None:
         """The source ended cleanly: it must have covered everything already sent."""
         if self.index < len(self.flight.chunks):
-            raise LeaderLost("the leading replica was lost mid-stream and the new answer is shorter than the part "
-                             "already sent", code="leader_lost")
+            self._rewind("the new answer is shorter than the part already sent")
+
+    def _rewind(self, why: str) -> None:
+        self.flight.rewind(LeaderLost(f"the leading replica was lost mid-stream and {why}", code="leader_lost"))
+        repeated, self.repeated = self.repeated, []
+        self.index = 0
+        for chunk in repeated:
+            self.publish(chunk)
 
 
-Call = Callable[[Any], Awaitable[None]]  # runs the upstream call, publishing into a sink
+#: Runs the upstream call (stream or not), publishing into a sink.
+Call = Callable[[Any, bool], Awaitable[None]]
+#: How often a publisher whose local clients have all left asks whether followers elsewhere
+#: still watch: when none do, the upstream call is cancelled.
+LONELY_CHECK_S = 0.1
 
 
 class SharedFlights:
     """Cross-replica flights: claim, publish (leader side) and mirror (follower side)."""
 
-    def __init__(self, link: RedisLink, group: Group, metrics: Metrics) -> None:
+    def __init__(self, link: Link, group: Group, metrics: Metrics) -> None:
         self.link = link
         self.group = group
         self.metrics = metrics
@@ -285,7 +204,7 @@ class SharedFlights:
         mine = f"{self.link.replica}:{flight_id}"
         lease = self.link.key(key, "lease")
         try:
-            held = await self.link.run(lambda r: r.eval(_CLAIM, 1, lease, mine, self.lease_ms))
+            [held] = await self.link.call(lambda pipe: pipe.eval(_CLAIM, 1, lease, mine, self.lease_ms))
         except RedisUnavailable:
             return None
         if held is None:
@@ -296,85 +215,102 @@ class SharedFlights:
     def lead(self, key: str, flight: Flight, claim: Claim, redact: tuple[str, ...] = ()) -> None:
         """Publish `flight` (a local flight we lead) to its stream while it runs.
 
+        The publisher waits on the flight like a client: while followers on other replicas
+        watch it, the upstream call goes on even when every client here has left.
         `redact`: secrets (the client's key, provider keys) cut out of an error body before
         it goes to Redis, should an upstream echo one."""
         self.metrics.shared_flights.labels("lead").inc()
-        self._spawn(self._publish(key, flight, claim.holder, redact), f"publish-{flight.id}")
+        held = self.group.join(flight)  # before any await: the flight cannot end under us
+        self._spawn(self._publish(key, flight, claim.holder, redact, held), f"publish-{flight.id}")
 
-    async def _publish(self, key: str, flight: Flight, holder: str, redact: tuple[str, ...]) -> None:
+    async def _publish(self, key: str, flight: Flight, holder: str, redact: tuple[str, ...],
+                       held: Ticket | None) -> None:
         link = self.link
         lease, stream, watchers = link.key(key, "lease"), link.key(key, f"s:{claim_id(holder)}"), link.key(key, "w")
         loop = asyncio.get_running_loop()
-        chunks = aiter(flight.follow())
-        upcoming = asyncio.ensure_future(anext(chunks, None))
-        sent = 0
-        held: Ticket | None = None  # held while followers on other replicas wait on the flight
-        next_tick = loop.time()  # the first round checks for followers at once
+        sent = 0  # chunks in the stream
+        rewinds = flight.rewinds
+        restart = False  # the flight was rewound: the stream starts over
+        next_tick = loop.time() + self.tick_s
+        next_check = loop.time()
+        change: asyncio.Future | None = None
         try:
-            while True:
-                await asyncio.wait((upcoming,), timeout=max(0.0, next_tick - loop.time()))
-                ended = False
-                if upcoming.done():
-                    if upcoming.result() is None:
-                        ended = True
-                    else:
-                        upcoming = asyncio.ensure_future(anext(chunks, None))
+            while not flight.done:
+                if flight.rewinds != rewinds:
+                    rewinds, sent, restart = flight.rewinds, 0, True
                 batch = flight.chunks[sent:]
-                tick = loop.time() >= next_tick
-                if ended:
-                    break
-                if not batch and not tick:
+                now = loop.time()
+                tick = now >= next_tick
+                lonely = False  # every client here has left: do followers elsewhere still watch?
+                if now >= next_check:
+                    lonely = held is not None and flight.waiters == 1
+                    if not lonely:
+                        next_check = now + LONELY_CHECK_S
+                if not (batch or tick or lonely or restart):
+                    if change is None or change.done():
+                        change = asyncio.ensure_future(flight.changed())
+                    await asyncio.wait((change,), timeout=max(0.0, min(next_tick, next_check) - now))
                     continue
-                first = sent == 0
+                entries = self._entries(flight, batch, sent == 0, restart)
                 now_ms = int(time.time() * 1000)
 
-                async def send(r, batch=batch, first=first, tick=tick, now_ms=now_ms):
-                    pipe = r.pipeline(transaction=False)
-                    if batch:
-                        self._append(pipe, stream, self._entries(flight, batch, first))
+                def send(pipe, entries=entries, tick=tick, now_ms=now_ms) -> None:
+                    if entries:
+                        self._append(pipe, stream, entries)
                     if tick:
                         pipe.eval(_RENEW, 1, lease, holder, self.lease_ms)
                         self._append(pipe, stream, [])  # keep the stream while the flight runs
                     pipe.zremrangebyscore(watchers, "-inf", now_ms)
                     pipe.zcard(watchers)
-                    return await pipe.execute()
 
-                results = await link.run(send)
+                results = await link.call(send)
                 sent += len(batch)
+                restart = False
+                next_check = loop.time() + LONELY_CHECK_S
                 if tick:
                     next_tick = loop.time() + self.tick_s
-                    if not results[1 if batch else 0]:
+                    if not results[1 if entries else 0]:
                         log.warning("flight %s lost its lease; no longer shared", flight.id)
                         return
-                held = self._hold(flight, held, bool(results[-1]))
+                if held is not None and flight.waiters == 1 and not results[-1]:
+                    # nobody here, nobody watching elsewhere: let go (the last one out cancels)
+                    self.group.release(held)
+                    held = None
             # the flight is done: tell the followers how it ended, then let the lease go
+            if flight.rewinds != rewinds:
+                sent, restart = 0, True
             error = flight.error
             end = None if isinstance(error, FlightCancelled) else _end_fields(error, redact)
+            entries = self._entries(flight, flight.chunks[sent:], sent == 0, restart)
+            if end is not None:
+                entries.append(end)
 
-            async def finish(r):
-                pipe = r.pipeline(transaction=False)
-                entries = self._entries(flight, flight.chunks[sent:], sent == 0)
-                if end is not None:
-                    entries.append(end)
+            def finish(pipe) -> None:
                 if entries:
                     self._append(pipe, stream, entries)
                 pipe.eval(_RELEASE, 1, lease, holder)
-                return await pipe.execute()
 
-            await link.run(finish)
+            await link.call(finish)
         except RedisUnavailable:
             pass  # the followers will find the lease gone and take over
         finally:
-            upcoming.cancel()
-            await asyncio.gather(upcoming, return_exceptions=True)
-            await chunks.aclose()
-            self._hold(flight, held, False)
+            if change is not None:
+                change.cancel()
+            if held is not None:
+                self.group.release(held)
 
     @staticmethod
-    def _entries(flight: Flight, chunks: list[Chunk], first: bool) -> list[dict[str, Any]]:
+    def _entries(flight: Flight, chunks: list[Chunk], first: bool, restart: bool = False) -> list[dict[str, Any]]:
+        """Stream entries for `chunks`; the first chunk of an answer says who answered and how,
+        and after a rewind an entry tells followers that a new answer starts."""
         entries: list[dict[str, Any]] = [{"c": chunk.raw} for chunk in chunks]
-        if first and entries and flight.served_by:
-            entries[0]["u"] = flight.served_by  # who answered, for x-herd-upstream
+        if first and entries:
+            if flight.served_by:
+                entries[0]["u"] = flight.served_by  # who answered, for x-herd-upstream
+            if chunks[0].whole is not None:
+                entries[0]["w"] = "1"  # a non-stream call: a takeover calls the same way
+        if restart:
+            entries.insert(0, {"r": "1"})
         return entries
 
     def _append(self, pipe, stream: str, entries: list[dict[str, Any]]) -> None:
@@ -386,19 +322,11 @@ class SharedFlights:
                 args += (name, value)
         pipe.eval(_APPEND, 1, stream, *args)
 
-    def _hold(self, flight: Flight, held: Ticket | None, want: bool) -> Ticket | None:
-        """Be (or stop being) a waiter of `flight` for the followers on other replicas."""
-        if want and held is None and not flight.done and flight.waiters > 0:
-            return self.group.join(flight)
-        if held is not None and not want:
-            self.group.release(held)
-            return None
-        return held
-
     # -- follower side -----------------------------------------------------------------
-    async def mirror(self, key: str, claim: Claim, flight: Flight, call: Call,
+    async def mirror(self, key: str, claim: Claim, flight: Flight, call: Call, stream: bool,
                      on_lead: Callable[[Claim], None]) -> bool:
-        """The work of a flight led on another replica. True if this replica called the upstream."""
+        """The work of a flight led on another replica. True if this replica called the upstream
+        (`stream`: how, unless the leader's answer already showed how it called)."""
         self.metrics.shared_flights.labels("follow").inc()
         link = self.link
         splice = Splice(flight)
@@ -417,17 +345,14 @@ class SharedFlights:
                 if claim.lead:
                     await self._forget_watcher(watchers, me)
                     on_lead(claim)
-                    splice.restart()
-                    await call(splice)
-                    splice.complete()
-                    return True
+                    break
         except RedisUnavailable:
             log.warning("flight %s: redis went away mid-flight; calling the upstream from here", flight.id)
             self.metrics.shared_flights.labels("takeover").inc()
         finally:
             self._spawn(self._forget_watcher(watchers, me), f"unwatch-{flight.id}")
         splice.restart()
-        await call(splice)
+        await call(splice, stream if splice.whole is None else not splice.whole)
         splice.complete()
         return True
 
@@ -446,9 +371,13 @@ class SharedFlights:
             for _, entries in reply or ():
                 for entry_id, fields in entries:
                     last = entry_id
+                    if b"r" in fields:  # the leader's answer starts over (it took over and it differs)
+                        splice.restart()
                     if b"c" in fields:
                         if b"u" in fields:
                             splice.flight.served_by = fields[b"u"].decode(errors="replace")
+                        if splice.index == 0:
+                            splice.whole = b"w" in fields
                         raw = fields[b"c"]
                         try:
                             chunk = Chunk(orjson.loads(raw), raw)
@@ -462,26 +391,38 @@ class SharedFlights:
                         return True
             return False
 
-        while True:
-            if loop.time() >= next_tick:
-                expires = int(time.time() * 1000) + self.lease_ms
-                current = await link.run(
-                    lambda r, expires=expires: r.eval(_BEAT, 2, watchers, lease, expires, me, self.stream_ttl_ms)
-                )
-                next_tick = loop.time() + self.tick_s
-                if current is None or current.decode() != holder:
-                    # gone: unless it ended just now, the flight is ours to finish
-                    return take(await link.run(lambda r, last=last: r.xread({stream: last}, count=1024)))
-            wait_ms = max(1, min(block_ms, int((next_tick - loop.time()) * 1000)))
-            reply = await link.run(lambda r, last=last, wait_ms=wait_ms: r.xread({stream: last}, count=1024,
-                                                                                  block=wait_ms),
-                                   timeout=wait_ms / 1000 + link.cfg.timeout_s)
-            if take(reply):
-                return True
+        # standalone: one reader for every followed stream; a cluster: a blocking read of its own
+        sub = None if link.cfg.cluster else link.subscribe(stream)
+        try:
+            while True:
+                if loop.time() >= next_tick:
+                    expires = int(time.time() * 1000) + self.lease_ms
+                    [current] = await link.call(
+                        lambda pipe, expires=expires: pipe.eval(_BEAT, 2, watchers, lease, expires, me,
+                                                                self.stream_ttl_ms)
+                    )
+                    next_tick = loop.time() + self.tick_s
+                    if current is None or current.decode() != holder:
+                        # gone: unless it ended just now, the flight is ours to finish
+                        if sub is not None and take([(stream, await sub.take(0))]):
+                            return True
+                        [reply] = await link.call(lambda pipe, last=last: pipe.xread({stream: last}, count=1024))
+                        return take(reply)
+                wait_s = max(0.001, min(block_ms / 1000, next_tick - loop.time()))
+                if sub is not None:
+                    reply = [(stream, await sub.take(wait_s))]
+                else:
+                    reply = await link.run(lambda r, last=last, wait_ms=int(wait_s * 1000) or 1: r.xread(
+                        {stream: last}, count=1024, block=wait_ms), timeout=wait_s + link.cfg.timeout_s)
+                if take(reply):
+                    return True
+        finally:
+            if sub is not None:
+                link.unsubscribe(sub)
 
     async def _forget_watcher(self, watchers: str, me: str) -> None:
         try:
-            await self.link.run(lambda r: r.zrem(watchers, me))
+            await self.link.call(lambda pipe: pipe.zrem(watchers, me))
         except RedisUnavailable:
             pass
 

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 from proxy.answer import Answer
 from proxy.cache import MemoryCache
-from proxy.shared import RedisLink, RedisUnavailable
+from proxy.redis.link import Link, RedisUnavailable
 
 
 class RedisCache:
-    def __init__(self, link: RedisLink, memory: MemoryCache) -> None:
+    def __init__(self, link: Link, memory: MemoryCache) -> None:
         self.link = link
         self.memory = memory
 
@@ -31,14 +31,12 @@ class RedisCache:
             return answer
         name = self._key(key)
 
-        async def fetch(r):
-            pipe = r.pipeline(transaction=False)
+        def fetch(pipe) -> None:
             pipe.get(name)
             pipe.pttl(name)
-            return await pipe.execute()
 
         try:
-            raw, ttl_ms = await self.link.run(fetch)
+            raw, ttl_ms = await self.link.call(fetch)
         except RedisUnavailable:
             return None
         if raw is None:
@@ -56,6 +54,6 @@ class RedisCache:
             return
         value = answer.encode()
         try:
-            await self.link.run(lambda r: r.set(self._key(key), value, px=max(1, int(ttl_s * 1000))))
+            await self.link.call(lambda pipe: pipe.set(self._key(key), value, px=max(1, int(ttl_s * 1000))))
         except RedisUnavailable:
             pass

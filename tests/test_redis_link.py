@@ -1,0 +1,101 @@
+"""The link to Redis on its own (proxy.redis.link): bounded connections, pipelined calls,
+health judged on an error rate. Against a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from proxy.config import RedisConfig
+from proxy.metrics import Metrics
+from proxy.redis.link import Health, Link, RedisUnavailable
+from tests.redis_servers import RedisServer
+
+
+@pytest.fixture()
+def server():
+    with RedisServer() as s:
+        yield s
+
+
+async def started(server: RedisServer, **cfg) -> Link:
+    link = Link(RedisConfig(url=server.url, **{"timeout_s": 0.25, "retry_after_s": 0.5, **cfg}), Metrics())
+    await link.start()
+    assert link.up
+    return link
+
+
+def connections(server: RedisServer) -> int:
+    return len(server.client().client_list()) - 1  # less the one asking
+
+
+async def test_a_thousand_concurrent_calls_share_a_few_pipelines(server):
+    link = await started(server, pool_size=8)
+    try:
+        replies = await asyncio.gather(*[link.call(lambda pipe, i=i: pipe.set(f"k{i}", i)) for i in range(1000)])
+        assert replies == [[True]] * 1000
+        assert server.client().dbsize() == 1000
+        assert connections(server) <= 4  # the pipelines' connections, not one per call
+        # blocking reads take connections of their own: more readers than connections queue, none fails
+        reads = await asyncio.gather(*[link.run(lambda r, i=i: r.xread({f"s{i}": "0-0"}, block=100), timeout=5)
+                                       for i in range(40)])
+        assert reads == [[]] * 40
+        assert connections(server) <= 8 + 4
+        assert link.up
+    finally:
+        await link.aclose()
+
+
+async def test_one_slow_moment_does_not_turn_sharing_off(server):
+    link = await started(server, retry_after_s=5.0)
+    try:
+        server.freeze()
+        asyncio.get_running_loop().call_later(0.35, server.thaw)
+        with pytest.raises(RedisUnavailable):
+            await link.run(lambda r: r.ping())  # this one call is too slow
+        for _ in range(20):  # meanwhile the link pings, and Redis answers
+            assert link.up
+            await asyncio.sleep(0.05)
+        assert await link.call(lambda pipe: pipe.ping()) == [True]
+    finally:
+        server.thaw()
+        await link.aclose()
+
+
+async def test_a_frozen_redis_is_marked_down_soon_even_without_traffic_and_up_again_when_it_thaws(server):
+    link = await started(server)
+    try:
+        server.freeze()
+        with pytest.raises(RedisUnavailable):
+            await link.call(lambda pipe: pipe.ping())
+        for _ in range(50):
+            if not link.up:
+                break
+            await asyncio.sleep(0.05)
+        assert not link.up  # the pings after that one failure settled it
+        with pytest.raises(RedisUnavailable):
+            await link.call(lambda pipe: pipe.ping())  # at once: no waiting on a frozen Redis
+        server.thaw()
+        for _ in range(60):
+            if link.up:
+                break
+            await asyncio.sleep(0.05)
+        assert link.up
+    finally:
+        server.thaw()
+        await link.aclose()
+
+
+def test_health_is_an_error_rate_over_a_window():
+    now = [0.0]
+    health = Health(window_s=2.0, min_failures=3, ratio=0.5, clock=lambda: now[0])
+    for _ in range(10):
+        assert not health.record(True)
+    assert not health.record(False) and not health.record(False) and not health.record(False)  # 3 of 13
+    now[0] = 3.0  # the successes left the window
+    assert not health.record(False)  # 1 of 1: not enough failures
+    assert not health.record(False)
+    assert health.record(False)  # 3 of 3
+    now[0] = 10.0
+    assert not health.record(False)  # an old outage is forgotten
