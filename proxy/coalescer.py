@@ -290,7 +290,7 @@ class Group:
             await work(flight)
         except asyncio.CancelledError:
             flight.finish(FlightCancelled("every waiter left; the upstream call was cancelled"))
-        except Exception as e:  # noqa: BLE001 - every waiter gets the same error
+        except Exception as e:  # every waiter gets the same error
             flight.finish(e)
         else:
             flight.finish()

@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from proxy.accounting import Accountant
 from proxy.answer import Answer, answer_of
@@ -35,6 +36,9 @@ from proxy.redis.flights import Claim, SharedFlights
 from proxy.redis.link import Link
 from proxy.sampling import distinct
 from proxy.upstream import CallOptions, Upstream, make_upstream
+
+if TYPE_CHECKING:
+    from proxy.semantic import Matcher
 
 # The interpreter's GIL switch interval in semantic mode: at 5 ms the embedding workers left
 # 0.63 ms of idle CPU per request at full load, at 0.1 ms 0.26 ms (benchmarks/SEMANTIC.md).
@@ -68,7 +72,7 @@ class Gateway:
         self.upstreams: dict[str, Upstream] = {n: make_upstream(c) for n, c in settings.upstreams.items()}
         self.dispatcher = Dispatcher(settings, self.upstreams, self.metrics)
         self.accountant = Accountant(settings.metrics, self.metrics)
-        self.matcher = None  # set by start() in semantic mode
+        self.matcher: Matcher | None = None  # set by start() in semantic mode
         self._said_no_semantic = False  # a semantic request in another mode is logged once
         self.group = Group(index_factory=self._new_index)
         cache = settings.cache
@@ -111,8 +115,9 @@ class Gateway:
             await self.redis.aclose()
         for upstream in self.upstreams.values():
             await upstream.aclose()
-        if self.matcher is not None and getattr(self.matcher, "embedder", None) is not None:
-            await self.matcher.embedder.aclose()
+        embedder = getattr(self.matcher, "embedder", None)
+        if embedder is not None:
+            await embedder.aclose()
 
     def _load_matcher(self):
         from embeddings.batcher import BatchingEmbedder
@@ -133,6 +138,7 @@ class Gateway:
     def _new_index(self):
         from proxy.semantic import SemanticIndex
 
+        assert self.matcher is not None  # indexes exist in semantic mode only
         return SemanticIndex(self.matcher)
 
     # -- routing -----------------------------------------------------------------------
@@ -203,7 +209,7 @@ class Gateway:
         if mode == "off":
             return self.group.acquire([req.key], functools.partial(self._lead, plan), private=True)
         keys = [req.key]
-        if plan.semantic:
+        if plan.semantic and self.matcher is not None and req.final_text is not None:
             # normalized text, or the text itself when it is over the embedder's window
             merge_key = self.matcher.key(req.final_text)
             keys.append(digest(b"norm", req.group.encode(), merge_key.encode()))
@@ -213,12 +219,12 @@ class Gateway:
         """The work of a flight: a cached answer, a similar flight's, the flight another
         replica leads, or this replica's own upstream call, in that order."""
         flight.served_by = plan.route.upstream
-        req = plan.req
-        if plan.read_cache:
+        req, cache = plan.req, self.cache if plan.read_cache else None
+        if cache is not None:
             for key in flight.keys:
-                if (answer := await self.cache.get(key)) is not None:
+                if (answer := await cache.get(key)) is not None:
                     return self._replay(flight, answer)
-        if plan.semantic:
+        if plan.semantic and self.matcher is not None and req.final_text is not None:
             probe = await self.matcher.probe(req.final_text)
             if probe.vector is not None:
                 flight.probe = probe
@@ -226,13 +232,14 @@ class Gateway:
                 if (found := self.group.find_similar(req.group, probe)) is not None:
                     return await self._follow(flight, *found)
                 self.group.index(flight, req.group, probe)
-                hit = self.similar.best(req.group, probe) if plan.read_cache and self.similar is not None else None
-                if hit is not None:
+                similar = self.similar if cache is not None else None
+                hit = similar.best(req.group, probe) if similar is not None else None
+                if cache is not None and similar is not None and hit is not None:
                     key, score = hit
-                    if (answer := await self.cache.get(key)) is not None:
+                    if (answer := await cache.get(key)) is not None:
                         flight.similarity = score
                         return self._replay(flight, answer)
-                    self.similar.discard(req.group, key)
+                    similar.discard(req.group, key)
         if self.shared is not None and self.shared.usable:
             return await self._shared_work(plan, flight)
         await self._lead(plan, flight)
@@ -270,22 +277,23 @@ class Gateway:
 
     async def _shared_work(self, plan: Plan, flight: Flight) -> None:
         """Claim the flight across replicas: lead it (and publish it), or mirror the one that leads."""
-        assert self.shared is not None
+        shared = self.shared
+        assert shared is not None
         key = plan.req.key
-        claim = await self.shared.claim(key, flight.id)
+        claim = await shared.claim(key, flight.id)
         secrets = (plan.options.client_key or "", *(u.cfg.api_key for u in self.upstreams.values()))
         if claim is None or claim.lead:  # None: Redis just failed, so lead locally
             if claim is not None:
-                self.shared.lead(key, flight, claim, redact=secrets)
+                shared.lead(key, flight, claim, redact=secrets)
             await self._lead(plan, flight)
             return
         flight.source = "follow"
         flight.shared_id = claim.flight_id
 
         def on_lead(new: Claim) -> None:
-            self.shared.lead(key, flight, new, redact=secrets)
+            shared.lead(key, flight, new, redact=secrets)
 
-        called = await self.shared.mirror(
+        called = await shared.mirror(
             key, claim, flight, functools.partial(self._call, plan.route, plan.req, plan.options), plan.stream,
             on_lead,
         )
@@ -295,12 +303,12 @@ class Gateway:
     async def _store(self, plan: Plan, flight: Flight) -> None:
         """Keep a cleanly finished flight's answer for later identical (or similar) requests."""
         await flight.wait()
-        ttl = plan.ttl
-        if flight.error is not None or ttl <= 0 or not plan.req.wire.cacheable(flight.chunks):
+        ttl, cache = plan.ttl, self.cache
+        if flight.error is not None or ttl <= 0 or cache is None or not plan.req.wire.cacheable(flight.chunks):
             return
         answer = answer_of(flight, plan.req.api.assemble)  # the bytes its waiters write, rendered once
         for key in flight.keys:
-            await self.cache.put(key, answer, ttl)
+            await cache.put(key, answer, ttl)
         probe = flight.probe
         if self.similar is not None and probe is not None and probe.vector is not None and flight.group is not None:
             self.similar.add(flight.group, flight.keys[0], probe, ttl)

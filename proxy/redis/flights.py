@@ -36,7 +36,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -193,7 +193,7 @@ class SharedFlights:
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=self.link.cfg.lease_s)
 
-    def _spawn(self, coro: Awaitable[None], name: str) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -339,13 +339,14 @@ class SharedFlights:
                     return False
                 log.warning("flight %s: the leading replica was lost mid-flight; taking over", flight.id)
                 self.metrics.shared_flights.labels("takeover").inc()
-                claim = await self.claim(key, flight.id)
-                if claim is None:
+                taken = await self.claim(key, flight.id)
+                if taken is None:
                     break  # Redis went away: finish it here
-                if claim.lead:
+                if taken.lead:
                     await self._forget_watcher(watchers, me)
-                    on_lead(claim)
+                    on_lead(taken)
                     break
+                claim = taken  # another replica took over: follow it
         except RedisUnavailable:
             log.warning("flight %s: redis went away mid-flight; calling the upstream from here", flight.id)
             self.metrics.shared_flights.labels("takeover").inc()
@@ -397,23 +398,29 @@ class SharedFlights:
             while True:
                 if loop.time() >= next_tick:
                     expires = int(time.time() * 1000) + self.lease_ms
-                    [current] = await link.call(
-                        lambda pipe, expires=expires: pipe.eval(_BEAT, 2, watchers, lease, expires, me,
-                                                                self.stream_ttl_ms)
-                    )
+
+                    def beat(pipe: Any, expires: int = expires) -> None:
+                        pipe.eval(_BEAT, 2, watchers, lease, expires, me, self.stream_ttl_ms)
+
+                    [current] = await link.call(beat)
                     next_tick = loop.time() + self.tick_s
                     if current is None or current.decode() != holder:
                         # gone: unless it ended just now, the flight is ours to finish
                         if sub is not None and take([(stream, await sub.take(0))]):
                             return True
-                        [reply] = await link.call(lambda pipe, last=last: pipe.xread({stream: last}, count=1024))
+                        def read(pipe: Any, last: bytes = last) -> None:
+                            pipe.xread({stream: last}, count=1024)
+
+                        [reply] = await link.call(read)
                         return take(reply)
                 wait_s = max(0.001, min(block_ms / 1000, next_tick - loop.time()))
                 if sub is not None:
                     reply = [(stream, await sub.take(wait_s))]
                 else:
-                    reply = await link.run(lambda r, last=last, wait_ms=int(wait_s * 1000) or 1: r.xread(
-                        {stream: last}, count=1024, block=wait_ms), timeout=wait_s + link.cfg.timeout_s)
+                    def blocking_read(r: Any, last: bytes = last, wait_ms: int = int(wait_s * 1000) or 1) -> Any:
+                        return r.xread({stream: last}, count=1024, block=wait_ms)
+
+                    reply = await link.run(blocking_read, timeout=wait_s + link.cfg.timeout_s)
                 if take(reply):
                     return True
         finally:

@@ -161,7 +161,7 @@ class Link:
                 if isinstance(self.client, RedisCluster):
                     await self.client.initialize()
                 await self.client.ping()
-        except Exception as e:  # noqa: BLE001 - down at start is fine: local-only until it answers
+        except Exception as e:  # down at start is fine: local-only until it answers
             self._down(e)
             return
         self._set_up()
@@ -214,7 +214,7 @@ class Link:
             raise RedisUnavailable("redis is marked down")
         try:
             result = await within(op(self.client), self.cfg.timeout_s if timeout is None else timeout)
-        except Exception as e:  # noqa: BLE001 - whatever goes wrong with Redis, the request goes on without it
+        except Exception as e:  # whatever goes wrong with Redis, the request goes on without it
             self._failed(e)
             raise RedisUnavailable(type(e).__name__) from None
         self._ok()
@@ -254,7 +254,7 @@ class Link:
                 spans.append((start, len(pipe), future))
             try:
                 replies = await within(pipe.execute(raise_on_error=False), self.cfg.timeout_s)
-            except Exception as e:  # noqa: BLE001 - the whole round trip failed
+            except Exception as e:  # the whole round trip failed
                 self._failed(e)
                 error = RedisUnavailable(type(e).__name__)
                 for _, _, future in spans:
@@ -306,7 +306,7 @@ class Link:
         while self.up:
             try:
                 await within(self.client.ping(), self.cfg.timeout_s)
-            except Exception as e:  # noqa: BLE001 - counted like any failed call
+            except Exception as e:  # counted like any failed call
                 self._failed(e)
             else:
                 self._ok()
@@ -332,7 +332,7 @@ class Link:
             try:
                 async with asyncio.timeout(max(self.cfg.timeout_s, 1.0)):
                     await self.client.ping()
-            except Exception as e:  # noqa: BLE001 - still down, whatever the reason
+            except Exception as e:  # still down, whatever the reason
                 self.metrics.redis_errors.labels("probe").inc()
                 log.debug("redis still down: %s", type(e).__name__)
                 continue
@@ -435,24 +435,24 @@ class StreamReader:
                     self._client = Redis.from_url(link.cfg.url, socket_connect_timeout=link.cfg.timeout_s,
                                                   socket_timeout=None, retry=None, single_connection_client=True)
                     self._client_id = await within(self._client.client_id(), link.cfg.timeout_s)
-                streams = {name: sub.after for name, sub in self._subs.items()}
+                streams: dict[Any, Any] = {name: sub.after for name, sub in self._subs.items()}
                 self._reading = set(streams)
                 self._blocked = True
                 try:
-                    reply = await within(self._client.xread(streams, count=1024, block=self.block_ms),
+                    reply: Any = await within(self._client.xread(streams, count=1024, block=self.block_ms),
                                          self.block_ms / 1000 + link.cfg.timeout_s)
                 finally:
                     self._blocked = False
-            except Exception as e:  # noqa: BLE001 - a failed read: counted, then a new connection
+            except Exception as e:  # a failed read: counted, then a new connection
                 link._failed(e)
                 await self._close()
                 await asyncio.sleep(min(0.05, link.cfg.timeout_s))
                 continue
             link._ok()
             for name, entries in reply or ():
-                sub = self._subs.get(name.decode() if isinstance(name, bytes) else name)
-                if sub is not None and entries:
-                    sub._deliver(entries)
+                found = self._subs.get(name.decode() if isinstance(name, bytes) else name)
+                if found is not None and entries:
+                    found._deliver(entries)
         await self._close()
 
     async def _close(self) -> None:
