@@ -20,7 +20,7 @@ import orjson
 import pytest
 
 from benchmarks.simulator import expected_text
-from proxy.canonical import assign_keys, parse_chat
+from proxy.apis.chat import assign_keys, parse_chat
 from proxy.chunks import Chunk, split
 from proxy.coalescer import Flight
 from proxy.config import ConfigError, parse_settings
