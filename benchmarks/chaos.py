@@ -79,12 +79,15 @@ class Tally:
     misbehaving: int = 0  # clients that misbehaved on purpose and are not counted above
     upstream_calls: int = 0
     peak_rss_mb: float = 0.0
-    notes: list[str] = field(default_factory=list)  # one example of each corrupted or hung ending
+    notes: list[str] = field(default_factory=list)  # the first few corrupted or hung endings
+    error_kinds: dict[str, int] = field(default_factory=dict)  # proper errors by status and code
 
     def add(self, outcome: str, detail: str = "") -> None:
         self.requests += 1
         column = {"answered": "answered", "error": "errors", "hung": "hung"}.get(outcome, "corrupted")
         setattr(self, column, getattr(self, column) + 1)
+        if outcome == "error":
+            self.error_kinds[detail] = self.error_kinds.get(detail, 0) + 1
         if outcome in ("hung", "corrupted") and len(self.notes) < 5:
             self.notes.append(f"{outcome}: {detail}"[:300])
 
@@ -103,7 +106,7 @@ def judge(status: int, content_type: str, raw: bytes, stream: bool, expected: st
         except (orjson.JSONDecodeError, AttributeError):
             error = None
         if content_type.startswith("application/json") and isinstance(error, dict) and error.get("message"):
-            return "error", ""
+            return "error", f"HTTP {status} {error.get('code') or error.get('type')}"
         return "corrupted", f"HTTP {status} with a body that is not an OpenAI error: {raw[:120]!r}"
     if status != 200:
         return "corrupted", f"HTTP {status}"
@@ -117,14 +120,16 @@ def judge(status: int, content_type: str, raw: bytes, stream: bool, expected: st
     for event in raw.split(b"\n\n"):
         if not event.strip():
             continue
-        if done or error is not None:
-            return "corrupted", "an event after [DONE] or after an error"
+        if done:
+            return "corrupted", "an event after [DONE]"
         if not event.startswith(b"data: "):
             return "corrupted", f"not an SSE data event: {event[:80]!r}"
         data = event[6:]
         if data == b"[DONE]":
             done = True
             continue
+        if error is not None:
+            return "corrupted", "an event after the error (other than [DONE])"
         try:
             chunk = orjson.loads(data)
             if "error" in chunk:
@@ -137,13 +142,14 @@ def judge(status: int, content_type: str, raw: bytes, stream: bool, expected: st
     if not expected.startswith(content):
         return "corrupted", f"a stream that is not the answer: {content[:60]!r}"
     if error is not None:
-        ok = isinstance(error, dict) and error.get("message")
-        return ("error", "") if ok else ("corrupted", "an error event that is not an OpenAI error")
+        if isinstance(error, dict) and error.get("message"):
+            return "error", f"stream error event {error.get('code') or error.get('type')}"
+        return "corrupted", "an error event that is not an OpenAI error"
     if done and content == expected:
         return "answered", ""
     if complete:
         return "corrupted", "a stream cut with no error and no [DONE]"
-    return "error", ""  # cut by herd while the client misbehaved
+    return "error", "cut off"  # by herd, while the client misbehaved
 
 
 # --------------------------------------------------------------------------- the environment
@@ -258,7 +264,7 @@ async def _drain(reader: asyncio.StreamReader, seconds: float) -> tuple[bytes, b
 def _judge_raw(raw: bytes, closed: bool, stream: bool, expected: str) -> tuple[str, str]:
     parsed = _parse_response(raw)
     if parsed is None:
-        return ("error", "") if closed else ("hung", "no response and the connection still open")
+        return ("error", "cut off") if closed else ("hung", "no response and the connection still open")
     status, content_type, body, whole = parsed
     if not whole and not closed:
         return "hung", "a response neither finished nor cut"
