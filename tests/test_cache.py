@@ -181,3 +181,22 @@ def test_an_answer_is_one_bytes_value_and_anything_else_is_a_miss():
     assert Answer(b"", b"", b'{"usage":{"x":1}}').usage == {"x": 1}
     for raw in (b"", b'[{"choices": []}]', a.encode()[:-1], a.encode() + b"x"):
         assert Answer.decode(raw) is None
+
+
+def metric(herd, name: str) -> float:
+    for line in httpx.get(herd.url + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} is not in /metrics")
+
+
+def test_the_cache_stays_within_max_bytes_and_reports_it(sim):
+    sim_reset(sim.url, reply_tokens=40)
+    settings = herd_settings(sim.url, cache={"enabled": True, "max_bytes": 40_000})
+    with HerdServer(settings) as herd:
+        for i in range(6):  # each answer takes about 12 KB: the oldest make room
+            list(ask(herd, f"bounded {i}", stream=True).parse())
+        kept, size = metric(herd, "herd_cache_entries"), metric(herd, "herd_cache_bytes")
+        assert 1 <= kept < 6 and 0 < size <= 40_000 and metric(herd, "herd_cache_evictions_total") == 6 - kept
+        assert ask(herd, "bounded 5").headers["x-herd"] == "cache"  # the most recent is kept
+        assert ask(herd, "bounded 0").headers["x-herd"] == "leader"  # the oldest went first

@@ -20,6 +20,7 @@ import orjson
 import pytest
 
 from benchmarks.simulator import expected_text
+from proxy.answer import Answer as StoredAnswer
 from proxy.apis.chat import assign_keys, parse_chat
 from proxy.chunks import Chunk, split
 from proxy.coalescer import Flight
@@ -617,6 +618,21 @@ def test_redis_cached_answer_replays_as_a_stream(cache_pair, sim):
         {"messages": user("replay from redis")}, {"reply_tokens": 12})
     assert chunks[-1].usage is not None
     assert chat_calls(sim.url) == 1
+
+
+def test_redis_keeps_the_answer_as_its_bytes_and_reads_any_other_value_as_a_miss(cache_pair, sim, redis_server):
+    a, b = cache_pair
+    before = set(herd_keys(redis_server))
+    sdk(a).chat.completions.create(model="m", messages=user("stored as bytes"))
+    [name] = [k for k in set(herd_keys(redis_server)) - before if k.endswith(":answer")]
+    answer = StoredAnswer.decode(redis_server.client().get(name))
+    assert answer is not None and b"data: " in answer.sse
+    assert orjson.loads(answer.body)["choices"][0]["message"]["content"] == expected_text(
+        {"messages": user("stored as bytes")})
+    # an older herd's value (the chunks as a JSON list), or anything else: a miss, never an error
+    redis_server.client().set(name, orjson.dumps([{"choices": []}]), px=60_000)
+    again = sdk(b).chat.completions.with_raw_response.create(model="m", messages=user("stored as bytes"))
+    assert again.headers["x-herd"] == "leader" and chat_calls(sim.url) == 2
 
 
 # -- pieces --------------------------------------------------------------------------------
