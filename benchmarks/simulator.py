@@ -449,6 +449,7 @@ class Simulator:
         self.running = 0
         self.disconnects = 0
         self.faults_applied = 0
+        self.embedded_inputs = 0  # inputs embedded, over every /v1/embeddings call
         self.log: collections.deque[dict[str, Any]] = collections.deque(maxlen=10_000)
         self._queue: collections.deque[asyncio.Future[None]] = collections.deque()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -488,6 +489,7 @@ class Simulator:
             "disconnects": self.disconnects,
             "faults_applied": self.faults_applied,
             "faults_pending": len(self.faults),
+            "embedded_inputs": self.embedded_inputs,
         }
         if log:
             out["log"] = list(self.log)
@@ -500,6 +502,7 @@ class Simulator:
         self.max_active = self.active
         self.disconnects = 0
         self.faults_applied = 0
+        self.embedded_inputs = 0
         self.log.clear()
         self.faults.clear()
         self.settings.clear()
@@ -1148,6 +1151,7 @@ class Simulator:
         if fault is not None and fault["kind"] == "status":
             return await self._fault_response(fault, EMBEDDINGS_PATH)
         b64 = body.get("encoding_format") == "base64"
+        self.embedded_inputs += len(inputs)
         data = []
         for i, text in enumerate(inputs):
             vec = expected_embedding(text, dim)

@@ -20,8 +20,11 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from proxy.apis import APIS
 from proxy.apis.base import Api
 from proxy.apis.chat import CHAT
+from proxy.apis.embeddings import PATH as EMBEDDINGS_PATH
+from proxy.apis.embeddings import parse_embeddings
 from proxy.config import Settings
 from proxy.errors import (
+    DeadlineExceeded,
     HerdError,
     InvalidRequest,
     NotFound,
@@ -305,6 +308,49 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> ApisFirst:
 
         return route
 
+    async def embeddings(scope: Scope, receive: Receive, send: Send) -> None:
+        """POST /v1/embeddings, coalesced per input (Gateway.embed); errors in OpenAI's shape."""
+        request = Request(scope, receive)
+        response: Response
+        try:
+            headers = header_map(request)
+            identity = gateway.auth.identify(headers)
+            req = parse_embeddings(await read_body(request.receive, limit, headers.get("content-length"),
+                                                   body_timeout))
+            mode = gateway.mode_for(headers.get("x-herd-coalesce"))
+            control = headers.get("cache-control")
+            directives = {d.strip().lower() for d in control.split(",")} if control else set()
+            tickets, _ = gateway.embed(req, identity, mode, read_cache="no-cache" not in directives,
+                                       write_cache="no-store" not in directives)
+            try:
+                async with asyncio.timeout(settings.server.request_timeout_s):
+                    result = await gateway.embedded(req, tickets)
+            except TimeoutError:
+                raise DeadlineExceeded("The embeddings were not all answered before the request's deadline.") from None
+            metrics.requests.labels(result.role).inc()
+            metrics.api_requests.labels("embeddings", result.role).inc()
+            for source, n in result.counts.items():
+                metrics.embedding_inputs.labels(source).inc(n)
+            usage = orjson.loads(result.body[result.body.rindex(b',"usage":') + 9:-1])
+            gateway.accountant.record(result.role, req.model, identity.tenant, usage)
+            summary = ";".join(f"{k}={v}" for k, v in result.counts.items())
+            response = Response(result.body, media_type="application/json",
+                                headers={"x-herd": result.role, "x-herd-inputs": summary})
+        except ClientDisconnect:
+            return
+        except asyncio.CancelledError:
+            asyncio.current_task().uncancel()
+            error = shutting_down()
+            count_error(error, None)
+            response = error_response(error)
+        except Exception as exc:
+            error = as_herd_error(exc, f"on {request.url.path}")
+            count_error(error, None)
+            metrics.requests.labels("error").inc()
+            metrics.api_requests.labels("embeddings", "error").inc()
+            response = error_response(error)
+        await response(scope, receive, send)
+
     methods = ["GET", "POST", "PUT", "PATCH", "DELETE"]
     app = Starlette(
         routes=[
@@ -318,7 +364,7 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> ApisFirst:
         lifespan=lifespan,
     )
     app.state.gateway = gateway
-    return ApisFirst(app, {api.path: api_route(api) for api in APIS})
+    return ApisFirst(app, {**{api.path: api_route(api) for api in APIS}, EMBEDDINGS_PATH: embeddings})
 
 
 class ApisFirst:

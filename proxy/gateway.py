@@ -18,8 +18,8 @@ import logging
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from proxy.accounting import Accountant
 from proxy.answer import Answer, answer_of
@@ -349,6 +349,163 @@ class Gateway:
             m.upstream_latency.labels(answered).observe(time.perf_counter() - started)
 
 
+
+    # -- embeddings: one flight per input (proxy.apis.embeddings) -----------------------
+    def embed(self, req, identity: Identity, mode: str, *, read_cache: bool = True,
+               write_cache: bool = True) -> tuple[dict[str, Ticket], EmbedBatch | None]:
+        """Tickets on one flight per distinct input of `req` (joined when in flight), and the
+        batch that answers the inputs this request leads. Never suspends."""
+        from proxy.apis.embeddings import EMBEDDINGS_WIRE, assign_keys
+
+        route, upstream = self.route(req.model)
+        if not upstream.speaks(EMBEDDINGS_WIRE):
+            raise InvalidRequest(
+                f"The {EMBEDDINGS_WIRE.title} is not available for model '{req.model}': its route's upstream "
+                f"{upstream.name!r} ({upstream.kind}) does not speak it.", param="model", code="unsupported_api",
+            )
+        assign_keys(req, identity.tenant, route.upstream)
+        private = mode == "off"
+        batch = EmbedBatch()
+        tickets: dict[str, Ticket] = {}
+        for key, item in zip(req.keys, req.inputs, strict=True):
+            if key in tickets:
+                continue
+            ticket = self.group.acquire([key], functools.partial(_embed_input, batch, key), private=private)
+            if ticket.leads:
+                batch.items[key] = item
+                batch.live += 1
+            tickets[key] = ticket
+        if not batch.items:
+            return tickets, None
+        options = CallOptions(client_key=identity.client_key, headers=identity.headers)
+        use_cache = self.cache is not None and not private
+        batch.task = asyncio.get_running_loop().create_task(self._embed_batch(
+            batch, route, options, req, read_cache and use_cache, write_cache and use_cache))
+        return tickets, batch
+
+    async def _embed_batch(self, batch: EmbedBatch, route: RouteConfig, options: CallOptions, req,
+                           read_cache: bool, store: bool) -> None:
+        """Cached inputs from the cache; the rest in one upstream call, each input's vector kept
+        as the upstream wrote it, with its share of the call's tokens (proxy.apis.embeddings)."""
+        from proxy.apis.embeddings import EMBEDDINGS_WIRE, entry, shares, vectors
+
+        try:
+            missing = []
+            for key in batch.items:
+                answer = await self.cache.get(key) if read_cache else None
+                if answer is not None:
+                    batch.results[key] = answer
+                    batch.cached.add(key)
+                else:
+                    missing.append(key)
+            if missing:
+                inputs = [batch.items[key] for key in missing]
+                body = {**req.body, "input": inputs}
+                raw = b""
+                started = time.perf_counter()
+                async for chunks in self.dispatcher.stream(route, body, options, lambda name: None, False,
+                                                           EMBEDDINGS_WIRE):
+                    raw = chunks[0].whole or raw
+                self.metrics.upstream_latency.labels(route.upstream).observe(time.perf_counter() - started)
+                found, model, total = vectors(raw, route.upstream, len(missing))
+                weights = [len(item) if isinstance(item, list) else self.dispatcher.tokens.count_text(item, req.model)
+                           for item in inputs]
+                ttl = self.settings.cache.ttl_seconds
+                for key, vector, tokens in zip(missing, found, shares(total, weights), strict=True):
+                    answer = Answer(b"", b"", entry(vector, tokens, model or req.model))
+                    batch.results[key] = answer
+                    if store and ttl > 0:
+                        self._spawn(self.cache.put(key, answer, ttl))
+        except Exception as e:
+            for key in batch.items:
+                batch.results.setdefault(key, e)
+        finally:
+            batch.done.set()
+
+    async def embedded(self, req, tickets: dict[str, Ticket]) -> Embedded:
+        """Wait for every input's flight and reassemble the answer in the client's order."""
+        from proxy.apis.embeddings import read_entry, render
+
+        try:
+            for ticket in tickets.values():
+                await ticket.flight.wait()
+            entries = []
+            for key in req.keys:
+                flight = tickets[key].flight
+                if flight.error is not None:
+                    raise flight.error
+                entries.append(flight.answer.body)
+        finally:
+            for ticket in tickets.values():
+                self.group.release(ticket)
+        roles = [t.role for t in tickets.values()]
+        counts = {"upstream": 0, "joined": 0, "cache": 0}
+        for ticket in tickets.values():
+            kind = "cache" if ticket.role == "cache" else "upstream" if ticket.leads else "joined"
+            counts[kind] += 1
+        if all(r == "bypass" for r in roles):
+            role = "bypass"
+        elif all(r == "cache" for r in roles):
+            role = "cache"
+        elif "leader" in roles:
+            role = "leader"
+        else:
+            role = "follower"
+        model = read_entry(entries[0])[2]
+        return Embedded(render(entries, model), role, counts)
+
+
 def _log_failure(task: asyncio.Task) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.warning("background task failed: %s", type(task.exception()).__name__, exc_info=task.exception())
+
+
+# -- embeddings: one flight per input ------------------------------------------------------
+
+
+@dataclass(eq=False)
+class EmbedBatch:
+    """The inputs of one embeddings request that nobody had in flight: looked up in the
+    cache, and the rest embedded in one upstream call. Each input's own flight waits on it."""
+
+    items: dict[str, Any] = field(default_factory=dict)  # key -> input, in the request's order
+    results: dict[str, Answer | BaseException] = field(default_factory=dict)
+    cached: set[str] = field(default_factory=set)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task | None = None
+    live: int = 0  # flights still waiting on it; the last to leave cancels the call
+
+
+@dataclass
+class Embedded:
+    """An embeddings request's answer: the body, and what each distinct input was."""
+
+    body: bytes
+    role: str  # x-herd: leader (it called the upstream for some input), follower, cache, bypass
+    counts: dict[str, int]  # upstream / joined / cache: distinct inputs of each kind
+
+
+async def _embed_input(batch: EmbedBatch, key: str, flight: Flight) -> None:
+    """The work of one input's flight: its share of the batch."""
+    try:
+        await batch.done.wait()
+    except asyncio.CancelledError:
+        batch.live -= 1
+        if batch.live == 0 and batch.task is not None:
+            batch.task.cancel()  # every flight of the batch is gone: so is the call
+        raise
+    result = batch.results.get(key)
+    if result is None:
+        raise RuntimeError("an input of an embeddings batch got no answer")
+    if isinstance(result, BaseException):
+        raise result
+    if key in batch.cached:
+        flight.source = "cache"
+    flight.answer = result
+
+
+
+
+
+
+

@@ -46,6 +46,11 @@ class Metrics:
             "Requests by API (chat, responses, completions, forward, ...) and how they were answered: leader, "
             "follower, cache, bypass or error", ["api", "outcome"], registry=r,
         )
+        self.embedding_inputs = Counter(
+            "herd_embedding_inputs", "Inputs of POST /v1/embeddings by how each distinct input of a request was "
+            "answered: upstream (in this request's own call), joined (another request's call) or cache",
+            ["source"], registry=r,
+        )
         self.errors = Counter("herd_errors", "Error answers by HTTP status", ["status"], registry=r)
         self.upstream_calls = Counter("herd_upstream_calls", "Calls made to upstreams", ["upstream"], registry=r)
         self.upstream_errors = Counter(

@@ -177,6 +177,11 @@ class TokenCounter:
         tokens = prompt.fixed + sum(len(encoding.encode_ordinary(text)) for text in prompt.texts)
         return TokenCount(tokens, name, prompt.estimate or not own)
 
+    def count_text(self, text: str, model: str) -> int:
+        """Tokens in one plain text, in the model's encoding (or the configured one)."""
+        name, _ = self.encoding_for(model)
+        return len(_load(self._local[name]).encode_ordinary(text))
+
     def check(self, count: TokenCount, model: str) -> None:
         """Raise OpenAI's `context_length_exceeded` 400 when the prompt is over the model's window."""
         window = self.context_window(model)

@@ -1,0 +1,170 @@
+"""POST /v1/embeddings through herd, coalesced per input: the openai SDK -> herd -> the simulator."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+
+import httpx
+import openai
+import pytest
+
+from benchmarks.simulator import ThreadedSimulator
+from tests.harness import HerdServer, herd_settings, sim_faults, sim_reset, sim_stats
+
+PATH = "/v1/embeddings"
+MODEL = "text-embedding-3-small"
+
+
+def upstream(sim_url: str) -> tuple[int, int]:
+    """(calls, inputs embedded) at the simulator."""
+    stats = sim_stats(sim_url, log=False)
+    return int(stats["by_path"].get(PATH, 0)), int(stats["embedded_inputs"])
+
+
+@pytest.fixture(scope="module")
+def sim():
+    with ThreadedSimulator(embedding_dim=16) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def herd(sim):
+    with HerdServer(herd_settings(sim.url, server={"request_timeout_s": 20})) as h:
+        yield h
+
+
+@pytest.fixture(scope="module")
+def cached_herd(sim):
+    with HerdServer(herd_settings(sim.url, cache={"enabled": True})) as h:
+        yield h
+
+
+def client(url: str, key: str = "sk-test") -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=30)
+
+
+def data_of(raw: bytes) -> list:
+    """The `data` of an answer with every number kept as the text it was written as."""
+    return json.loads(raw, parse_float=str, parse_int=str)["data"]
+
+
+async def post(url: str, body: dict, key: str = "sk-test") -> httpx.Response:
+    async with httpx.AsyncClient(timeout=30) as http:
+        return await http.post(url + PATH, json=body, headers={"authorization": f"Bearer {key}"})
+
+
+@pytest.mark.parametrize("fmt", ["float", "base64"])
+async def test_eight_requests_from_128_strings_embed_each_string_once(herd, sim, fmt):
+    sim_reset(sim.url, ttft_ms=400)
+    rng = random.Random(7)
+    strings = [f"chunk {i} of the handbook, {fmt}" for i in range(128)]
+    asks = [rng.sample(strings, 64) for _ in range(8)]
+    c = client(herd.url)
+    answers = await asyncio.gather(*[
+        c.embeddings.with_raw_response.create(model=MODEL, input=inputs, encoding_format=fmt) for inputs in asks])
+    calls, inputs = upstream(sim.url)
+    distinct = {s for inputs in asks for s in inputs}
+    assert inputs == len(distinct) and calls <= 8
+    # every answer carries exactly the vectors the upstream writes for those inputs, in order
+    sim_reset(sim.url)
+    for ask, answer in zip(asks, answers, strict=True):
+        direct = await post(sim.url, {"model": MODEL, "input": ask,
+                                                                    "encoding_format": fmt})
+        assert data_of(answer.http_response.content) == data_of(direct.content)
+        parsed = answer.parse()
+        assert len(parsed.data) == 64 and [d.index for d in parsed.data] == list(range(64))
+
+
+async def test_one_request_alone_is_byte_identical_to_the_upstream(herd, sim):
+    sim_reset(sim.url)
+    for fmt in ("float", "base64"):
+        body = {"model": MODEL, "input": ["alpha beta", "gamma", "delta epsilon zeta"], "encoding_format": fmt}
+        through = await post(herd.url, body)
+        direct = await post(sim.url, body)
+        assert through.status_code == 200 and through.headers["x-herd"] == "leader"
+        assert through.content == direct.content  # usage too: the whole call was this request's
+    one = {"model": MODEL, "input": "just one string"}
+    assert (await post(herd.url, one)).content == (await post(sim.url, one)).content
+
+
+async def test_duplicates_in_one_request_and_token_arrays(herd, sim):
+    sim_reset(sim.url)
+    body = {"model": MODEL, "input": ["same", [1, 2, 3], "same", [1, 2, 3], "other"]}
+    answer = await post(herd.url, body)
+    assert answer.status_code == 200
+    data = answer.json()["data"]
+    assert [d["index"] for d in data] == [0, 1, 2, 3, 4]
+    assert data[0]["embedding"] == data[2]["embedding"] and data[1]["embedding"] == data[3]["embedding"]
+    assert upstream(sim.url) == (1, 3)  # each distinct input once, in one call
+    direct = (await post(sim.url, {"model": MODEL, "input": [[1, 2, 3]]})).json()["data"][0]["embedding"]
+    assert data[1]["embedding"] == direct
+    single = await post(herd.url, {"model": MODEL, "input": [5, 6, 7]})  # one input of token ids
+    assert len(single.json()["data"]) == 1
+
+
+async def test_never_shared_across_tenants_models_or_fields(herd, sim):
+    sim_reset(sim.url, ttft_ms=300)
+    cases = [
+        ("sk-a", {"model": MODEL}),
+        ("sk-b", {"model": MODEL}),
+        ("sk-a", {"model": "text-embedding-3-large"}),
+        ("sk-a", {"model": MODEL, "dimensions": 4}),
+        ("sk-a", {"model": MODEL, "encoding_format": "base64"}),
+        ("sk-a", {"model": MODEL, "user": "u1"}),
+        ("sk-a", {"model": MODEL, "unknown_field": 1}),
+    ]
+    results = await asyncio.gather(*[post(herd.url, {**body, "input": ["x", "y"]}, key)
+                                     for key, body in cases for _ in range(2)])
+    assert all(r.status_code == 200 for r in results)
+    calls, inputs = upstream(sim.url)
+    assert (calls, inputs) == (len(cases), 2 * len(cases))
+    # "float" written out is the default, and shares with it
+    sim_reset(sim.url, ttft_ms=300)
+    await asyncio.gather(post(herd.url, {"model": MODEL, "input": ["x"]}),
+                         post(herd.url, {"model": MODEL, "input": ["x"], "encoding_format": "float"}))
+    assert upstream(sim.url) == (1, 1)
+
+
+async def test_cached_inputs_are_served_and_only_missing_ones_go_up(cached_herd, sim):
+    sim_reset(sim.url)
+    first = await post(cached_herd.url, {"model": MODEL, "input": ["c1", "c2", "c3"]})
+    assert upstream(sim.url) == (1, 3)
+    second = await post(cached_herd.url, {"model": MODEL, "input": ["c3", "c4", "c1", "c5"]})
+    assert upstream(sim.url) == (2, 5)  # c4 and c5 in one call
+    assert second.headers["x-herd-inputs"] == "upstream=2;joined=0;cache=2"
+    assert data_of(second.content)[0]["embedding"] == data_of(first.content)[2]["embedding"]
+    third = await post(cached_herd.url, {"model": MODEL, "input": ["c5", "c2"]})
+    assert upstream(sim.url) == (2, 5) and third.headers["x-herd"] == "cache"
+    direct = await post(sim.url, {"model": MODEL, "input": ["c5", "c2"]})
+    assert third.content == direct.content
+    # usage: the client's own inputs, with each input's share of the call that embedded it
+    assert third.json()["usage"] == {"prompt_tokens": 2, "total_tokens": 2}
+
+
+async def test_bad_input_is_a_400_in_openais_shape(herd, sim):
+    for body, param in [
+        ({"model": MODEL}, "input"),
+        ({"model": MODEL, "input": []}, "input"),
+        ({"model": MODEL, "input": ["ok", 3]}, "input[1]"),
+        ({"model": MODEL, "input": "x", "encoding_format": "hex"}, "encoding_format"),
+        ({"model": MODEL, "input": "x", "dimensions": 0}, "dimensions"),
+        ({"input": "x"}, "model"),
+    ]:
+        answer = await post(herd.url, body)
+        assert answer.status_code == 400, body
+        assert answer.json()["error"]["param"] == param
+    with pytest.raises(openai.BadRequestError):
+        await client(herd.url).embeddings.create(model=MODEL, input=[])
+
+
+async def test_an_upstream_failure_reaches_every_waiter(herd, sim):
+    sim_reset(sim.url, ttft_ms=200)
+    sim_faults(sim.url, {"kind": "status", "path": PATH, "status": 500, "times": 1, "delay_ms": 300})
+    results = await asyncio.gather(*[post(herd.url, {"model": MODEL, "input": ["f1", "f2"]}) for _ in range(3)])
+    assert [r.status_code for r in results] == [500] * 3
+    assert all("error" in r.json() for r in results)
+    assert upstream(sim.url)[0] == 1
+    ok = await post(herd.url, {"model": MODEL, "input": ["f1", "f2"]})  # a failed input is not remembered
+    assert ok.status_code == 200
