@@ -29,9 +29,10 @@ def metric(herd: HerdServer, name: str, **labels: str) -> float:
 
 def test_forwarded_responses_carry_one_date_and_not_the_upstreams_server(sim):
     with HerdServer(herd_settings(sim.url)) as herd:
-        direct = httpx.post(sim.url + "/v1/embeddings", json={"model": "m", "input": "x"})
+        direct = httpx.post(sim.url + "/v1/moderations", json={"model": "m", "input": "x"})
         upstream_server = direct.headers["server"]
-        for method, path in (("POST", "/v1/embeddings"), ("GET", "/v1/files")):
+        # (embeddings are coalesced now: a forwarded POST is one herd does not coalesce)
+        for method, path in (("POST", "/v1/moderations"), ("GET", "/v1/files")):
             r = httpx.request(method, herd.url + path, json={"model": "m", "input": "x"} if method == "POST" else None)
             assert r.headers["x-herd"] == "bypass"
             assert len(r.headers.get_list("date")) == 1, r.headers.raw
