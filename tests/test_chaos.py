@@ -10,11 +10,6 @@ import pytest
 from benchmarks.chaos import SCENARIOS, Size, run_scenarios
 from benchmarks.harness import Stack
 
-# Scenarios whose fix is not in yet: they run and are reported, but do not fail the test.
-KNOWN_OPEN = {
-    "slow readers": "a waiter's writes have no deadline yet: a slow reader is not cut at its deadline",
-}
-
 
 @pytest.mark.timeout(900)
 async def test_quick_chaos_has_no_hung_or_corrupted_client():
@@ -22,7 +17,7 @@ async def test_quick_chaos_has_no_hung_or_corrupted_client():
         results = await run_scenarios(stack, Size.quick())
     assert list(results) == list(SCENARIOS)
     assert all(t.requests > 0 for t in results.values())
-    bad = {name: asdict(t) for name, t in results.items() if (t.hung or t.corrupted) and name not in KNOWN_OPEN}
+    bad = {name: asdict(t) for name, t in results.items() if t.hung or t.corrupted}
     assert not bad
     # the upstream faults were met: some flights failed, and every other client was answered
     assert results["stall mid-stream"].errors > 0 and results["reset mid-stream"].errors > 0
