@@ -275,3 +275,56 @@ async def test_cached_responses_replay_stream_and_json_and_count_in_metrics(sim)
         assert 'herd_upstream_calls_total{upstream="sim"} 1.0' in metrics
         # usage is accounted from the response's own usage (input/output tokens)
         assert 'herd_tokens_total{kind="completion",model="gpt-4o-mini",outcome="saved"}' in metrics
+
+
+async def test_replicas_share_one_responses_flight_through_redis(sim):
+    """Two replicas sharing flights through Redis: the second replica's stream and JSON
+    clients mirror the first's flight (1 upstream call), events whole and in order."""
+    from tests.redis_servers import RedisServer
+
+    sim_reset(sim.url, ttft_ms=300, tokens_per_s=20, reply_tokens=20)  # a second of stream
+    with RedisServer() as redis:
+        def settings():
+            return herd_settings(sim.url, auth={"hash_key": "responses-replicas"},
+                                 redis={"url": redis.url, "timeout_s": 0.5})
+        with HerdServer(settings()) as a, HerdServer(settings()) as b:
+            ask = {"model": "gpt-4o-mini", "input": "across replicas"}
+            mirrored = client(b).responses.with_raw_response  # made first: a client takes a while to make
+            # a's flight has its first event, so it is claimed in Redis, before b's requests arrive
+            first = asyncio.ensure_future(collect(await client(a).responses.create(**ask, stream=True)))
+            streamed, whole = await asyncio.gather(mirrored.create(**ask, stream=True), mirrored.create(**ask))
+            events = await collect(streamed.parse())
+            leader = await first
+            assert calls(sim.url) == 1
+            assert streamed.headers["x-herd"] == whole.headers["x-herd"] == "follower"
+            text = leader[-1].response.output_text
+            assert_whole_stream(leader, text)
+            assert_whole_stream(events, text)
+            assert whole.parse().id == leader[-1].response.id
+
+
+async def test_a_replica_taking_over_a_responses_stream_splices_only_an_identical_prefix():
+    from proxy.chunks import Chunk
+    from proxy.coalescer import Flight
+    from proxy.redis.flights import LeaderLost, Splice
+
+    def event(seq: int, delta: str, item: str = "msg_a") -> Chunk:
+        return Chunk({"type": "response.output_text.delta", "sequence_number": seq, "item_id": item,
+                      "output_index": 0, "content_index": 0, "delta": delta})
+
+    flight = Flight(["k"])
+    first = Splice(flight)
+    for seq, word in enumerate(("a ", "b ")):
+        first.publish(event(seq, word))
+    streaming = aiter(flight.follow())
+    assert len(await anext(streaming)) == 2  # a stream waiter was sent "a b"
+    same = Splice(flight)  # another call's events: other ids, the same answer
+    for seq, word in enumerate(("a ", "b ", "c ")):
+        same.publish(event(seq, word, item="msg_b"))
+    assert [c.data["delta"] for c in flight.chunks] == ["a ", "b ", "c "] and flight.rewinds == 0
+    assert [c.data["delta"] for c in await anext(streaming)] == ["c "]
+    different = Splice(flight)  # a different answer is never spliced onto what was sent
+    different.extend([event(0, "a "), event(1, "x ")])
+    assert flight.rewinds == 1 and [c.data["delta"] for c in flight.chunks] == ["a ", "x "]
+    with pytest.raises(LeaderLost):
+        await anext(streaming)

@@ -100,6 +100,15 @@ class Claim:
         return self.holder.rpartition(":")[2]
 
 
+def _content(data: dict[str, Any]) -> Any:
+    """What the n-th chunks of two calls for one flight must share to be the same answer (ids
+    and times aside): a chat chunk's choices; a typed event's (Responses) type and payload."""
+    if "choices" in data or not isinstance(data.get("type"), str):
+        return data.get("choices") or []
+    return (data["type"], data.get("delta"), data.get("text"), data.get("arguments"), data.get("output_index"),
+            data.get("content_index"))
+
+
 class Splice:
     """Where a mirrored flight's chunks go: the local flight, through a prefix check.
 
@@ -135,7 +144,7 @@ class Splice:
     def publish(self, chunk: Chunk) -> None:
         chunks = self.flight.chunks
         if self.index < len(chunks):
-            if (chunks[self.index].data.get("choices") or []) == (chunk.data.get("choices") or []):
+            if _content(chunks[self.index].data) == _content(chunk.data):
                 self.repeated.append(chunk)
                 self.index += 1
                 return
