@@ -81,6 +81,7 @@ class Tally:
     peak_rss_mb: float = 0.0
     notes: list[str] = field(default_factory=list)  # the first few corrupted or hung endings
     error_kinds: dict[str, int] = field(default_factory=dict)  # proper errors by status and code
+    failed_after_blip: int = 0  # the blip scenarios: failures that started after blip + probe interval
 
     def add(self, outcome: str, detail: str = "") -> None:
         self.requests += 1
@@ -167,7 +168,7 @@ class Env:
 
     def expected(self, model: str, text: str) -> str:
         body = {"messages": [{"role": "user", "content": text}]}
-        return answer_text(body) if model == "faulty" else expected_text(body, self.sim_settings)
+        return answer_text(body) if model.startswith("faulty") else expected_text(body, self.sim_settings)
 
     async def ask(self, model: str, text: str, stream: bool) -> tuple[str, str]:
         """One well-behaved client: (outcome, why)."""
@@ -315,25 +316,31 @@ def _sim(env: Env, *faults: dict[str, Any], **settings: Any) -> None:
     sim_faults(env.sim.url, *faults)
 
 
-async def blip_at_rate(env: Env, tally: Tally) -> None:
-    """Steady requests at `rate`; the faulty upstream answers 500 for one second from 1 s in."""
-    size, t0, tasks, ends = env.size, time.monotonic(), [], {}
-    env.reset_upstreams()
+def blip_at_rate(model: str) -> Scenario:
+    """Steady requests at `rate`; the faulty upstream answers 500 for one second from 1 s in.
+    `failed_after_blip`: the requests that failed although they started more than one probe
+    interval (1.5 s) after the blip ended (the target: none)."""
 
-    async def one(i: int) -> None:
-        started = time.monotonic()
-        outcome, why = await env.ask("faulty", f"{env.run} blip {i}", i % 2 == 0)
-        tally.add(outcome, why)
-        if outcome != "answered" and started > ends.get("blip", 1e18) + 1.5:
-            tally.notes.append(f"failed {started - ends['blip']:.1f}s after the blip ended: {outcome} {why}"[:300])
+    async def run(env: Env, tally: Tally) -> None:
+        size, t0, tasks, ends = env.size, time.monotonic(), [], {}
+        env.reset_upstreams()
 
-    for i in range(int(size.rate * size.blip_run_s)):
-        if i == int(size.rate):
-            env.faulty_fault("status", status=500, for_s=1.0)
-            ends["blip"] = time.monotonic() + 1.0
-        tasks.append(asyncio.create_task(one(i)))
-        await asyncio.sleep(max(0.0, t0 + (i + 1) / size.rate - time.monotonic()))
-    await asyncio.gather(*tasks)
+        async def one(i: int) -> None:
+            started = time.monotonic()
+            outcome, why = await env.ask(model, f"{env.run} blip {i}", i % 2 == 0)
+            tally.add(outcome, why)
+            if outcome != "answered" and started > ends.get("blip", 1e18) + 1.5:
+                tally.failed_after_blip += 1
+
+        for i in range(int(size.rate * size.blip_run_s)):
+            if i == int(size.rate):
+                env.faulty_fault("status", status=500, for_s=1.0)
+                ends["blip"] = time.monotonic() + 1.0
+            tasks.append(asyncio.create_task(one(i)))
+            await asyncio.sleep(max(0.0, t0 + (i + 1) / size.rate - time.monotonic()))
+        await asyncio.gather(*tasks)
+
+    return run
 
 
 async def non_readers(env: Env, tally: Tally) -> None:
@@ -467,7 +474,8 @@ SCENARIOS: dict[str, tuple[str, Scenario]] = {
     "key echoed in error": ("faulty: every call a 500 whose body repeats the Authorization header", _fault_burst(
         "faulty", lambda env: (env.reset_upstreams(faulty_ttft_ms=100),
                                env.faulty_fault("echo_key", times=env.size.burst)))),
-    "1 s blip at 20 req/s": ("faulty: HTTP 500 for 1 s under steady load", blip_at_rate),
+    "1 s blip at 20 req/s": ("faulty: HTTP 500 for 1 s under steady load", blip_at_rate("faulty")),
+    "1 s blip (retries 0)": ("the same with retries = 0: the breaker alone", blip_at_rate("faulty-noretry")),
     "non-readers": ("clients that never read a long stream, held past their deadline", non_readers),
     "slow readers": ("clients that read a long stream 2 KB every 50 ms", slow_readers),
     "drip-fed bodies": ("bodies sent in slices; half never finished (body deadline 3 s)", drip_fed),
@@ -485,7 +493,9 @@ def chaos_config(sim_url: str, faulty_url: str, size: Size) -> dict[str, Any]:
     data["upstreams"]["sim"].update(timeouts)
     data["upstreams"]["faulty"] = {"kind": "openai", "base_url": faulty_url + "/v1", "api_key": PROVIDER_KEY,
                                    "max_connections": 4096, **timeouts}
-    data["routes"] = [{"model": "faulty", "upstream": "faulty"}, {"model": "*", "upstream": "sim"}]
+    data["upstreams"]["faulty_noretry"] = {**data["upstreams"]["faulty"], "retries": 0}
+    data["routes"] = [{"model": "faulty", "upstream": "faulty"},
+                      {"model": "faulty-noretry", "upstream": "faulty_noretry"}, {"model": "*", "upstream": "sim"}]
     return data
 
 
