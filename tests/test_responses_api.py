@@ -328,3 +328,42 @@ async def test_a_replica_taking_over_a_responses_stream_splices_only_an_identica
     assert flight.rewinds == 1 and [c.data["delta"] for c in flight.chunks] == ["a ", "x "]
     with pytest.raises(LeaderLost):
         await anext(streaming)
+
+
+async def test_semantic_mode_merges_paraphrased_final_user_inputs_only(sim):
+    """As for chat: the final user input is the semantic message; instructions and earlier
+    input items must be identical."""
+    sim_reset(sim.url, ttft_ms=1500)
+    settings = herd_settings(sim.url, coalesce={"mode": "semantic"}, server={"request_timeout_s": 30})
+    with HerdServer(settings) as herd:
+        c = client(herd).responses.with_raw_response
+        ask = {"model": "gpt-4o-mini", "instructions": "support desk"}
+        first = asyncio.create_task(c.create(**ask, input="How do I reset my password?"))
+        await asyncio.sleep(0.3)
+        para = await c.create(**ask, input=[{"role": "user", "content": "how can I reset my password"}])
+        other = await c.create(model="gpt-4o-mini", instructions="sales desk", input="how can I reset my password")
+        lead = await first
+        assert para.headers["x-herd"] == "follower" and float(para.headers["x-herd-similarity"]) > 0.5
+        assert para.parse().id == lead.parse().id
+        assert other.headers["x-herd"] == "leader"  # other instructions: never merged
+        assert calls(sim.url) == 2
+
+
+@pytest.mark.parametrize("leader_streams", [True, False])
+async def test_a_response_cut_at_max_output_tokens_ends_with_response_incomplete(herd, sim, leader_streams):
+    sim_reset(sim.url, ttft_ms=300, reply_tokens=10)
+    c = client(herd)
+    ask = {"model": "gpt-4o-mini", "input": f"cut short {leader_streams}", "max_output_tokens": 3}
+
+    async def streamed():
+        return await collect(await c.responses.create(**ask, stream=True))
+
+    first = asyncio.create_task(streamed() if leader_streams else c.responses.create(**ask))
+    await asyncio.sleep(0.1)
+    events, whole = await asyncio.gather(streamed(), c.responses.create(**ask))
+    await first
+    assert calls(sim.url) == 1
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert events[-1].type == "response.incomplete" and events[-1].response.status == "incomplete"
+    assert whole.status == "incomplete" and whole.incomplete_details.reason == "max_output_tokens"
+    assert whole.output_text == events[-1].response.output_text == "echo: cut short "
