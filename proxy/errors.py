@@ -160,6 +160,11 @@ class UpstreamUnavailable(HerdError):
     code = "upstream_unavailable"
 
 
+class UpstreamUnreachable(UpstreamUnavailable):
+    """herd could not connect to the upstream at all (DNS, refused, TLS, connect timeout):
+    nothing was sent, and waiting a while rarely helps (proxy.upstream.base.connection_error)."""
+
+
 class UpstreamTimeout(HerdError):
     status = 504
     type = "upstream_error"

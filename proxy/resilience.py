@@ -30,6 +30,7 @@ from proxy.errors import (
     UpstreamError,
     UpstreamTimeout,
     UpstreamUnavailable,
+    UpstreamUnreachable,
     is_retryable,
 )
 
@@ -150,6 +151,7 @@ class CircuitBreaker:
         self.counted = 0  # `calls` when the last failure counted: calls up to it are of that round
         self.probe: int | None = None  # the half-open probe's ticket, while it runs
         self._verdict: asyncio.Future[None] | None = None  # done when the probe's verdict is in
+        self.last_failure: BaseException | None = None  # the last failure that counted, said when refusing
 
     @property
     def state(self) -> str:
@@ -174,10 +176,18 @@ class CircuitBreaker:
                 self.probe = self.calls
             return self.calls
         wait = self.retry_after() if state == self.OPEN else None  # None: the probe's verdict
-        error = CircuitOpen(
-            f"The upstream {upstream!r} is failing; herd stopped calling it for a while (circuit open).",
-            headers=retry_after_header(wait or 1.0),
-        )
+        last = self.last_failure
+        if isinstance(last, UpstreamUnreachable):
+            # Nobody could connect: say why, as the failure itself did (502), with no Retry-After
+            # that would have a client's SDK sleep on an upstream that is misconfigured or down.
+            pause = f"for {math.ceil(wait)} s" if wait else "until a trial call connects"
+            error = CircuitOpen(f"{last.message}; herd is not trying it again {pause} (circuit open)",
+                                status=502, type="upstream_error")
+        else:
+            error = CircuitOpen(
+                f"The upstream {upstream!r} is failing; herd stopped calling it for a while (circuit open).",
+                headers=retry_after_header(wait or 1.0),
+            )
         error.wait = wait
         raise error
 
@@ -235,6 +245,7 @@ class CircuitBreaker:
     def record(self, error: BaseException, ticket: int = 0) -> None:
         verdict = counts_against_circuit(error)
         if verdict is True:
+            self.last_failure = error
             self.failure(ticket)
         elif verdict is False:
             self.success(ticket)

@@ -3,8 +3,12 @@ per-request policy got, and upstream connection errors in words."""
 
 from __future__ import annotations
 
+import errno
+import itertools
 import logging
 import re
+import socket
+import ssl
 
 import httpx
 import openai
@@ -75,3 +79,83 @@ def test_a_semantic_request_in_exact_mode_is_told_what_it_got(sim, caplog):
         assert raw.headers["x-herd-coalesce"] == "off"
         raw = c.chat.completions.with_raw_response.create(model="m", messages=user("hello"))
         assert "x-herd-coalesce" not in raw.headers
+
+
+def _chain(*errors: BaseException) -> BaseException:
+    """errors[0] raised from errors[1] raised from ... (as aiohttp and httpx wrap socket errors)."""
+    for outer, inner in itertools.pairwise(errors):
+        outer.__cause__ = inner
+    return errors[0]
+
+
+class ClientConnectorError(OSError):  # the name aiohttp gives an error while connecting
+    pass
+
+
+@pytest.mark.parametrize(
+    "error, words, unreachable",
+    [
+        (_chain(ClientConnectorError("x"), socket.gaierror(-2, "Name or service not known")),
+         "could not resolve the host 'api.example.com' (DNS lookup failed)", True),
+        (_chain(ClientConnectorError("x"), OSError(errno.ECONNREFUSED, "Connect call failed ('10.0.0.1', 8443)")),
+         "api.example.com:8443 refused the connection", True),
+        (_chain(ClientConnectorError("x"), ssl.SSLCertVerificationError(1, "certificate verify failed")),
+         "the TLS certificate of api.example.com:8443 could not be verified", True),
+        (_chain(ClientConnectorError("x"), OSError(errno.EHOSTUNREACH, "No route to host")),
+         "the connection to api.example.com:8443 failed: no route to host", True),
+        (ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"),
+         "api.example.com:8443 reset the connection", False),
+    ],
+)
+def test_connection_errors_say_what_failed_in_words(error, words, unreachable):
+    from proxy.errors import UpstreamUnavailable, UpstreamUnreachable
+    from proxy.upstream.base import connection_error
+
+    e = connection_error("openai", error, "https://user:pw@api.example.com:8443/v1")
+    assert isinstance(e, UpstreamUnavailable) and e.status == 502
+    assert isinstance(e, UpstreamUnreachable) == unreachable
+    assert e.message.startswith(f"upstream 'openai': {words}")
+    assert "Error" not in e.message and "pw" not in e.message and "/v1" not in e.message
+
+
+CLASS_NAME = re.compile(r"\b[A-Z][a-z]+(?:[A-Z][a-z]+)*(?:Error|Exception)\b")
+
+
+def test_an_unreachable_upstream_is_a_clear_502_every_time():
+    """Before: a 502 naming ClientConnectorError, then 503s with retry-after: 30 that the
+    openai SDK sleeps through (about 61 s a call)."""
+    from proxy.config import parse_settings
+    from tests.harness import free_port
+
+    port = free_port()  # nothing listens there
+    settings = parse_settings({
+        "upstreams": {"u": {"base_url": f"http://127.0.0.1:{port}/v1", "retries": 0, "circuit_failures": 2,
+                            "circuit_reset_s": 60, "backoff_max_s": 0}},
+        "cache": {"enabled": False},
+    }, env={})
+    with HerdServer(settings) as herd:
+        c = openai.OpenAI(base_url=herd.url + "/v1", api_key="sk-x", max_retries=0, timeout=30)
+        answers = []
+        for i in range(4):
+            with pytest.raises(openai.APIStatusError) as info:
+                c.chat.completions.create(model="m", messages=user(f"q{i}"))
+            answers.append(info.value)
+    for e in answers:
+        assert e.status_code == 502 and "retry-after" not in e.response.headers
+        assert f"127.0.0.1:{port} refused the connection" in e.body["message"]
+        assert not CLASS_NAME.search(e.body["message"]), e.body["message"]
+    assert "circuit open" in answers[-1].body["message"]  # the breaker's refusal says why too
+
+
+def test_https_to_a_plain_http_upstream_is_said(sim):
+    from proxy.config import parse_settings
+
+    url = sim.url.replace("http://", "https://") + "/v1"
+    settings = parse_settings({"upstreams": {"u": {"base_url": url, "retries": 0}}, "cache": {"enabled": False}},
+                              env={})
+    with HerdServer(settings) as herd:
+        c = openai.OpenAI(base_url=herd.url + "/v1", api_key="sk-x", max_retries=0, timeout=30)
+        with pytest.raises(openai.APIStatusError) as info:
+            c.chat.completions.create(model="m", messages=user("hi"))
+    assert info.value.status_code == 502
+    assert "TLS handshake" in info.value.body["message"] and "http://" in info.value.body["message"]

@@ -29,7 +29,7 @@ from proxy.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from proxy.upstream.base import CallOptions, Upstream
+from proxy.upstream.base import CallOptions, Upstream, connection_error
 
 FINISH_REASONS = {
     "end_turn": "stop",
@@ -632,7 +632,7 @@ class AnthropicUpstream(Upstream):
         except anthropic.APITimeoutError:
             raise UpstreamTimeout(f"upstream {self.name!r} did not answer in time") from None
         except anthropic.APIConnectionError as e:
-            raise UpstreamUnavailable(f"upstream {self.name!r} failed: {type(e).__name__}") from None
+            raise connection_error(self.name, e, self.cfg.base_url) from None
         except anthropic.APIStatusError as e:
             raise self._error(e) from None
         except (anthropic.APIResponseValidationError, ValueError) as e:

@@ -3,16 +3,20 @@
 An adapter turns an OpenAI chat request into a stream of OpenAI `chat.completion.chunk`s
 (whatever the provider speaks), yielded in batches of those that arrived together; makes
 the calls of the other protocols it speaks (`call`, with a proxy.apis.base.Wire: the
-Responses API, legacy completions); and forwards any other API call as it is. Errors are raised
-as proxy.errors types: UpstreamError (the upstream's status and body), UpstreamUnavailable
-(connect error, reset) or UpstreamTimeout.
+Responses API, legacy completions); and forwards any other API call as it is. Errors are
+raised as proxy.errors types: UpstreamError (the upstream's status and body),
+UpstreamUnreachable (could not connect: DNS, refused, TLS), UpstreamUnavailable (reset,
+dropped) or UpstreamTimeout (see `connection_error`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import re
+import socket
+import ssl
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
@@ -22,7 +26,7 @@ import yarl
 
 from proxy.chunks import Chunk
 from proxy.config import UpstreamConfig
-from proxy.errors import InvalidRequest, NotFound, UpstreamTimeout
+from proxy.errors import InvalidRequest, NotFound, UpstreamTimeout, UpstreamUnavailable, UpstreamUnreachable
 
 if TYPE_CHECKING:
     from proxy.apis.base import Wire
@@ -59,6 +63,58 @@ _SEGMENT = re.compile(r"[A-Za-z0-9_.~:-]+")
 _DOTS = re.compile(r"\.+")
 # Query characters kept as the client sent them; anything else (spaces, non-ASCII) is quoted.
 _QUERY_SAFE = "!#$%&'()*+,/:;=?@[]~"
+
+
+# Exceptions (by class name, of aiohttp, httpx and httpcore) raised while connecting: the
+# upstream was never reached, so nothing was sent.
+_CONNECT_PHASE = {"ClientConnectorError", "ConnectionTimeoutError", "ConnectError", "ConnectTimeout"}
+
+
+def connection_error(upstream: str, error: BaseException, base_url: str) -> UpstreamUnavailable:
+    """`error` (a failure of the connection to `base_url`) as herd's error, in words: the host
+    that could not be resolved, refused the connection, failed the TLS handshake or dropped
+    it. Walks the exception's causes (aiohttp, httpx and the SDKs wrap the socket's own
+    error); never names a Python class, and shows no more of the URL than host and port (a
+    URL may hold credentials). A failure to connect at all is an UpstreamUnreachable."""
+    url = urllib.parse.urlsplit(base_url)
+    host = url.hostname or "?"
+    where = f"{host}:{url.port or (443 if url.scheme == 'https' else 80)}"
+    chain: list[BaseException] = []
+    seen: BaseException | None = error
+    while seen is not None and len(chain) < 10:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    connecting = any(c.__name__ in _CONNECT_PHASE for e in chain for c in type(e).__mro__)
+    what = f"the connection to {where} failed"
+    if any(isinstance(e, socket.gaierror) or type(e).__name__ == "ClientConnectorDNSError" for e in chain):
+        what, connecting = f"could not resolve the host {host!r} (DNS lookup failed)", True
+    else:
+        for e in reversed(chain):  # the socket's own error first: the wrappers add little
+            if isinstance(e, ssl.SSLCertVerificationError):
+                why = getattr(e, "verify_message", None) or "invalid"
+                what = f"the TLS certificate of {where} could not be verified ({why})"
+            elif isinstance(e, ssl.SSLError):
+                why = getattr(e, "reason", None) or "TLS error"
+                if why == "WRONG_VERSION_NUMBER":
+                    why = "it does not speak TLS: http:// rather than https://?"
+                what = f"the TLS handshake with {where} failed ({why})"
+            elif isinstance(e, ConnectionRefusedError) or getattr(e, "errno", None) == errno.ECONNREFUSED:
+                what = f"{where} refused the connection (is anything listening there?)"
+            elif isinstance(e, TimeoutError):
+                what = f"connecting to {where} timed out"
+            elif isinstance(e, ConnectionResetError):
+                what = f"{where} reset the connection"
+            elif isinstance(e, OSError) and e.strerror:
+                what = f"the connection to {where} failed: {e.strerror.lower()}"
+            elif type(e).__name__ in ("ServerDisconnectedError", "RemoteProtocolError"):
+                what = f"{where} closed the connection before answering"
+            elif type(e).__name__ == "ClientPayloadError":
+                what = f"the connection to {where} broke while the answer was coming"
+            else:
+                continue
+            break
+    cls = UpstreamUnreachable if connecting else UpstreamUnavailable
+    return cls(f"upstream {upstream!r}: {what}")
 
 
 def forward_path(method: str, path: str) -> str:

@@ -26,6 +26,7 @@ from proxy.upstream.base import (
     ForwardResponse,
     Upstream,
     Watchdog,
+    connection_error,
     forward_path,
     url_under,
 )
@@ -177,12 +178,14 @@ class OpenAIUpstream(Upstream):
         """aiohttp's failures, and data that is not JSON, as herd's upstream errors."""
         try:
             yield
-        except TimeoutError:  # aiohttp's own connect or total timeout
+        except aiohttp.ConnectionTimeoutError as e:  # never connected: not a slow answer
+            raise connection_error(self.name, e, self.cfg.base_url) from None
+        except TimeoutError:  # aiohttp's own total timeout
             raise UpstreamTimeout(f"upstream {self.name!r} did not answer in time") from None
         except orjson.JSONDecodeError:
             raise malformed_answer(self.name, "data that is not JSON") from None
         except (aiohttp.ClientError, ConnectionError) as e:
-            raise UpstreamUnavailable(f"upstream {self.name!r} failed: {type(e).__name__}") from None
+            raise connection_error(self.name, e, self.cfg.base_url) from None
 
     async def _error(self, resp: aiohttp.ClientResponse) -> UpstreamError:
         raw = await resp.read()
