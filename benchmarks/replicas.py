@@ -18,6 +18,14 @@ three herd processes per setup (`python -m proxy serve`), all on loopback ports.
    arrival at the B follower minus arrival at the A follower. Also the leader's time to
    first chunk on a Redis replica next to a local-only one (the claim's round trip).
 
+3. Cold bursts with the cache on (`--scenario cold`, replicas on one Redis, the default
+   `timeout_s` of 0.25 s): `--rounds` bursts of `--burst` identical requests over three
+   replicas, each with a new prompt; then `--distinct` distinct prompts, every one sent to
+   every replica at once (so each replica has that many distinct requests in flight, and
+   each flight is led on one replica and followed on the others). Reported: upstream calls
+   per burst (1 is the goal), calls for the distinct prompts (one per prompt is the goal),
+   failed requests, Redis errors each replica counted, and whether Redis was still up.
+
 Numbers are from one noisy 2-core machine; compare the columns of one run, not across runs.
 """
 
@@ -48,13 +56,13 @@ from benchmarks.harness import (
 HASH_KEY = "benchmark-hash-key"
 
 
-def sections(sim_url: str, redis: dict | None) -> dict:
+def sections(sim_url: str, redis: dict | None, cache: bool = False) -> dict:
     out: dict[str, Any] = {
         "server": {"host": "127.0.0.1", "request_timeout_s": 60.0, "log_level": "warning"},
         "auth": {"hash_key": HASH_KEY},
         "upstreams": {"sim": {"kind": "openai", "base_url": sim_url + "/v1"}},
         "routes": [{"model": "*", "upstream": "sim"}],
-        "cache": {"enabled": False},
+        "cache": {"enabled": cache},
     }
     if redis:
         out["redis"] = redis
@@ -188,6 +196,70 @@ async def run(args: argparse.Namespace) -> dict:
     return results
 
 
+def redis_state(replicas) -> list[dict]:
+    """Per replica: Redis errors by kind (from /metrics) and whether Redis is up now."""
+    out = []
+    for r in replicas:
+        errors = {}
+        for line in r.metrics().splitlines():
+            if line.startswith("herd_redis_errors_total{"):
+                kind = line.split('"')[1]
+                errors[kind] = int(float(line.rsplit(" ", 1)[1]))
+        counts = {line.split(" ", 1)[0]: int(float(line.rsplit(" ", 1)[1])) for line in r.metrics().splitlines()
+                  if line.startswith(("herd_requests_total{", "herd_shared_flights_total{"))}
+        out.append({"errors": errors, "up": r.ready().get("redis") == "up", "counts": counts})
+    return out
+
+
+async def cold(args: argparse.Namespace) -> dict:
+    """Cold bursts with the cache on, then many distinct prompts on every replica at once."""
+    results: dict[str, Any] = {"machine": {"cpus": os.cpu_count()}, "settings": vars(args).copy()}
+    nonce = os.urandom(4).hex()  # no run is answered from an earlier run's cache
+    with Stack() as stack, RedisServer() as redis_server:
+        sim = stack.simulator()
+        replicas = start_replicas(3, sections(sim.url, {"url": redis_server.url}, cache=True), stack.dir)
+        try:
+            sim_reset(sim.url, ttft_ms=args.burst_ttft_ms, tokens_per_s=50, reply_tokens=20)
+            rounds = []
+            for k in range(args.rounds):
+                rounds.append(await burst(replicas, sim.url, f"cold burst {nonce} {k}", args.burst))
+                print(f"burst {k + 1}/{args.rounds}: {rounds[-1]}", file=sys.stderr)
+            results["bursts"] = {"requests_per_burst": args.burst, "rounds": rounds,
+                                 "upstream_calls": [r["upstream_calls"] for r in rounds],
+                                 "failed": sum(r["failed"] for r in rounds)}
+            results["after_bursts"] = redis_state(replicas)
+            sim_reset(sim.url, ttft_ms=args.burst_ttft_ms, tokens_per_s=50, reply_tokens=5)
+            before = chat_calls(sim.url)
+            async with session() as http:
+                answers = await asyncio.gather(*[
+                    request(http, r.url, f"distinct {nonce} {i}", stream=i % 2 == 0)
+                    for i in range(args.distinct) for r in replicas])
+            results["distinct"] = {"prompts": args.distinct, "requests": len(answers),
+                                   "failed": sum(a["status"] != 200 for a in answers),
+                                   "upstream_calls": chat_calls(sim.url) - before,
+                                   "replicas": redis_state(replicas)}
+        finally:
+            stop_all(replicas)
+    return results
+
+
+def cold_table(results: dict) -> str:
+    b, d = results["bursts"], results["distinct"]
+    calls = b["upstream_calls"]
+    lines = ["Cold bursts over 3 replicas on one Redis, cache on", "",
+             "| requests per burst | bursts | bursts with 1 upstream call | upstream calls per burst | failed |",
+             "|---:|---:|---:|---|---:|",
+             f"| {b['requests_per_burst']} | {len(calls)} | {calls.count(1)} | {', '.join(map(str, calls))} "
+             f"| {b['failed']} |", "",
+             f"Distinct prompts, each sent to all 3 replicas at once ({d['prompts']} requests in flight per replica)",
+             "", "| prompts | requests | upstream calls | failed | Redis errors per replica | Redis up at the end |",
+             "|---:|---:|---:|---:|---|---|",
+             f"| {d['prompts']} | {d['requests']} | {d['upstream_calls']} | {d['failed']} "
+             f"| {'; '.join(str(r['errors'] or 0) for r in d['replicas'])} "
+             f"| {', '.join('yes' if r['up'] else 'no' for r in d['replicas'])} |"]
+    return "\n".join(lines)
+
+
 def table(results: dict) -> str:
     lines = ["Cross-replica burst: identical requests spread over 3 herd replicas (half streams)", "",
              "| setup | requests per burst | upstream calls per burst | failed |", "|---|---:|---|---:|"]
@@ -243,8 +315,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens-per-s", type=float, default=50)
     p.add_argument("--reply-tokens", type=int, default=16)
     p.add_argument("--out", default="benchmarks/out/replicas.json")
+    p.add_argument("--scenario", choices=("all", "cold"), default="all",
+                   help="cold: only the cold bursts with the cache on and the distinct prompts")
+    p.add_argument("--distinct", type=int, default=1000, help="cold: distinct prompts, each sent to every replica")
     args = p.parse_args(argv)
     source = report.provenance("python -m benchmarks.replicas", argv)
+    if args.scenario == "cold":
+        results = {**source, **asyncio.run(cold(args))}
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
+        print(cold_table(results))
+        print(f"\nwrote {out}")
+        return 0 if results["bursts"]["upstream_calls"].count(1) == args.rounds else 1
     results = {**source, **asyncio.run(run(args))}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -282,9 +282,8 @@ class Gateway:
         key = plan.req.key
         claim = await shared.claim(key, flight.id)
         secrets = (plan.options.client_key or "", *(u.cfg.api_key for u in self.upstreams.values()))
-        if claim is None or claim.lead:  # None: Redis just failed, so lead locally
-            if claim is not None:
-                shared.lead(key, flight, claim, redact=secrets)
+        if claim.lead:
+            shared.lead(key, flight, claim, redact=secrets)
             await self._lead(plan, flight)
             return
         flight.source = "follow"

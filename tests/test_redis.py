@@ -422,6 +422,31 @@ async def test_a_non_stream_leader_whose_clients_leave_keeps_calling_for_other_r
     assert stats["calls"] == 1 and stats["disconnects"] == 0
 
 
+async def test_a_claim_whose_reply_came_too_late_still_leads_the_flight_for_other_replicas(sim, workdir):
+    """Redis stalls while a replica claims a flight: the claim times out here, but Redis takes
+    the lease once it wakes. The replica leads and publishes anyway, so another replica that
+    finds its lease follows its stream (it used to wait for that lease to expire, then call
+    the upstream a second time)."""
+    with RedisServer() as server:
+        def settings():
+            return herd_settings(sim.url, auth={"hash_key": HASH_KEY},
+                                 redis={"url": server.url, "timeout_s": 0.25, "lease_s": 1.5, "retry_after_s": 0.5})
+        with HerdServer(settings()) as a, HerdServer(settings()) as b:
+            sim_reset(sim.url, ttft_ms=1500, tokens_per_s=50, reply_tokens=5)
+            text = "a claim answered late"
+            async with session() as http:
+                server.freeze()
+                asyncio.get_running_loop().call_later(0.4, server.thaw)
+                first = asyncio.create_task(ask(http, a.url, text, stream=False))
+                await asyncio.sleep(0.7)
+                assert a.gateway.redis.up  # one slow moment
+                second = await ask(http, b.url, text, stream=True)
+                answers = [await first, second]
+            expected = expected_text({"messages": user(text)}, {"reply_tokens": 5})
+            assert [(x.status, x.error, x.text) for x in answers] == [(200, None, expected)] * 2
+            assert second.role == "follower" and chat_calls(sim.url) == 1
+
+
 # -- Redis trouble -----------------------------------------------------------------------
 
 

@@ -4,12 +4,13 @@ health judged on an error rate. Against a real redis-server."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
 from proxy.config import RedisConfig
 from proxy.metrics import Metrics
-from proxy.redis.link import Health, Link, RedisUnavailable
+from proxy.redis.link import Health, Link, RedisUnavailable, within
 from tests.redis_servers import RedisServer
 
 
@@ -99,3 +100,22 @@ def test_health_is_an_error_rate_over_a_window():
     assert health.record(False)  # 3 of 3
     now[0] = 10.0
     assert not health.record(False)  # an old outage is forgotten
+
+
+async def test_a_reply_that_came_while_the_loop_was_busy_is_not_a_timeout():
+    loop = asyncio.get_running_loop()
+    reply = loop.create_future()
+    loop.call_later(0.01, time.sleep, 0.3)  # the loop is stuck past the deadline...
+    loop.call_later(0.02, reply.set_result, "in time")  # ...while the reply was due in time
+    assert await within(reply, 0.1) == "in time"  # asyncio.timeout: TimeoutError
+
+
+async def test_a_deadline_whose_timer_ran_late_waits_one_more_period():
+    loop = asyncio.get_running_loop()
+    reply = loop.create_future()
+    loop.call_later(0.01, time.sleep, 0.3)  # the timer at 0.1 s cannot run before 0.31 s
+    loop.call_later(0.35, reply.set_result, "a little later")
+    assert await within(reply, 0.1) == "a little later"
+    never = loop.create_future()
+    with pytest.raises(TimeoutError):
+        await within(never, 0.05)  # on time, and nothing came: Redis is slow

@@ -208,14 +208,18 @@ class SharedFlights:
         task.add_done_callback(self._tasks.discard)
 
     # -- claim -------------------------------------------------------------------------
-    async def claim(self, key: str, flight_id: str) -> Claim | None:
-        """Lead the flight of `key` across replicas, or learn who does; None: Redis is unusable."""
+    async def claim(self, key: str, flight_id: str) -> Claim:
+        """Lead the flight of `key` across replicas, or learn who does.
+
+        When the claim fails (Redis slow or down) we lead: the claim may still have taken the
+        lease, and then followers elsewhere read our stream; if it did not, our first renewal
+        finds the lease is not ours and the flight goes on unshared."""
         mine = f"{self.link.replica}:{flight_id}"
         lease = self.link.key(key, "lease")
         try:
             [held] = await self.link.call(lambda pipe: pipe.eval(_CLAIM, 1, lease, mine, self.lease_ms))
         except RedisUnavailable:
-            return None
+            return Claim(True, mine)
         if held is None:
             return Claim(True, mine)
         return Claim(False, held.decode() if isinstance(held, bytes) else str(held))
@@ -228,6 +232,8 @@ class SharedFlights:
         watch it, the upstream call goes on even when every client here has left.
         `redact`: secrets (the client's key, provider keys) cut out of an error body before
         it goes to Redis, should an upstream echo one."""
+        if not self.link.up:
+            return  # local-only for now: nobody could read the stream
         self.metrics.shared_flights.labels("lead").inc()
         held = self.group.join(flight)  # before any await: the flight cannot end under us
         self._spawn(self._publish(key, flight, claim.holder, redact, held), f"publish-{flight.id}")
@@ -349,8 +355,6 @@ class SharedFlights:
                 log.warning("flight %s: the leading replica was lost mid-flight; taking over", flight.id)
                 self.metrics.shared_flights.labels("takeover").inc()
                 taken = await self.claim(key, flight.id)
-                if taken is None:
-                    break  # Redis went away: finish it here
                 if taken.lead:
                     await self._forget_watcher(watchers, me)
                     on_lead(taken)

@@ -61,6 +61,9 @@ DOWN_RATIO = 0.5
 #: A queued call waits this many `timeout_s` at most for its pipeline to be sent and answered.
 QUEUE_DEADLINES = 4
 
+#: A deadline's timer that runs this late (a share of the timeout) shows a busy loop, not a slow Redis.
+LATE_TIMER = 0.1
+
 Add = Callable[[Any], None]  # adds a command (or a few) to a pipeline
 
 
@@ -71,13 +74,18 @@ class RedisUnavailable(Exception):
 async def within(aw: Awaitable[T], timeout: float) -> T:
     """`aw`, or TimeoutError after `timeout` seconds. Unlike asyncio.timeout, a reply that came
     in while the loop was busy elsewhere still counts: a busy loop runs the expired timer
-    before the task that the reply woke, and cancelling that task would throw the reply away
-    and blame Redis for our own lag."""
+    before the task that the reply woke (asyncio.timeout would cancel that task, throw the
+    reply away and blame Redis for our own lag), and a timer that runs late earns one more
+    period."""
+    loop = asyncio.get_running_loop()
     task = asyncio.ensure_future(aw)
     try:
-        done, _ = await asyncio.wait((task,), timeout=timeout)
-        if not done:
-            await asyncio.sleep(0)  # one more turn: what already arrived is processed
+        deadline = loop.time() + timeout
+        await asyncio.wait((task,), timeout=timeout)
+        if not task.done() and loop.time() - deadline > LATE_TIMER * timeout:
+            # The loop was too busy to run the timer on time, so it may not have read a reply
+            # that came in time either: give it one more period before blaming Redis.
+            await asyncio.wait((task,), timeout=timeout)
         if not task.done():
             raise TimeoutError
         return task.result()
