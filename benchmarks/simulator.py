@@ -106,6 +106,7 @@ CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
 EMBEDDINGS_PATH = "/v1/embeddings"
 MESSAGES_PATH = "/v1/messages"
+COUNT_TOKENS_PATH = "/v1/messages/count_tokens"
 RESPONSES_PATH = "/v1/responses"
 MODEL_PATHS = frozenset({CHAT_PATH, COMPLETIONS_PATH, EMBEDDINGS_PATH, MESSAGES_PATH, RESPONSES_PATH})
 
@@ -462,6 +463,7 @@ class Simulator:
             ("POST", RESPONSES_PATH): self._responses,
             ("POST", EMBEDDINGS_PATH): self._embeddings,
             ("POST", MESSAGES_PATH): self._messages,
+            ("POST", COUNT_TOKENS_PATH): self._count_tokens,
             ("GET", "/v1/models"): self._models,
         }
         self._control = {
@@ -1217,6 +1219,17 @@ class Simulator:
             or not all(isinstance(t, dict) and isinstance(t.get("name"), str) for t in tools)
         ):
             raise _BadRequest("tools: each tool needs a name")
+
+    async def _count_tokens(self, request: web.BaseRequest, body: Any, call: _Call) -> web.StreamResponse:
+        """Anthropic's token count: the words of the messages and the system prompt."""
+        h = request.headers
+        if not h.get("x-api-key") and not h.get("authorization", "").lower().startswith("bearer "):
+            return _anthropic_error(401, "x-api-key header is required")
+        if not h.get("anthropic-version"):
+            return _anthropic_error(400, "anthropic-version: header is required")
+        if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+            return _anthropic_error(400, "messages: Field required")
+        return _json({"input_tokens": _count_words(body)})
 
     async def _messages(self, request: web.BaseRequest, body: dict[str, Any], call: _Call) -> web.StreamResponse:
         h = request.headers

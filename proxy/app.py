@@ -18,10 +18,11 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from proxy.apis import APIS
-from proxy.apis.base import Api
+from proxy.apis.base import Api, load_object, require_model
 from proxy.apis.chat import CHAT
 from proxy.apis.embeddings import PATH as EMBEDDINGS_PATH
 from proxy.apis.embeddings import parse_embeddings
+from proxy.apis.messages import MESSAGES, parse_messages
 from proxy.config import Settings
 from proxy.errors import (
     DeadlineExceeded,
@@ -117,6 +118,7 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> ApisFirst:
         headers = header_map(request)
         identity = gateway.auth.identify(headers)
         req = api.parse(await read_body(request.receive, limit, headers.get("content-length"), body_timeout))
+        api.read_headers(req, headers)
         mode = gateway.mode_for(headers.get("x-herd-coalesce"))
         sampled = sampled_policy(headers.get(SAMPLED_HEADER))
         control = headers.get("cache-control")
@@ -351,6 +353,45 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> ApisFirst:
             response = error_response(error)
         await response(scope, receive, send)
 
+    async def count_tokens(scope: Scope, receive: Receive, send: Send) -> None:
+        """POST /v1/messages/count_tokens: an Anthropic route's upstream counts (the body as
+        it came); for an OpenAI-compatible route herd counts the translated request with
+        tiktoken and says so (x-herd-token-count: estimate)."""
+        request = Request(scope, receive)
+        response: Response
+        try:
+            headers = header_map(request)
+            identity = gateway.auth.identify(headers)
+            raw = await read_body(request.receive, limit, headers.get("content-length"), body_timeout)
+            body = load_object(raw)
+            model = require_model(body)
+            probe = parse_messages(orjson.dumps({"max_tokens": 1, **body}))
+            MESSAGES.read_headers(probe, headers)
+            _, upstream = gateway.route(model)
+            native = getattr(upstream, "native", None)
+            if native is not None:
+                options = CallOptions(client_key=identity.client_key, api_headers=probe.upstream_headers)
+                status, content_type, answer = await native.post("messages/count_tokens", raw, options)
+                if status >= 400:
+                    raise UpstreamError(status, answer, content_type=content_type, upstream=upstream.name)
+                response = Response(answer, status_code=status, media_type="application/json",
+                                    headers={"x-herd": "bypass", "x-herd-upstream": upstream.name})
+            else:
+                from proxy.upstream.anthropic import chat_request_of  # the SDK is loaded only when used
+
+                chat = chat_request_of({**body, "max_tokens": 1})
+                count = gateway.dispatcher.tokens.count(chat, model)
+                response = Response(orjson.dumps({"input_tokens": count.tokens}), media_type="application/json",
+                                    headers={"x-herd": "estimate", "x-herd-token-count": "estimate",
+                                             "x-herd-token-encoding": count.encoding})
+        except ClientDisconnect:
+            return
+        except Exception as exc:
+            error = as_herd_error(exc, f"on {request.url.path}")
+            count_error(error, None)
+            response = error_response(error, MESSAGES)
+        await response(scope, receive, send)
+
     methods = ["GET", "POST", "PUT", "PATCH", "DELETE"]
     app = Starlette(
         routes=[
@@ -364,7 +405,8 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> ApisFirst:
         lifespan=lifespan,
     )
     app.state.gateway = gateway
-    return ApisFirst(app, {**{api.path: api_route(api) for api in APIS}, EMBEDDINGS_PATH: embeddings})
+    return ApisFirst(app, {**{api.path: api_route(api) for api in APIS}, EMBEDDINGS_PATH: embeddings,
+                          "/v1/messages/count_tokens": count_tokens})
 
 
 class ApisFirst:

@@ -196,7 +196,8 @@ class Gateway:
         plan = Plan(
             req=req,
             route=route,
-            options=CallOptions(client_key=identity.client_key, headers=identity.headers),
+            options=CallOptions(client_key=identity.client_key, headers=identity.headers,
+                                api_headers=req.upstream_headers),
             # A flight led by a non-stream request calls the upstream non-stream ([coalesce]
             # upstream_stream = "auto"); stream requests that join it get the answer when it is done.
             stream=req.stream or self.settings.coalesce.upstream_stream == "always",
@@ -390,8 +391,9 @@ class Gateway:
 
         try:
             missing = []
+            cache = self.cache
             for key in batch.items:
-                answer = await self.cache.get(key) if read_cache else None
+                answer = await cache.get(key) if read_cache and cache is not None else None
                 if answer is not None:
                     batch.results[key] = answer
                     batch.cached.add(key)
@@ -413,8 +415,8 @@ class Gateway:
                 for key, vector, tokens in zip(missing, found, shares(total, weights), strict=True):
                     answer = Answer(b"", b"", entry(vector, tokens, model or req.model))
                     batch.results[key] = answer
-                    if store and ttl > 0:
-                        self._spawn(self.cache.put(key, answer, ttl))
+                    if store and cache is not None and ttl > 0:
+                        self._spawn(cache.put(key, answer, ttl))
         except Exception as e:
             for key in batch.items:
                 batch.results.setdefault(key, e)

@@ -21,7 +21,8 @@ Nothing here knows HTTP frameworks.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import orjson
@@ -137,6 +138,11 @@ class Wire:
     path: ClassVar[str] = ""
     title: ClassVar[str] = ""  # for messages: "the Responses API"
 
+    def per_call(self) -> Wire:
+        """The wire for one upstream call: itself, or a fresh copy where reading an answer
+        keeps state (a translation that remembers what it has opened)."""
+        return self
+
     def stream_payload(self, body: dict) -> dict:
         return {**body, "stream": True}
 
@@ -200,6 +206,8 @@ class ApiRequest:
     key: str = ""
     group: str = ""  # scope + everything but the final user text (semantic grouping)
     final_text: str | None = None  # the text a semantic merge compares, when there is one
+    # the API's own request headers that go with the upstream call (anthropic-version)
+    upstream_headers: dict[str, str] = field(default_factory=dict)
 
     @property
     def wire(self) -> Wire:
@@ -216,6 +224,9 @@ class Api:
 
     def parse(self, raw: bytes) -> ApiRequest:
         raise NotImplementedError
+
+    def read_headers(self, req: ApiRequest, headers: Mapping[str, str]) -> None:
+        """Read the API's own request headers into `req` (by default, none)."""
 
     def keys(self, req: ApiRequest, tenant: str, route: str) -> None:
         """Fill req.scope, req.key and, for semantic matching, req.group and req.final_text.

@@ -99,6 +99,7 @@ def parse_embeddings(raw: bytes) -> EmbeddingsRequest:
     value = body.get("input")
     if value is None:
         raise fail("'input' is a required property", "input", "missing_required_parameter")
+    inputs: list[Any]
     if isinstance(value, str):
         inputs = [value]
     elif isinstance(value, list) and value and all(is_int(t) for t in value):
@@ -149,7 +150,7 @@ def vectors(raw: bytes, upstream: str, count: int) -> tuple[list[bytes], str | N
         raise malformed_answer(upstream, f"{len(items)} embeddings for {count} inputs")
     out: list[bytes | None] = [None] * count
     for position, (item, value) in enumerate(zip(items, found, strict=True)):
-        index = item.get("index", position) if isinstance(item, dict) else None
+        index = item.get("index", position) if isinstance(item, dict) else -1
         if not is_int(index) or not 0 <= index < count or out[index] is not None:
             raise malformed_answer(upstream, "embeddings whose indexes are not 0..n-1")
         out[index] = value

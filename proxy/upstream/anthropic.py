@@ -12,9 +12,10 @@ so the SDK's are off; its errors become proxy.errors types with an OpenAI-format
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import TYPE_CHECKING, Any, cast
 
 import anthropic
 import httpx2
@@ -30,6 +31,10 @@ from proxy.errors import (
     UpstreamUnavailable,
 )
 from proxy.upstream.base import CallOptions, Upstream, connection_error
+from proxy.upstream.openai import OpenAIUpstream
+
+if TYPE_CHECKING:
+    from proxy.apis.base import Wire
 
 FINISH_REASONS = {
     "end_turn": "stop",
@@ -557,6 +562,41 @@ class StreamTranslator:
 # -- the adapter -------------------------------------------------------------------------
 
 
+# The Messages API version herd asks for when a call carries none of its own.
+DEFAULT_VERSION = "2023-06-01"
+
+
+class NativeMessages(OpenAIUpstream):
+    """The Anthropic upstream's plain HTTP client for calls that go as the client sent them
+    (POST /v1/messages and its count_tokens): the OpenAI adapter's streaming machinery
+    (timeouts, SSE, errors) under Anthropic's URL and headers."""
+
+    kind = "anthropic"
+
+    def _chat_headers(self, options: CallOptions, accept: str) -> dict[str, str]:
+        key = self.api_key(options)
+        if not key:
+            raise AuthenticationError(
+                f"herd holds no key for the Anthropic upstream {self.name!r}: send your Anthropic key as x-api-key"
+            )
+        headers = {**self.cfg.headers, "x-api-key": key, "content-type": "application/json", "accept": accept,
+                   "anthropic-version": options.api_headers.get("anthropic-version") or DEFAULT_VERSION}
+        if options.api_headers.get("anthropic-beta"):
+            headers["anthropic-beta"] = options.api_headers["anthropic-beta"]
+        return headers
+
+    def _url(self, wire: Wire) -> str:
+        return f"{self.cfg.base_url.rstrip('/')}/v1/{wire.path}"
+
+    async def post(self, path: str, body: bytes, options: CallOptions) -> tuple[int, str, bytes]:
+        """One plain POST below /v1 (count_tokens): (status, content type, body)."""
+        headers = self._chat_headers(options, "application/json")
+        with self._failures():
+            async with self.session.post(f"{self.cfg.base_url.rstrip('/')}/v1/{path}", data=body, headers=headers,
+                                         timeout=self._timeout()) as resp:
+                return resp.status, resp.content_type, await resp.read()
+
+
 class AnthropicUpstream(Upstream):
     kind = "anthropic"
 
@@ -565,6 +605,24 @@ class AnthropicUpstream(Upstream):
     def __init__(self, cfg: AnthropicUpstreamConfig) -> None:
         super().__init__(cfg)
         self._client: anthropic.AsyncAnthropic | None = None
+        self.native = NativeMessages(cfg)
+
+    def speaks(self, wire: Wire) -> bool:
+        return wire.name in ("chat", "messages")
+
+    async def call(
+        self, wire: Wire, body: dict, options: CallOptions, stream: bool = True
+    ) -> AsyncIterator[list[Chunk]]:
+        """Chat calls are translated (`chat`); Messages calls go as they came (NATIVE_WIRE)."""
+        if wire.name == "messages":
+            from proxy.apis.messages import NATIVE_WIRE
+
+            calls = self.native.call(NATIVE_WIRE, body, options, stream)
+        else:
+            calls = super().call(wire, body, options, stream)
+        async with contextlib.aclosing(cast(AsyncGenerator[list[Chunk], None], calls)) as batches:
+            async for batch in batches:
+                yield batch
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -577,6 +635,7 @@ class AnthropicUpstream(Upstream):
             max_connections=cfg.max_connections,
             max_keepalive_connections=min(cfg.max_connections, 100),
         )
+        await self.native.start()
         self._client = anthropic.AsyncAnthropic(
             base_url=cfg.base_url,
             api_key=cfg.api_key or "unset",  # a client's own key replaces it per call
@@ -587,6 +646,7 @@ class AnthropicUpstream(Upstream):
         )
 
     async def aclose(self) -> None:
+        await self.native.aclose()
         if self._client is not None:
             await self._client.close()
             self._client = None
@@ -660,3 +720,251 @@ class AnthropicUpstream(Upstream):
             headers={k.lower(): v for k, v in keep.items()},
             upstream=self.name,
         )
+
+
+# -- the other direction: an Anthropic Messages client on an OpenAI-compatible route ----------
+#
+# proxy.apis.messages serves POST /v1/messages. To an Anthropic upstream the request goes as
+# it came (AnthropicUpstream.call); to an OpenAI-compatible one it is translated here, with
+# the tables above read backwards, and the chat answer comes back as Messages stream events.
+# As above, what cannot be said is refused with a 400 naming the field, never dropped;
+# `cache_control` marks are the one thing left out (a caching hint: the answer is the same).
+
+# An OpenAI finish reason as Anthropic's stop reason (FINISH_REASONS read backwards).
+STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use",
+                "content_filter": "refusal"}
+MESSAGES_FIELDS = frozenset({"model", "messages", "system", "max_tokens", "stop_sequences", "temperature", "top_p",
+                             "top_k", "tools", "tool_choice", "metadata", "stream", "service_tier", "thinking"})
+# Anthropic's service tiers as OpenAI's (the `service_tier` table of to_messages_request, backwards)
+TIERS = {"auto": "auto", "standard_only": "default"}
+
+
+def untranslatable(param: str, why: str) -> InvalidRequest:
+    return InvalidRequest(
+        f"herd cannot send '{param}' to this model's OpenAI-compatible upstream: {why}.",
+        param=param, code="unsupported_parameter",
+    )
+
+
+def _texts(blocks: list[dict], where: str) -> list[dict]:
+    parts = []
+    for j, block in enumerate(blocks):
+        if block.get("type") != "text" or not isinstance(block.get("text"), str):
+            raise untranslatable(f"{where}[{j}]", f"a {block.get('type')!r} block cannot be sent here")
+        parts.append({"type": "text", "text": block["text"]})
+    return parts
+
+
+def _image_part(block: dict, where: str) -> dict:
+    source = block.get("source") or {}
+    if source.get("type") == "url" and isinstance(source.get("url"), str):
+        return {"type": "image_url", "image_url": {"url": source["url"]}}
+    data = source.get("data")
+    if source.get("type") == "base64" and source.get("media_type") in IMAGE_TYPES and isinstance(data, str):
+        return {"type": "image_url", "image_url": {"url": f"data:{source['media_type']};base64,{source['data']}"}}
+    raise untranslatable(f"{where}.source", "an image must be a URL or base64 data of " + ", ".join(IMAGE_TYPES))
+
+
+def _tool_result(block: dict, where: str) -> dict:
+    if block.get("is_error"):
+        raise untranslatable(f"{where}.is_error", "OpenAI tool results have no error flag")
+    content = block.get("content")
+    if isinstance(content, list):
+        content = _texts(content, f"{where}.content")
+    return {"role": "tool", "tool_call_id": block.get("tool_use_id"), "content": content if content is not None else ""}
+
+
+def _chat_messages(messages: list[dict]) -> list[dict]:
+    out: list[dict] = []
+    for i, m in enumerate(messages):
+        where, role, content = f"messages[{i}].content", m["role"], m["content"]
+        if isinstance(content, str):
+            out.append({"role": role, "content": content})
+            continue
+        if role == "user":
+            parts: list[dict] = []
+            for j, block in enumerate(content):
+                kind = block.get("type")
+                if kind == "text":
+                    parts += _texts([block], where)
+                elif kind == "image":
+                    parts.append(_image_part(block, f"{where}[{j}]"))
+                elif kind == "tool_result":
+                    out.append(_tool_result(block, f"{where}[{j}]"))  # tool results answer the turn before
+                else:
+                    raise untranslatable(f"{where}[{j}]", f"a {kind!r} block has no OpenAI equivalent")
+            if parts:
+                out.append({"role": "user", "content": parts})
+            continue
+        texts, calls = [], []
+        for j, block in enumerate(content):
+            kind = block.get("type")
+            if kind == "text":
+                texts.append(block.get("text") or "")
+            elif kind == "tool_use":
+                calls.append({"id": block.get("id"), "type": "function", "function": {
+                    "name": block.get("name"), "arguments": orjson.dumps(block.get("input") or {}).decode()}})
+            else:
+                raise untranslatable(f"{where}[{j}]", f"a {kind!r} block has no OpenAI equivalent")
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts else None}
+        if calls:
+            message["tool_calls"] = calls
+        out.append(message)
+    return out
+
+
+def _chat_tools(tools: list[dict]) -> list[dict]:
+    out = []
+    for i, tool in enumerate(tools):
+        if tool.get("type") not in (None, "custom"):
+            raise untranslatable(f"tools[{i}].type", f"the Anthropic server tool {tool.get('type')!r} runs only there")
+        extra = sorted(set(tool) - {"type", "name", "description", "input_schema", "cache_control", "strict"})
+        if extra:
+            raise untranslatable(f"tools[{i}].{extra[0]}", "OpenAI function tools have no such field")
+        fn: dict[str, Any] = {"name": tool.get("name"), "parameters": tool.get("input_schema") or {}}
+        if tool.get("description"):
+            fn["description"] = tool["description"]
+        if tool.get("strict"):
+            fn["strict"] = True
+        out.append({"type": "function", "function": fn})
+    return out
+
+
+def chat_request_of(body: dict) -> dict[str, Any]:
+    """The OpenAI chat request that asks what the (validated) Messages `body` asks."""
+    unknown = sorted(set(body) - MESSAGES_FIELDS)
+    if unknown:
+        raise untranslatable(unknown[0], "herd does not know how to translate it, and will not drop it")
+    out: dict[str, Any] = {"model": body["model"]}
+    messages = []
+    system = body.get("system")
+    if system:
+        messages.append({"role": "system", "content": system if isinstance(system, str) else _texts(system, "system")})
+    out["messages"] = messages + _chat_messages(body["messages"])
+    out["max_tokens"] = body["max_tokens"]
+    if body.get("stop_sequences"):
+        out["stop"] = list(body["stop_sequences"])
+    for name in ("temperature", "top_p", "top_k"):  # top_k: vLLM's and other servers' extension
+        if body.get(name) is not None:
+            out[name] = body[name]
+    if body.get("tools"):
+        out["tools"] = _chat_tools(body["tools"])
+    choice = body.get("tool_choice")
+    if choice is not None:
+        kind = choice.get("type")
+        mapped: Any = {"auto": "auto", "any": "required", "none": "none"}.get(kind)
+        if kind == "tool":
+            mapped = {"type": "function", "function": {"name": choice.get("name")}}
+        if mapped is None:
+            raise untranslatable("tool_choice.type", f"{kind!r} has no OpenAI equivalent")
+        out["tool_choice"] = mapped
+        if choice.get("disable_parallel_tool_use"):
+            out["parallel_tool_calls"] = False
+    metadata = body.get("metadata") or {}
+    extra = sorted(set(metadata) - {"user_id"})
+    if extra:
+        raise untranslatable(f"metadata.{extra[0]}", "only metadata.user_id has an OpenAI equivalent (user)")
+    if metadata.get("user_id"):
+        out["user"] = metadata["user_id"]
+    thinking = body.get("thinking")
+    if thinking is not None and thinking.get("type") != "disabled":
+        raise untranslatable("thinking", "extended thinking is Anthropic's; OpenAI-compatible servers have no budget")
+    tier = body.get("service_tier")
+    if tier is not None:
+        if tier not in TIERS:
+            raise untranslatable("service_tier", "only 'auto' and 'standard_only' have OpenAI equivalents")
+        out["service_tier"] = TIERS[tier]
+    return out
+
+
+class MessagesTranslator:
+    """Feed it OpenAI chat chunks (dicts); it returns the Messages stream events they make
+    (StreamTranslator backwards). `end()` after the last chunk closes the message."""
+
+    def __init__(self) -> None:
+        self.message: dict[str, Any] | None = None
+        self.blocks = 0  # content blocks started
+        self.open: Any = None  # "text", or ("tool", OpenAI tool call index), of the open block
+        self.tools: dict[int, int] = {}  # OpenAI tool call index -> content block index
+        self.stop_reason: str | None = None
+        self.usage: dict[str, Any] = {}
+        self.done = False
+
+    def _start(self, kind: Any, block: dict) -> list[dict]:
+        events = self._close()
+        self.open = kind
+        events.append({"type": "content_block_start", "index": self.blocks, "content_block": block})
+        self.blocks += 1
+        return events
+
+    def _close(self) -> list[dict]:
+        if self.open is None:
+            return []
+        self.open = None
+        return [{"type": "content_block_stop", "index": self.blocks - 1}]
+
+    def feed(self, chunk: dict[str, Any]) -> list[dict]:
+        events: list[dict] = []
+        if self.message is None:
+            self.message = {"id": chunk.get("id") or "", "type": "message", "role": "assistant",
+                            "model": chunk.get("model") or "", "content": [], "stop_reason": None,
+                            "stop_sequence": None, "usage": {"input_tokens": 0, "output_tokens": 0}}
+            events += [{"type": "message_start", "message": self.message}, {"type": "ping"}]
+        for choice in chunk.get("choices") or ():
+            delta = choice.get("delta") or {}
+            text = (delta.get("content") or "") + (delta.get("refusal") or "")
+            if text:
+                if self.open != "text":
+                    events += self._start("text", {"type": "text", "text": ""})
+                events.append({"type": "content_block_delta", "index": self.blocks - 1,
+                               "delta": {"type": "text_delta", "text": text}})
+            for call in delta.get("tool_calls") or ():
+                k = call.get("index", 0)
+                fn = call.get("function") or {}
+                if k not in self.tools:
+                    events += self._start(("tool", k), {"type": "tool_use", "id": call.get("id") or f"toolu_{k}",
+                                                        "name": fn.get("name") or "", "input": {}})
+                    self.tools[k] = self.blocks - 1
+                if fn.get("arguments"):
+                    events.append({"type": "content_block_delta", "index": self.tools[k],
+                                   "delta": {"type": "input_json_delta", "partial_json": fn["arguments"]}})
+            if choice.get("finish_reason"):
+                self.stop_reason = STOP_REASONS.get(choice["finish_reason"], "end_turn")
+        if isinstance(chunk.get("usage"), dict):
+            self.usage = chunk["usage"]
+        return events
+
+    def end(self) -> list[dict]:
+        if self.done or self.message is None:
+            return []
+        self.done = True
+        usage = {"input_tokens": self.usage.get("prompt_tokens") or 0,
+                 "output_tokens": self.usage.get("completion_tokens") or 0}
+        return [*self._close(),
+                {"type": "message_delta", "delta": {"stop_reason": self.stop_reason or "end_turn",
+                                                    "stop_sequence": None}, "usage": usage},
+                {"type": "message_stop"}]
+
+
+def message_of_completion(completion: dict[str, Any]) -> dict[str, Any]:
+    """A non-stream `chat.completion` as the Messages API's message object."""
+    choice = (completion.get("choices") or [{}])[0]
+    message = choice.get("message") or {}
+    content: list[dict] = []
+    text = (message.get("content") or "") + (message.get("refusal") or "")
+    if text:
+        content.append({"type": "text", "text": text})
+    for k, call in enumerate(message.get("tool_calls") or ()):
+        fn = call.get("function") or {}
+        try:
+            arguments = orjson.loads(fn.get("arguments") or "{}")
+        except orjson.JSONDecodeError:
+            arguments = {}
+        content.append({"type": "tool_use", "id": call.get("id") or f"toolu_{k}", "name": fn.get("name") or "",
+                        "input": arguments})
+    usage = completion.get("usage") or {}
+    return {"id": completion.get("id") or "", "type": "message", "role": "assistant",
+            "model": completion.get("model") or "", "content": content,
+            "stop_reason": STOP_REASONS.get(choice.get("finish_reason") or "stop", "end_turn"), "stop_sequence": None,
+            "usage": {"input_tokens": usage.get("prompt_tokens") or 0,
+                      "output_tokens": usage.get("completion_tokens") or 0}}

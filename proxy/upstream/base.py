@@ -157,6 +157,8 @@ class CallOptions:
 
     client_key: str | None = None  # the client's own key, used when the upstream holds none
     headers: dict[str, str] = field(default_factory=dict)  # sent with every call (OpenAI-Organization, -Project)
+    # the client API's own headers, for an upstream that speaks that API (anthropic-version)
+    api_headers: dict[str, str] = field(default_factory=dict)
 
 
 class Upstream:

@@ -106,6 +106,7 @@ class OpenAIUpstream(Upstream):
     async def call(
         self, wire: Wire, body: dict, options: CallOptions, stream: bool = True
     ) -> AsyncIterator[list[Chunk]]:
+        wire = wire.per_call()
         if not stream:
             yield await self._whole(wire, body, options)
             return

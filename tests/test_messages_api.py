@@ -1,0 +1,247 @@
+"""POST /v1/messages (Anthropic's Messages API) through herd: the anthropic SDK -> herd -> the
+simulator, as an Anthropic upstream (the body goes as it came) and as an OpenAI one (translated)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import anthropic
+import httpx
+import pytest
+
+from benchmarks.simulator import ThreadedSimulator
+from tests.harness import HerdServer, herd_settings, sim_faults, sim_reset, sim_stats
+
+CLAUDE = "claude-3-5-haiku-latest"  # routed to the Anthropic upstream
+GPT = "gpt-4o-mini"  # routed to the OpenAI upstream
+UPSTREAM_PATH = {CLAUDE: "/v1/messages", GPT: "/v1/chat/completions"}
+
+
+def settings(sim_url: str, **sections):
+    return herd_settings(
+        sim_url, upstreams={"claude": {"kind": "anthropic", "base_url": sim_url, "retries": 0}},
+        routes=[{"model": "claude-*", "upstream": "claude"}, {"model": "*", "upstream": "sim"}],
+        server={"request_timeout_s": 20}, **sections)
+
+
+def calls(sim_url: str, model: str) -> int:
+    return int(sim_stats(sim_url, log=False)["by_path"].get(UPSTREAM_PATH[model], 0))
+
+
+@pytest.fixture(scope="module")
+def sim():
+    with ThreadedSimulator() as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def herd(sim):
+    with HerdServer(settings(sim.url)) as h:
+        yield h
+
+
+def client(herd, key: str = "sk-ant-test", **kw) -> anthropic.AsyncAnthropic:
+    return anthropic.AsyncAnthropic(base_url=herd.url, api_key=key, max_retries=0, timeout=30, **kw)
+
+
+SAMPLING = ("temperature", "top_p", "top_k")  # not typed by this SDK version: sent as extra body fields
+
+
+def ask(model: str, text: str = "tell me something", **kw) -> dict:
+    sampling = {k: kw.pop(k) for k in SAMPLING if k in kw}
+    request = {"model": model, "max_tokens": 64, "messages": [{"role": "user", "content": text}], **kw}
+    if sampling:
+        request["extra_body"] = {**request.get("extra_body", {}), **sampling}
+    return request
+
+
+async def streamed(c: anthropic.AsyncAnthropic, **request) -> tuple[list, anthropic.types.Message]:
+    async with c.messages.stream(**request) as stream:
+        events = [event async for event in stream]
+        return events, await stream.get_final_message()
+
+
+def check_events(events: list, text: str) -> None:
+    """A whole stream, in order: message_start, blocks, message_delta, message_stop."""
+    kinds = [e.type for e in events]
+    assert kinds[0] == "message_start" and kinds[-1] == "message_stop", kinds
+    assert kinds.index("content_block_start") < kinds.index("content_block_stop") < kinds.index("message_delta")
+    deltas = [e.delta.text for e in events if e.type == "content_block_delta"]
+    assert "".join(deltas) == text
+
+
+@pytest.mark.parametrize("model", [CLAUDE, GPT])
+async def test_100_identical_requests_half_streamed_make_one_call(herd, sim, model):
+    sim_reset(sim.url, ttft_ms=400, tokens_per_s=200, reply_tokens=8)
+    c = client(herd)
+    request = ask(model, "what is coalescing", temperature=0)
+    results = await asyncio.gather(*[c.messages.create(**request) if i % 2 == 0 else streamed(c, **request)
+                                     for i in range(100)])
+    assert calls(sim.url, model) == 1
+    whole = [r for r in results if not isinstance(r, tuple)]
+    text = whole[0].content[0].text
+    assert text.startswith("echo: what is coalescing")
+    for message in whole:
+        assert message.content[0].text == text and message.stop_reason == "end_turn"
+        assert message.usage.output_tokens == 8 and message.role == "assistant"
+    for events, final in (r for r in results if isinstance(r, tuple)):
+        check_events(events, text)
+        assert final.content[0].text == text and final.stop_reason == "end_turn" and final.usage.output_tokens == 8
+
+
+async def test_late_joiners_get_the_whole_stream(herd, sim):
+    sim_reset(sim.url, ttft_ms=50, tokens_per_s=20, reply_tokens=12)
+    c = client(herd)
+    request = ask(CLAUDE, "join me late", temperature=0)
+    first = asyncio.create_task(streamed(c, **request))
+    await asyncio.sleep(0.4)  # the answer is streaming by now
+    late = await asyncio.gather(streamed(c, **request), c.messages.create(**request))
+    _, final = await first
+    assert calls(sim.url, CLAUDE) == 1
+    text = final.content[0].text
+    check_events(late[0][0], text)
+    assert late[1].content[0].text == text
+
+
+@pytest.mark.parametrize("model", [CLAUDE, GPT])
+async def test_never_shared_across_tenants_models_versions_betas_or_fields(herd, sim, model):
+    sim_reset(sim.url, ttft_ms=400)
+    base = ask(model, "isolate me", temperature=0)
+    cases = [
+        ("sk-a", {}, base),
+        ("sk-b", {}, base),
+        ("sk-a", {"anthropic-version": "2023-01-01"}, base),
+        ("sk-a", {"anthropic-beta": "feature-a"}, base),
+        ("sk-a", {"anthropic-beta": "feature-a,feature-b"}, base),
+        ("sk-a", {}, {**base, "max_tokens": 5}),
+        ("sk-a", {}, {**base, "extra_body": {"temperature": 0.5, "top_k": 3}}),
+        ("sk-a", {}, {**base, "system": "be brief"}),
+        ("sk-a", {}, {**base, "stop_sequences": ["zzz"]}),
+        ("sk-a", {}, {**base, "messages": [{"role": "user", "content": "isolate me!"}]}),
+    ]
+    if model == CLAUDE:
+        cases.append(("sk-a", {}, {**base, "model": "claude-3-opus-latest"}))
+    answers = await asyncio.gather(*[client(herd, key).messages.create(**body, extra_headers=headers)
+                                     for key, headers, body in cases for _ in range(2)])
+    assert calls(sim.url, model) == len(cases)
+    ids = [a.id for a in answers]
+    assert all(ids[2 * i] == ids[2 * i + 1] for i in range(len(cases))) and len(set(ids)) == len(cases)
+    # beta flags are a set: the same flags in another order share
+    sim_reset(sim.url, ttft_ms=300)
+    c = client(herd, "sk-a")
+    await asyncio.gather(c.messages.create(**base, extra_headers={"anthropic-beta": "b1,b2"}),
+                         c.messages.create(**base, extra_headers={"anthropic-beta": "b2, b1"}))
+    assert calls(sim.url, model) == 1
+
+
+async def test_an_anthropic_upstream_gets_the_body_and_headers_as_sent(herd, sim):
+    sim_reset(sim.url)
+    body = {
+        "model": CLAUDE, "max_tokens": 50, "temperature": 0,
+        "system": [{"type": "text", "text": "You are terse.", "cache_control": {"type": "ephemeral"}}],
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}}]},
+            {"role": "assistant", "content": [
+                {"type": "thinking", "thinking": "the user greets", "signature": "sig=="},
+                {"type": "tool_use", "id": "toolu_1", "name": "lookup", "input": {"q": "x"}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "found"}]},
+        ],
+        "tools": [{"name": "lookup", "input_schema": {"type": "object", "properties": {"q": {"type": "string"}}}}],
+        "thinking": {"type": "enabled", "budget_tokens": 1024},
+        "some_future_field": {"kept": True},
+    }
+    async with httpx.AsyncClient(timeout=30) as http:
+        r = await http.post(herd.url + "/v1/messages", json=body, headers={
+            "x-api-key": "sk-ant-own", "anthropic-version": "2023-06-01", "anthropic-beta": "interleaved-thinking"})
+    assert r.status_code == 200 and r.json()["type"] == "message"
+    entry = sim_stats(sim.url)["log"][-1]
+    assert entry["path"] == "/v1/messages"
+    assert {k: v for k, v in entry["body"].items() if k != "stream"} == body
+    assert entry["headers"]["x-api-key"] == "sk-ant-own"
+    assert entry["headers"]["anthropic-version"] == "2023-06-01"
+    assert entry["headers"]["anthropic-beta"] == "interleaved-thinking"
+
+
+async def test_an_openai_upstream_gets_the_request_translated(herd, sim):
+    sim_reset(sim.url)
+    c = client(herd)
+    tools = [{"name": "lookup", "description": "find", "input_schema": {"type": "object", "properties": {}}}]
+    message = await c.messages.create(**ask(GPT, "please call tool now", system="sys", tools=tools,
+                                            stop_sequences=["END"], metadata={"user_id": "u1"}, temperature=0))
+    sent = sim_stats(sim.url)["log"][-1]["body"]
+    assert sent["messages"] == [{"role": "system", "content": "sys"},
+                                {"role": "user", "content": "please call tool now"}]
+    assert sent["stop"] == ["END"] and sent["user"] == "u1" and sent["max_tokens"] == 64
+    assert sent["tools"][0]["function"]["name"] == "lookup"
+    assert message.stop_reason == "tool_use" and message.content[0].type == "tool_use"
+    assert message.content[0].name == "lookup" and message.content[0].input == {"q": "please call tool now"}
+    # a field that cannot be said in chat is a 400 naming it, in Anthropic's shape
+    with pytest.raises(anthropic.BadRequestError) as info:
+        await c.messages.create(**ask(GPT, thinking={"type": "enabled", "budget_tokens": 1024}))
+    assert info.value.body["type"] == "error" and info.value.body["error"]["type"] == "invalid_request_error"
+    assert "thinking" in info.value.body["error"]["message"]
+
+
+async def test_errors_take_anthropics_shape(herd, sim):
+    sim_reset(sim.url)
+    c = client(herd)
+    with pytest.raises(anthropic.BadRequestError) as info:  # no max_tokens (the SDK insists on one)
+        await c.messages.create(**ask(CLAUDE, extra_body={"max_tokens": None}))
+    assert info.value.status_code == 400
+    assert info.value.body == {"type": "error", "error": {"type": "invalid_request_error",
+                                                          "message": "max_tokens: Field required"}}
+    async with httpx.AsyncClient(timeout=30) as http:
+        r = await http.post(herd.url + "/v1/messages", json=ask(CLAUDE), headers={"x-api-key": "k"})
+        assert r.status_code == 400 and r.json()["error"]["message"] == "anthropic-version: header is required"
+        r = await http.post(herd.url + "/v1/messages", content=b"{not json",
+                            headers={"x-api-key": "k", "anthropic-version": "2023-06-01"})
+        assert r.status_code == 400 and r.json()["type"] == "error"
+    for model in (CLAUDE, GPT):
+        sim_faults(sim.url, {"kind": "status", "path": UPSTREAM_PATH[model], "status": 429, "times": 1})
+        with pytest.raises(anthropic.RateLimitError) as info:
+            await c.messages.create(**ask(model, f"limited {model}"))
+        assert info.value.body["type"] == "error" and info.value.body["error"]["type"] == "rate_limit_error"
+    # cut mid-stream: an `error` event in Anthropic's shape, after the first events
+    sim_faults(sim.url, {"kind": "reset", "path": "/v1/messages", "after_chunks": 3, "times": 1})
+    async with httpx.AsyncClient(timeout=30) as http:
+        r = await http.post(herd.url + "/v1/messages", json={**ask(CLAUDE, "cut me"), "stream": True, "temperature": 0},
+                            headers={"x-api-key": "k", "anthropic-version": "2023-06-01"})
+    blocks = [b for b in r.text.split("\n\n") if b]
+    assert blocks[0].startswith("event: message_start") and blocks[-1].startswith("event: error")
+    assert '"type":"error","error":{"type":' in blocks[-1]
+
+
+async def test_sampled_policy_applies(herd, sim):
+    sim_reset(sim.url, ttft_ms=300)
+    c = client(herd, default_headers={"x-herd-sampled": "distinct"})
+    await asyncio.gather(*[c.messages.create(**ask(CLAUDE, "sample me")) for _ in range(3)])
+    assert calls(sim.url, CLAUDE) == 3  # no temperature: Anthropic's default is 1
+    sim_reset(sim.url, ttft_ms=300)
+    await asyncio.gather(*[c.messages.create(**ask(CLAUDE, "greedy me", temperature=0)) for _ in range(3)])
+    assert calls(sim.url, CLAUDE) == 1
+
+
+async def test_count_tokens_forwarded_or_estimated(herd, sim):
+    sim_reset(sim.url)
+    c = client(herd)
+    counted = await c.messages.count_tokens(model=CLAUDE, messages=[{"role": "user", "content": "one two three"}])
+    assert counted.input_tokens == 3  # the Anthropic upstream's own count
+    assert sim_stats(sim.url, log=False)["by_path"]["/v1/messages/count_tokens"] == 1
+    raw = await c.messages.with_raw_response.count_tokens(model=GPT,
+                                                          messages=[{"role": "user", "content": "one two three"}])
+    assert raw.headers["x-herd-token-count"] == "estimate" and (await raw.parse()).input_tokens > 3
+
+
+async def test_cached_messages_replay_as_stream_and_json(sim):
+    sim_reset(sim.url)
+    with HerdServer(settings(sim.url, cache={"enabled": True})) as herd:
+        c = client(herd)
+        for model in (CLAUDE, GPT):
+            request = ask(model, "cache me", temperature=0)
+            first = await c.messages.create(**request)
+            again = await c.messages.with_raw_response.create(**request)
+            assert again.headers["x-herd"] == "cache" and (await again.parse()).content[0].text == first.content[0].text
+            events, final = await streamed(c, **request)
+            check_events(events, first.content[0].text)
+            assert final.content[0].text == first.content[0].text
+            assert calls(sim.url, model) == 1
