@@ -1,17 +1,18 @@
-# herd: `make run` serves the proxy on proxy.toml; `make test` runs the test suite.
-# Both set up what they need first (a virtualenv in .venv; redis-server for the tests).
+# herd: `make run` serves the proxy on proxy.toml; `make test` runs the test suite;
+# `make demo` shows herd at work, offline. Each sets up what it needs first (a virtualenv in
+# .venv with every documented command's extras; redis-server for the tests).
 
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 CONFIG ?= proxy.toml
 
-.PHONY: run test bench eval redis-server clean
+.PHONY: run demo test bench eval redis-server clean
 
 $(VENV)/.run: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q -e '.[bench,eval]'
 	touch $@
 
 $(VENV)/.test: pyproject.toml $(VENV)/.run
@@ -20,6 +21,9 @@ $(VENV)/.test: pyproject.toml $(VENV)/.run
 
 run: $(VENV)/.run
 	$(BIN)/herd serve --config $(CONFIG)
+
+demo: $(VENV)/.run
+	$(BIN)/herd demo
 
 redis-server:
 	@command -v redis-server >/dev/null 2>&1 || { \
@@ -30,10 +34,10 @@ redis-server:
 test: $(VENV)/.test redis-server
 	$(BIN)/python -m pytest -q
 
-bench: $(VENV)/.test
+bench: $(VENV)/.run
 	$(BIN)/herd bench
 
-eval: $(VENV)/.test
+eval: $(VENV)/.run
 	$(BIN)/herd eval
 
 clean:

@@ -31,6 +31,7 @@ burst.py, fanout.py, soak.py) built on measure.py (targets, one measured run, po
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import shlex
 import sys
 import time
@@ -43,9 +44,8 @@ from benchmarks import report, workloads
 from benchmarks.burst import run_burst
 from benchmarks.compare import run_compare
 from benchmarks.fanout import run_fanout
-from benchmarks.harness import ProcError, Stack
+from benchmarks.harness import ProcError, Stack, checkout_root, results_dir
 from benchmarks.measure import BUILTIN_TARGETS, Bench, say
-from benchmarks.procs import REPO_ROOT
 from benchmarks.responses_fanout import run_responses
 from benchmarks.soak import run_soak
 
@@ -224,8 +224,16 @@ def apply_defaults(args: argparse.Namespace) -> None:
         args.workload = args.workload or "trace68"
 
 
+def skip_plots_without_matplotlib(args: argparse.Namespace) -> None:
+    """An installed wheel has no extras: the run goes on without its PNG plots, and says how to get them."""
+    if not args.no_plots and importlib.util.find_spec("matplotlib") is None:
+        args.no_plots = True
+        say("PNG plots skipped: matplotlib is not installed (pip install matplotlib; in a herd checkout: "
+            "pip install -e '.[bench]'); the tables and results.json are written as usual")
+
+
 def _default_out() -> Path:
-    return REPO_ROOT / "benchmarks" / "out" / datetime.now().strftime("%Y%m%d-%H%M%S")
+    return results_dir("out", datetime.now().strftime("%Y%m%d-%H%M%S"))
 
 
 def _list_workloads() -> str:
@@ -249,13 +257,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(_list_workloads())
         return 0
     apply_defaults(args)
+    skip_plots_without_matplotlib(args)
     out = Path(args.out) if args.out else _default_out()
     out.mkdir(parents=True, exist_ok=True)
     args.out_dir = out
     command = "herd bench " + " ".join(shlex.quote(a) for a in argv)
     started = datetime.now(UTC)
     t0 = time.monotonic()
-    revision = report.git_revision(REPO_ROOT)  # the code the processes below are started from
+    revision = report.git_revision(checkout_root())  # the code the processes below are started from
     say(f"{command}\nresults -> {out}")
     try:
         with Stack() as stack:

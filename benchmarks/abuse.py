@@ -43,10 +43,9 @@ from typing import Any
 import orjson
 
 from benchmarks import report
-from benchmarks.harness import RssSampler, Stack, rss_bytes
-from benchmarks.procs import REPO_ROOT
+from benchmarks.harness import RssSampler, Stack, results_dir, rss_bytes
 
-RESULTS = REPO_ROOT / "benchmarks" / "results" / "abuse"
+RESULTS = results_dir("results", "abuse")
 MB = 1024 * 1024
 TCP_ESTABLISHED = 1
 #: a non-reader's receive buffer: small, so that the answer stays on herd's side
@@ -303,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     source = f"{meta['command']}, at {git.get('commit', '?')}"
     source += " with uncommitted changes" if git.get("dirty") else ""
     (RESULTS / f"summary{suffix}.txt").write_text(f"{source}\n\n{text}\n")
-    print(f"wrote {(RESULTS / f'results{suffix}.json').relative_to(REPO_ROOT)}", file=sys.stderr)
+    print(f"wrote {RESULTS / f'results{suffix}.json'}", file=sys.stderr)
     return 0
 
 

@@ -42,15 +42,16 @@ from benchmarks.harness import (
     RssSampler,
     Stack,
     chat_calls,
+    checkout_root,
     herd_config,
     http_json,
+    results_dir,
     sim_faults,
     sim_reset,
     sim_settings,
 )
 from benchmarks.simulator import expected_text
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 PROVIDER_KEY = "sk-chaos-provider-key-0123456789"  # herd's key for the faulty upstream: never in a body
 HEADERS = ["scenario", "requests", "answered", "proper errors", "hung", "corrupted", "upstream calls",
            "peak RSS MB"]
@@ -556,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown scenario(s): {sorted(unknown)} (see --list)")
     size = Size.quick() if args.quick else Size()
-    out = Path(args.out) if args.out else REPO_ROOT / "benchmarks" / "results" / "chaos"
+    out = Path(args.out) if args.out else results_dir("results", "chaos")
     out.mkdir(parents=True, exist_ok=True)
     t0, started = time.monotonic(), datetime.now(UTC)
 
@@ -573,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
         "started_at": started.isoformat(timespec="seconds"),
         "wall_s": round(time.monotonic() - t0, 1),
         "machine": report.machine(),
-        "git": report.git_revision(REPO_ROOT),
+        "git": report.git_revision(checkout_root()),
         "size": asdict(size),
         "scenarios": {name: {"what": SCENARIOS[name][0], **asdict(t)} for name, t in results.items()},
         "table": text,

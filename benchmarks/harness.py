@@ -47,6 +47,20 @@ _PACKAGES_ROOT = Path(__file__).resolve().parent.parent
 _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
+def checkout_root() -> Path | None:
+    """The herd source checkout these packages run from; None when they are installed (a
+    wheel in site-packages), which holds no results and no commit."""
+    root = _PACKAGES_ROOT
+    return root if (root / ".git").exists() and (root / "pyproject.toml").is_file() else None
+
+
+def results_dir(*parts: str) -> Path:
+    """Where a benchmark writes unless told: benchmarks/PARTS in a checkout, else
+    ./herd-bench/PARTS in the current directory."""
+    root = checkout_root()
+    return (root / "benchmarks" if root is not None else Path.cwd() / "herd-bench").joinpath(*parts)
+
+
 def free_port(also_free: int | None = None) -> int:
     """A free loopback port; with `also_free`, port + also_free is free too (a Redis cluster bus)."""
     for _ in range(200):

@@ -35,7 +35,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from benchmarks.harness import free_port, stat_cpu_seconds
+from benchmarks.harness import free_port, results_dir, stat_cpu_seconds
 from benchmarks.passthrough import CLIENTS
 from benchmarks.report import provenance
 
@@ -57,7 +57,7 @@ COMPLETION = {
     ],
     "usage": {"prompt_tokens": 11, "completion_tokens": 9, "total_tokens": 20},
 }
-REPO_ROOT = Path(__file__).resolve().parent.parent
+PACKAGES_ROOT = Path(__file__).resolve().parent.parent  # the folder holding the packages
 PACKAGES = ("starlette", "uvicorn", "uvloop", "httptools", "aiohttp", "httpx", "httpcore", "httpx-aiohttp")
 
 
@@ -199,10 +199,10 @@ class Processes:
     def start(self, argv: Sequence[str], *, capture: bool) -> subprocess.Popen[str]:
         """Start ``argv``; with ``capture``, its output is piped (read it with communicate),
         else stdout is discarded and stderr goes to ours (a server never blocks on a pipe)."""
-        path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+        path = os.pathsep.join(filter(None, [str(PACKAGES_ROOT), os.environ.get("PYTHONPATH")]))
         env = {**os.environ, "PYTHONPATH": path}
         out, err = (subprocess.PIPE, subprocess.STDOUT) if capture else (subprocess.DEVNULL, None)
-        p = subprocess.Popen(argv, cwd=REPO_ROOT, env=env, text=True, start_new_session=True,
+        p = subprocess.Popen(argv, cwd=PACKAGES_ROOT, env=env, text=True, start_new_session=True,
                              stdin=subprocess.DEVNULL, stdout=out, stderr=err)  # fmt: skip
         self._live.append(p)
         return p
@@ -408,7 +408,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="wrk threads")
     parser.add_argument("--load-generator", choices=("auto", "wrk", "aiohttp"), default="auto")
     parser.add_argument("--no-direct", action="store_true", help="skip measuring the upstream directly")
-    parser.add_argument("--json", type=Path, default=REPO_ROOT / "benchmarks" / "out" / "http_clients.json")
+    parser.add_argument("--json", type=Path, default=results_dir("out", "http_clients.json"))
     args = parser.parse_args(argv)
     unknown = set(args.clients.split(",")) - set(CLIENTS)
     if unknown:

@@ -16,7 +16,6 @@ from typing import Any
 
 from benchmarks.harness import http_text
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 

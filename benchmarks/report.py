@@ -188,9 +188,11 @@ def machine() -> dict[str, Any]:
     }
 
 
-def git_revision(root: Path) -> dict[str, Any] | None:
+def git_revision(root: Path | None) -> dict[str, Any] | None:
     """The commit checked out at `root` and whether tracked files differ from it (`dirty`);
-    None outside a git checkout (an installed wheel)."""
+    None outside a git checkout (an installed wheel: `root` is None)."""
+    if root is None:
+        return None
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
                              timeout=5, check=False).stdout.strip()
@@ -207,7 +209,9 @@ def provenance(prog: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Where a result comes from, for its JSON: the command that produced it (`prog` and its
     arguments, `sys.argv[1:]` when `argv` is None) and the code's commit (`git_revision`)."""
     args = sys.argv[1:] if argv is None else list(argv)
-    return {"command": shlex.join([*prog.split(), *args]), "git": git_revision(Path(__file__).resolve().parent.parent)}
+    from benchmarks.harness import checkout_root
+
+    return {"command": shlex.join([*prog.split(), *args]), "git": git_revision(checkout_root())}
 
 
 def write_json(path: Path, results: Mapping[str, Any]) -> None:

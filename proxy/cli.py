@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     p_check.add_argument("--config", help="TOML config (default: $HERD_CONFIG, else ./proxy.toml)")
     sub.add_parser("eval", help="evaluate the semantic matcher on labelled pairs", add_help=False)
     sub.add_parser("bench", help="run the load benchmarks", add_help=False)
+    sub.add_parser("demo", help="see herd work in 10 s, offline: the bundled simulator, a burst, what was saved",
+                   add_help=False)
     if argv and argv[0] == "eval":
         from proxy.semantic.evaluate import main as evaluate
 
@@ -116,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks.__main__ import main as bench
 
         return bench(argv[1:])
+    if argv and argv[0] == "demo":
+        from benchmarks.demo import main as demo
+
+        return demo(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "check":
         return check(args)

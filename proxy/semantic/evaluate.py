@@ -281,11 +281,24 @@ class Dataset:
 # -- loading ------------------------------------------------------------------------------
 
 
+FOW_DATASETS = ("questions", "conversations", "scrambled")
+#: How to get fow-cache's labelled pairs ("herd" on PyPI is another project: no extras there).
+FOW_HINT = "pip install fow-cache==0.1.0 (in a herd checkout: pip install -e '.[eval]')"
+
+
+def has_fow() -> bool:
+    try:
+        import fow_cache  # type: ignore[import-untyped]  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _fow():
     try:
         from fow_cache import data  # type: ignore[import-untyped]
     except ImportError as exc:  # pragma: no cover
-        raise SystemExit("the questions/conversations datasets need fow-cache: pip install 'herd[eval]'") from exc
+        raise SystemExit(f"the {', '.join(FOW_DATASETS)} datasets need fow-cache: {FOW_HINT}") from exc
     return data
 
 
@@ -540,6 +553,10 @@ def main(argv: list[str] | None = None) -> int:
     # default: fow-cache and herd's own; with --pairs alone, only those files
     spec = args.datasets if args.datasets is not None else ("" if args.pairs else "questions,conversations,herd")
     names = [d.strip() for d in spec.split(",") if d.strip()]
+    if args.datasets is None and not has_fow():
+        names = [n for n in names if n not in FOW_DATASETS]
+        print(f"herd eval: fow-cache is not installed, so its labelled pairs are skipped; {FOW_HINT}",
+              file=sys.stderr)
     datasets: list[tuple[str, list[dict[str, Any]]]] = []
     try:
         for name in names + args.pairs:
