@@ -125,7 +125,8 @@ def test_a_non_reader_of_a_cached_answer_holds_a_bounded_buffer_and_is_cut_at_it
 
 
 def test_a_non_reader_on_a_live_flight_does_not_harm_the_others_on_it(strict_herd, sim):
-    sim_reset(sim.url, reply_tokens=TOKENS, ttft_ms=500)  # the flight is open while the others join
+    # the upstream streams for about 5 s: the flight is live while the others join and read it
+    sim_reset(sim.url, reply_tokens=TOKENS, ttft_ms=200, tokens_per_s=600)
     text = "a long fresh answer"
     want = expected_text({"messages": user(text)}, {"reply_tokens": TOKENS})
     socks = [non_reader(strict_herd, text) for _ in range(3)]
