@@ -98,15 +98,6 @@ class Flight:
         """The error for a waiter that was given part of an answer the flight discarded."""
         return self._rewound
 
-    @classmethod
-    def completed(cls, keys: Iterable[str], chunks: list[Any]) -> Flight:
-        """A flight that is already done, e.g. an answer from the cache."""
-        flight = cls(keys, private=True)
-        flight.chunks = list(chunks)
-        flight.done = True
-        flight.source = "cache"
-        return flight
-
     def publish(self, chunk: Any) -> None:
         self.extend((chunk,))
 

@@ -541,6 +541,41 @@ async def test_frozen_redis_mid_flight_times_out_and_every_waiter_is_served(sim,
                 r.stop()
 
 
+@pytest.mark.parametrize("trouble", ["freeze", "kill"])
+async def test_redis_trouble_under_a_non_stream_leader_fails_no_request(sim, workdir, trouble):
+    """Redis freezes (SIGSTOP) or dies while a non-stream leader's call is pending and while
+    its answer streams to the other replica: with a deterministic upstream every waiter, on
+    either replica, stream or not, gets the answer."""
+    with RedisServer() as server:
+        replicas = start_replicas(2, replica_sections(sim.url, server.url), workdir)
+        try:
+            for when, text in ((0.6, "redis trouble before the answer"), (1.7, "redis trouble as it streams")):
+                sim_reset(sim.url, ttft_ms=1200, tokens_per_s=10, reply_tokens=12)
+                if not server.proc:
+                    server.start()
+                await wait_for(lambda: all(r.ready()["redis"] == "up" for r in replicas))
+                async with session() as http:
+                    first = asyncio.create_task(ask(http, replicas[0].url, text, stream=False))
+                    await asyncio.sleep(0.3)
+                    followers = [asyncio.create_task(ask(http, r.url, text, stream=s))
+                                 for r in replicas for s in (True, False)]
+                    await asyncio.sleep(when - 0.3)
+                    if trouble == "freeze":
+                        server.freeze()
+                    else:
+                        server.stop()
+                    try:
+                        answers = await asyncio.wait_for(asyncio.gather(first, *followers), 30)
+                    finally:
+                        if trouble == "freeze":
+                            server.thaw()
+                expected = expected_text({"messages": user(text)}, {"reply_tokens": 12})
+                assert [(a.status, a.error, a.text) for a in answers] == [(200, None, expected)] * 5, text
+        finally:
+            for r in replicas:
+                r.stop()
+
+
 async def test_redis_down_at_start_serves_local_only_and_joins_when_it_comes_up(sim, workdir):
     server = RedisServer()  # not started yet
     replicas = start_replicas(2, replica_sections(sim.url, server.url), workdir)
