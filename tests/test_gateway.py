@@ -51,3 +51,24 @@ async def test_a_burst_costs_one_cache_read_and_one_upstream_call(sim):
         assert {a.json()["choices"][0]["message"]["content"] for a in hits} == {
             answers[0].json()["choices"][0]["message"]["content"]}
         assert cache.gets == 2 and chat_calls(sim.url) == 1
+
+
+async def test_a_semantic_burst_embeds_its_prompt_once(sim):
+    """Identical requests join the flight before its embedding: one embedding per burst."""
+    sim_reset(sim.url, ttft_ms=300)
+    settings = herd_settings(sim.url, coalesce={"mode": "semantic"}, server={"request_timeout_s": 30})
+    with HerdServer(settings) as herd:
+        batcher = herd.gateway.matcher.embedder
+
+        def embeddings() -> int:
+            stats = herd.call(batcher.stats)
+            return stats["items"] + stats["cache_hits"] + stats["joined"]
+
+        before = embeddings()
+        body = {"model": "m", "messages": user("How do I reset my password for the portal?")}
+        async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=None)) as http:
+            answers = await asyncio.gather(*[http.post(herd.url + "/v1/chat/completions", json=body)
+                                             for _ in range(50)])
+        assert [a.status_code for a in answers] == [200] * 50
+        assert embeddings() - before == 1
+        assert chat_calls(sim.url) == 1

@@ -12,9 +12,10 @@ Everything herd asks Redis goes through one `Link`:
                           a blocking XREAD of its own per stream, in `run`)
 
 Bounds: the pipelines go over at most `PIPELINES` connections at once; `run` takes one of
-`[redis] pool_size` connections, waiting for one (within its deadline) when all are busy. A
-call that cannot be sent before its deadline gives up without blaming Redis (the queue was
-long, not Redis slow): redis-py's MaxConnectionsError cannot happen.
+`[redis] pool_size` connections, waiting for one (within its deadline) when all are busy,
+and the pool holds no more than those (plus two for health pings), so redis-py's
+MaxConnectionsError cannot happen. A call that cannot start before its deadline gives up
+without blaming Redis (our queue was long, Redis was not slow).
 
 Health: Redis is judged on its last `WINDOW_S` seconds of round trips. It is marked down
 when at least `MIN_FAILURES` of them failed and failures are at least `DOWN_RATIO` of them
@@ -140,6 +141,7 @@ class Link:
         self._probe: asyncio.Task | None = None
         self._check: asyncio.Task | None = None
         self._reader: StreamReader | None = None
+        self._slots = asyncio.Semaphore(cfg.pool_size)  # `run` calls at once
         self._flushes: set[asyncio.Task] = set()
         self._gauge = metrics.redis_up.labels("cluster" if cfg.cluster else "standalone")
         self._gauge.set(0)
@@ -155,7 +157,7 @@ class Link:
             "retry": Retry(NoBackoff(), 1),  # one immediate retry: a stale connection after a restart
             "health_check_interval": 0,
         }
-        size = self.cfg.pool_size + PIPELINES
+        size = self.cfg.pool_size + PIPELINES + 2  # and the health pings
         if self.cfg.cluster:
             # per node; a cluster client's pool has no queue, so its bound is generous
             self.client = RedisCluster.from_url(self.cfg.url, max_connections=max(size, 1024), **options)
@@ -220,11 +222,19 @@ class Link:
         """`op(client)` on a connection of its own, within the timeout."""
         if not self.up or self.client is None:
             raise RedisUnavailable("redis is marked down")
+        limit = self.cfg.timeout_s if timeout is None else timeout
+        try:  # a free connection first: waiting for one is our queue, not Redis being slow
+            await within(self._slots.acquire(), limit)
+        except TimeoutError:
+            self.metrics.redis_errors.labels("queue").inc()
+            raise RedisUnavailable("no free connection in time") from None
         try:
-            result = await within(op(self.client), self.cfg.timeout_s if timeout is None else timeout)
+            result = await within(op(self.client), limit)
         except Exception as e:  # whatever goes wrong with Redis, the request goes on without it
             self._failed(e)
             raise RedisUnavailable(type(e).__name__) from None
+        finally:
+            self._slots.release()
         self._ok()
         return result
 
