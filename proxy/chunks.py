@@ -30,8 +30,9 @@ class Chunk:
         self._data = data if raw is None else None
         self._raw = raw
         self.usage: dict[str, Any] | None = data.get("usage") or None
-        # the final usage chunk (`choices: []`), sent only to clients that asked for it
-        self.usage_only = not data.get("choices") and data.get("usage") is not None
+        # the final usage chunk (`choices: []`), sent only to clients that asked for it; a
+        # typed event (Responses, Messages: `type`) never is one, whatever it carries
+        self.usage_only = not data.get("choices") and data.get("usage") is not None and "type" not in data
         self.whole: bytes | None = None
 
     @property

@@ -245,3 +245,40 @@ async def test_cached_messages_replay_as_stream_and_json(sim):
             check_events(events, first.content[0].text)
             assert final.content[0].text == first.content[0].text
             assert calls(sim.url, model) == 1
+
+
+async def test_messages_flights_are_shared_across_replicas_through_redis(sim):
+    """A replica that mirrors another's flight rebuilds Messages events as typed events
+    (a message_delta carries usage but is no usage-only chat chunk)."""
+    import tempfile
+    from pathlib import Path
+
+    from tests.redis_servers import RedisServer, start_replicas
+
+    sim_reset(sim.url, ttft_ms=1500, tokens_per_s=40, reply_tokens=6)
+    sections = {
+        "server": {"host": "127.0.0.1", "request_timeout_s": 30.0, "log_level": "warning"},
+        "auth": {"hash_key": "replicas-share-this-hash-key"},
+        "upstreams": {"claude": {"kind": "anthropic", "base_url": sim.url}},
+        "routes": [{"model": "*", "upstream": "claude"}],
+        "cache": {"enabled": False},
+        "redis": {"timeout_s": 0.5, "lease_s": 3.0, "retry_after_s": 0.5},
+    }
+    with RedisServer() as redis_server, tempfile.TemporaryDirectory(prefix="herd-replicas-") as d:
+        sections["redis"]["url"] = redis_server.url
+        replicas = start_replicas(2, sections, Path(d))
+        try:
+            request = ask(CLAUDE, "one question, two replicas", temperature=0)
+            clients = [anthropic.AsyncAnthropic(base_url=r.url, api_key="sk-ant-shared", max_retries=0, timeout=30)
+                       for r in replicas]
+            results = await asyncio.gather(*[streamed(clients[i % 2], **request) for i in range(6)],
+                                           *[clients[i % 2].messages.create(**request) for i in range(4)])
+        finally:
+            for r in replicas:
+                r.stop()
+    assert calls(sim.url, CLAUDE) == 1
+    text = results[-1].content[0].text
+    assert text.startswith("echo: one question, two replicas")
+    for events, final in results[:6]:
+        check_events(events, text)
+        assert final.stop_reason == "end_turn" and final.usage.output_tokens == 6

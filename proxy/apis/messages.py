@@ -68,10 +68,9 @@ EVENT_STATUS = {kind: status for status, kind in ERROR_TYPES.items()} | {"api_er
 
 
 def event_chunk(data: dict[str, Any], raw: bytes | None = None) -> Chunk:
-    """A Messages stream event as a flight's chunk: a typed event for every stream waiter
-    (a `message_delta`'s usage is part of the event, not a usage-only chunk)."""
+    """A Messages stream event as a flight's chunk (a typed event: a `message_delta`'s usage
+    is part of the event, never a usage-only chunk; see Chunk)."""
     chunk = Chunk(data, raw)
-    chunk.usage_only = False
     chunk.usage = None  # read by MessagesWire.usage, which knows where Anthropic puts it
     return chunk
 
