@@ -40,6 +40,7 @@ from proxy.errors import (
     UpstreamError,
     is_retryable,
     redact,
+    retry_headers,
 )
 from proxy.metrics import Metrics
 from proxy.resilience import CircuitBreaker, Guard, RateLimited, counts_against_circuit
@@ -255,8 +256,7 @@ class Dispatcher:
                 if resp.status < 400:
                     guard.circuit.success(ticket)
                     return resp
-                keep = {k.lower(): v for k, v in resp.headers if k.lower() in ("retry-after", "retry-after-ms")}
-                error = UpstreamError(resp.status, headers=keep, upstream=name)
+                error = UpstreamError(resp.status, headers=retry_headers(resp.headers), upstream=name)
                 guard.circuit.record(error, ticket)
                 if counts_against_circuit(error):
                     m.upstream_errors.labels(name, type(error).__name__).inc()

@@ -171,6 +171,16 @@ class UpstreamTimeout(HerdError):
     code = "upstream_timeout"
 
 
+#: The headers with which an upstream asks for a pause; an UpstreamError keeps them (lower-cased)
+#: and proxy.resilience.retry_after reads them.
+RETRY_HEADERS = ("retry-after", "retry-after-ms")
+
+
+def retry_headers(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """An upstream response's Retry-After and retry-after-ms headers, names lower-cased."""
+    return {k.lower(): v for k, v in headers if k.lower() in RETRY_HEADERS}
+
+
 #: Shorter strings are not treated as secrets: cutting them out would mangle ordinary text.
 SECRET_MIN_CHARS = 8
 

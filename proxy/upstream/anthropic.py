@@ -29,6 +29,7 @@ from proxy.errors import (
     UpstreamError,
     UpstreamTimeout,
     UpstreamUnavailable,
+    retry_headers,
 )
 from proxy.upstream.base import CallOptions, Upstream, connection_error
 from proxy.upstream.openai import OpenAIUpstream
@@ -713,13 +714,8 @@ class AnthropicUpstream(Upstream):
         status = e.status_code if e.status_code >= 400 else ERROR_STATUS.get(kind, 502)
         message = detail.get("message") or f"upstream answered HTTP {status}"
         body = {"error": {"message": message, "type": kind, "param": None, "code": kind}}
-        keep = {k: v for k, v in e.response.headers.items() if k.lower() in ("retry-after", "retry-after-ms")}
-        return UpstreamError(
-            status,
-            orjson.dumps(body),
-            headers={k.lower(): v for k, v in keep.items()},
-            upstream=self.name,
-        )
+        return UpstreamError(status, orjson.dumps(body), headers=retry_headers(e.response.headers.items()),
+                             upstream=self.name)
 
 
 # -- the other direction: an Anthropic Messages client on an OpenAI-compatible route ----------

@@ -17,7 +17,7 @@ import orjson
 from proxy.apis.base import Wire, malformed_answer
 from proxy.apis.chat import CHAT_WIRE
 from proxy.chunks import Chunk
-from proxy.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from proxy.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable, retry_headers
 from proxy.sse import EventParser
 from proxy.upstream.base import (
     HOP_BY_HOP,
@@ -190,8 +190,8 @@ class OpenAIUpstream(Upstream):
 
     async def _error(self, resp: aiohttp.ClientResponse) -> UpstreamError:
         raw = await resp.read()
-        keep = {k.lower(): v for k, v in resp.headers.items() if k.lower() in ("retry-after", "retry-after-ms")}
-        return UpstreamError(resp.status, raw, content_type=resp.content_type, headers=keep, upstream=self.name)
+        return UpstreamError(resp.status, raw, content_type=resp.content_type,
+                             headers=retry_headers(resp.headers.items()), upstream=self.name)
 
     async def forward(
         self, method: str, path: str, query: str, headers: dict[str, str], body: bytes, options: CallOptions
