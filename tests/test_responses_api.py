@@ -367,3 +367,21 @@ async def test_a_response_cut_at_max_output_tokens_ends_with_response_incomplete
     assert events[-1].type == "response.incomplete" and events[-1].response.status == "incomplete"
     assert whole.status == "incomplete" and whole.incomplete_details.reason == "max_output_tokens"
     assert whole.output_text == events[-1].response.output_text == "echo: cut short "
+
+
+def test_an_upstream_error_event_keeps_its_message_and_code():
+    from proxy.apis.responses import RESPONSES, RESPONSES_WIRE
+    from proxy.errors import UpstreamError
+    from proxy.sse import EventParser
+
+    raw = (b'event: response.created\ndata: {"type":"response.created","sequence_number":0,"response":{}}\n\n'
+           b'event: error\ndata: {"type":"error","sequence_number":1,"code":"server_error",'
+           b'"message":"The model failed","param":null}\n\n')
+    with pytest.raises(UpstreamError) as info:
+        RESPONSES_WIRE.events(EventParser().feed(raw), "sim")
+    assert info.value.body()["error"]["message"] == "The model failed"
+    assert info.value.body()["error"]["code"] == "server_error"
+    # and waiters whose stream had started get OpenAI's own error event with it
+    event = RESPONSES.stream_error(info.value)
+    assert event.startswith(b"event: error\ndata: ")
+    assert b'"message":"The model failed"' in event and b'"code":"server_error"' in event

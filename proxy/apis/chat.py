@@ -63,7 +63,8 @@ class ChatWire(Wire):
         return payload
 
     def events(self, events, upstream: str) -> tuple[list[Chunk], bool, bool]:
-        batch, finished = [], False
+        batch: list[Chunk] = []
+        finished = False
         for event in events:
             if event.data == b"[DONE]":
                 return batch, finished, True
@@ -108,6 +109,7 @@ class ChatApi(Api):
         return parse_chat(raw)
 
     def keys(self, req: ApiRequest, tenant: str, route: str) -> None:
+        assert isinstance(req, ChatRequest)
         assign_keys(req, tenant, route)
 
     def assemble(self, chunks: list[Chunk]) -> dict[str, Any]:

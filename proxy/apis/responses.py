@@ -80,8 +80,10 @@ class ResponsesWire(Wire):
             data = orjson.loads(event.data)
             if not isinstance(data, dict) or not isinstance(data.get("type"), str):
                 raise malformed_answer(upstream, "an event that is not an object with a type")
-            if data["type"] == "error":
-                raise UpstreamError(502, orjson.dumps(data), upstream=upstream)
+            if data["type"] == "error":  # the upstream's own error event, kept in OpenAI's error shape
+                inner = {"message": data.get("message") or "the upstream's stream failed", "type": "upstream_error",
+                         "param": data.get("param"), "code": data.get("code")}
+                raise UpstreamError(502, orjson.dumps({"error": inner}), upstream=upstream)
             batch.append(Chunk(data, event.data))
             if data["type"] in FINAL_EVENTS:
                 if not isinstance(data.get("response"), dict):
@@ -162,7 +164,7 @@ def split_response(response: dict[str, Any]) -> list[dict[str, Any]]:
         else:
             emit("response.output_item.added", output_index=index, item=item)
         emit("response.output_item.done", output_index=index, item=item)
-    emit(FINAL_BY_STATUS.get(response.get("status"), "response.completed"), response=response)
+    emit(FINAL_BY_STATUS.get(str(response.get("status")), "response.completed"), response=response)
     return events
 
 
