@@ -407,6 +407,35 @@ async def test_a_different_answer_after_a_takeover_fails_only_the_streams_that_g
     assert [(a.status, a.error, a.text) for a in plain] == [(200, None, expected_text({"messages": user(text)}))] * 3
 
 
+async def test_a_different_answer_after_a_takeover_reaches_the_replicas_that_follow_the_new_leader(
+        sim, redis_server, follower_herd):
+    """Two replicas follow a leader that dies; one takes over and its answer differs. The one
+    that follows the new leader sees its stream start over (the prefix, then a restart): on
+    both, streams that got part of the first answer end with leader_lost, the rest get the new one."""
+    settings = herd_settings(sim.url, auth={"hash_key": HASH_KEY},
+                             redis={"url": redis_server.url, "timeout_s": 0.5, "lease_s": 1.5})
+    with HerdServer(settings) as other:
+        sim_reset(sim.url, ttft_ms=300, tokens_per_s=20, reply_tokens=8)
+        text = "two replicas, a new leader, a different answer"
+        leader = DeadLeader(redis_server, follower_herd, text)
+        leader.publish([Chunk({"id": "chatcmpl-dead", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                               "choices": [{"index": 0, "delta": {"content": w}, "finish_reason": None}]})
+                        for w in ("something ", "else ")], whole=False)
+        herds = (follower_herd, other)
+        async with session() as http:
+            watched = [Answer() for _ in herds]
+            streams = [asyncio.create_task(ask(http, h.url, text, stream=True, answer=w)) for h, w in zip(herds, watched)]
+            await wait_for(lambda: all(w.chunks >= 2 for w in watched))
+            plain = [asyncio.create_task(ask(http, h.url, text, stream=False)) for h in herds for _ in range(2)]
+            await asyncio.sleep(0.3)
+            leader.die()
+            answers = await asyncio.wait_for(asyncio.gather(*streams, *plain), 20)
+    expected = expected_text({"messages": user(text)}, {"reply_tokens": 8})
+    assert [(a.status, "leader_lost" in (a.error or ""), a.done) for a in answers[:2]] == [(200, True, False)] * 2
+    assert [(a.status, a.error, a.text) for a in answers[2:]] == [(200, None, expected)] * 4
+    assert chat_calls(sim.url) == 1  # the new leader's call, followed by the other replica
+
+
 async def test_a_non_stream_leader_whose_clients_leave_keeps_calling_for_other_replicas(replicas, sim):
     sim_reset(sim.url, ttft_ms=1500, tokens_per_s=50, reply_tokens=10)
     text = "the non-stream leader's client leaves"
