@@ -1169,6 +1169,9 @@ class Simulator:
         return await self._deliver_json(request, orjson.dumps(out), 1, fault, call)
 
     async def _models(self, request: web.BaseRequest, body: Any, call: _Call) -> web.StreamResponse:
+        fault = self._take_fault(request.path, "")  # only a rule naming the path applies here
+        if fault is not None and fault["kind"] == "status":
+            return await self._fault_response(fault, request.path)
         data = [
             {"id": m, "object": "model", "created": 1_700_000_000, "owned_by": "herd-simulator"}
             for m in self.settings["models"]

@@ -182,9 +182,12 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> ApisFirst:
         seen: dict[str, dict] = {}
         last_error: HerdError | None = None
         for upstream in gateway.upstreams.values():
-            try:
-                resp = await upstream.forward("GET", "models", "", {}, b"", options)
-                raw = b"".join([part async for part in resp.body])
+            try:  # through the dispatcher, as every forwarded call: breaker, rate limits, retries, metrics
+                resp = await gateway.dispatcher.forward(upstream.name, "GET", "models", "", {}, b"", options)
+                try:
+                    raw = b"".join([part async for part in resp.body])
+                finally:
+                    resp.close()
             except HerdError as e:
                 last_error = e
                 continue

@@ -88,3 +88,15 @@ def test_forwarded_calls_wait_for_herds_rate_limit(sim):
         assert calls(sim.url, "/v1/files") == codes.count(404)
         m = httpx.get(herd.url + "/metrics").text
         assert metric(m, 'herd_rate_limited_total{upstream="sim"}') == codes.count(429)
+
+
+def test_listing_models_goes_through_the_dispatcher(sim):
+    sim_reset(sim.url)
+    sim_faults(sim.url, {"kind": "status", "status": 503, "path": "/v1/models", "times": 1})
+    with guarded(sim.url, circuit_failures=0) as herd:
+        models = openai.OpenAI(base_url=herd.url + "/v1", api_key="k", max_retries=0).models.list()
+        assert "gpt-4o-mini" in [m.id for m in models.data]  # the 503 was retried
+        assert calls(sim.url, "/v1/models") == 2
+        m = httpx.get(herd.url + "/metrics").text
+        assert metric(m, 'herd_upstream_calls_total{upstream="sim"}') == 2
+        assert metric(m, 'herd_upstream_retries_total{upstream="sim"}') == 1
