@@ -52,7 +52,7 @@ class Answer:
         self.sse = sse
         self.usage_sse = usage_sse
         self.body = body
-        self._usage: dict[str, Any] | None | bool = False  # False: not read yet
+        self._usage: dict[str, Any] | bool | None = False  # False: not read yet
 
     @property
     def nbytes(self) -> int:
@@ -129,8 +129,8 @@ class Stream:
                     run = []
                 self.usage.add(len(self.parts))
                 self.parts.append(event(chunk.raw))
-            elif isinstance(kind := chunk.data.get("type"), str) and kind.isprintable():
-                run.append(typed_event(kind, chunk.raw))
+            elif chunk.kind is not None and chunk.kind.isprintable():
+                run.append(typed_event(chunk.kind, chunk.raw))
             else:  # a chat chunk: no `type`, data alone
                 run += (b"data: ", chunk.raw, b"\n\n")
         if run:

@@ -14,22 +14,26 @@ import orjson
 class Chunk:
     """One `chat.completion.chunk`: its JSON bytes and what herd reads of it.
 
-    A chunk that came as bytes from an upstream keeps only those bytes (and its usage); its
-    object is parsed again when asked for (`data`), which happens once per flight at most
-    (assembling the JSON body), so a flight of 20,000 chunks holds 20,000 small bytes rather
-    than 20,000 dicts. A chunk made from an object keeps it and serializes it once.
-    Its SSE event is rendered with the rest of its flight's (proxy.answer.Stream).
+    A chunk that came as bytes from an upstream keeps only those bytes and the little herd
+    reads of every chunk (its event `kind`, its `usage`); its object is parsed again when
+    asked for (`data`), which happens once per flight at most (assembling the JSON body), so
+    a flight of 20,000 chunks holds 20,000 small bytes rather than 20,000 dicts. Code that
+    runs per chunk or per waiter reads `kind` and `usage`, never `data`. A chunk made from
+    an object keeps it and serializes it once. Its SSE event is rendered with the rest of
+    its flight's (proxy.answer.Stream).
 
     `whole` is set on the first chunk of an answer the upstream sent in one piece (a
     non-stream call): its own `chat.completion` body, which non-stream waiters get as it is.
     """
 
-    __slots__ = ("_data", "_raw", "usage", "usage_only", "whole")
+    __slots__ = ("_data", "_raw", "kind", "usage", "usage_only", "whole")
 
     def __init__(self, data: dict[str, Any], raw: bytes | None = None) -> None:
         self._data = data if raw is None else None
         self._raw = raw
-        self.usage: dict[str, Any] | None = data.get("usage") or None
+        kind = data.get("type")  # a typed event (Responses, Messages); None for a chat chunk
+        self.kind: str | None = kind if isinstance(kind, str) else None
+        self.usage: Any = _usage(data)
         # the final usage chunk (`choices: []`), sent only to clients that asked for it; a
         # typed event (Responses, Messages: `type`) never is one, whatever it carries
         self.usage_only = not data.get("choices") and data.get("usage") is not None and "type" not in data
@@ -44,6 +48,19 @@ class Chunk:
         if self._raw is None:
             self._raw = orjson.dumps(self._data)
         return self._raw
+
+
+def _usage(data: dict[str, Any]) -> Any:
+    """The usage an event carries, where its API puts it: at the top (chat, a Messages
+    `message_delta`), or in the object it wraps (a Responses event's `response`, a Messages
+    `message_start`'s `message`); None if none."""
+    usage = data.get("usage")
+    if usage is None:
+        for outer in ("response", "message"):
+            inner = data.get(outer)
+            if isinstance(inner, dict) and inner.get("usage") is not None:
+                return inner["usage"]
+    return usage or None
 
 
 _TEXT = (str, type(None))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from proxy.responses import until_disconnect
 
 
@@ -41,3 +43,36 @@ async def test_a_client_that_leaves_stops_a_long_wait_soon_after_the_watch_start
     assert await until_disconnect(work(), receive, watch_after=0.2) is False
     assert cancelled and 0.2 <= loop.time() - started < 1.0
     assert not asyncio.current_task().cancelling()  # this task goes on normally
+
+
+def test_rendering_and_usage_read_no_chunk_twice(monkeypatch):
+    """A chunk from an upstream keeps its bytes, not its object (proxy.chunks.Chunk): what
+    runs per chunk or per waiter (rendering the stream, reading the usage for accounting
+    and rate limits) must not parse it again. Seen red when the rendering read each
+    chunk's `type` from its object, and the Responses and Messages usage read theirs."""
+    import orjson
+
+    from proxy.answer import stream_of
+    from proxy.apis.chat import CHAT_WIRE
+    from proxy.apis.messages import NATIVE_WIRE
+    from proxy.apis.responses import RESPONSES_WIRE
+    from proxy.chunks import Chunk
+    from proxy.coalescer import Flight
+
+    def made(*events: dict) -> list[Chunk]:
+        return [Chunk(e, orjson.dumps(e)) for e in events]
+
+    chat = made({"id": "c", "choices": [{"index": 0, "delta": {"content": "hi"}}]},
+                {"id": "c", "choices": [], "usage": {"total_tokens": 3}})
+    responses = made({"type": "response.output_text.delta", "delta": "hi"},
+                     {"type": "response.completed", "response": {"usage": {"input_tokens": 1, "output_tokens": 2,
+                                                                             "total_tokens": 3}}})
+    messages = made({"type": "message_start", "message": {"usage": {"input_tokens": 1, "output_tokens": 1}}},
+                    {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "hi"}},
+                    {"type": "message_delta", "delta": {}, "usage": {"output_tokens": 2}})
+    monkeypatch.setattr(Chunk, "data", property(lambda chunk: pytest.fail("a chunk was parsed again")))
+    for wire, chunks in ((CHAT_WIRE, chat), (RESPONSES_WIRE, responses), (NATIVE_WIRE, messages)):
+        flight = Flight(["k"])
+        flight.extend(chunks)
+        assert stream_of(flight).parts
+        assert wire.usage(chunks) and wire.flight_usage(flight)

@@ -167,12 +167,13 @@ class _MessagesUsage(Wire):
 
     def usage(self, chunks: list[Chunk]) -> dict[str, Any] | None:
         usage: dict[str, Any] = {}
-        for chunk in chunks:
-            data = chunk.data
-            if data.get("type") == "message_start":
-                usage.update((data.get("message") or {}).get("usage") or {})
-            elif data.get("type") == "message_delta":
-                usage.update({k: v for k, v in (data.get("usage") or {}).items() if v is not None})
+        for chunk in chunks:  # Chunk.kind and .usage: read once per chunk, not parsed again per call
+            if not isinstance(chunk.usage, dict):
+                continue
+            if chunk.kind == "message_start":  # its `message`'s usage
+                usage.update(chunk.usage)
+            elif chunk.kind == "message_delta":
+                usage.update({k: v for k, v in chunk.usage.items() if v is not None})
         return _anthropic_usage(usage)
 
     def answer_usage(self, usage: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -105,9 +105,8 @@ class ResponsesWire(Wire):
 
     def usage(self, chunks: list[Chunk]) -> dict[str, Any] | None:
         for chunk in reversed(chunks):
-            response = chunk.data.get("response")
-            if isinstance(response, dict) and isinstance(response.get("usage"), dict):
-                return self.answer_usage(response["usage"])
+            if isinstance(chunk.usage, dict):  # its `response`'s (Chunk.usage: read once, not parsed again)
+                return self.answer_usage(chunk.usage)
         return None
 
     def answer_usage(self, usage: dict[str, Any] | None) -> dict[str, Any] | None:
