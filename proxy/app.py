@@ -177,53 +177,17 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> ApisFirst:
         )
 
     async def list_models(request: Request) -> Response:
-        identity = gateway.auth.identify(request.headers)
-        options = CallOptions(client_key=identity.client_key, headers=identity.headers)
-        seen: dict[str, dict] = {}
-        last_error: HerdError | None = None
-        for upstream in gateway.upstreams.values():
-            try:  # through the dispatcher, as every forwarded call: breaker, rate limits, retries, metrics
-                resp = await gateway.dispatcher.forward(upstream.name, "GET", "models", "", {}, b"", options)
-                try:
-                    raw = b"".join([part async for part in resp.body])
-                finally:
-                    resp.close()
-            except HerdError as e:
-                last_error = e
-                continue
-            if resp.status >= 400:
-                last_error = UpstreamError(resp.status, raw, upstream=upstream.name)
-                continue
-            with contextlib.suppress(orjson.JSONDecodeError, TypeError, AttributeError):
-                for item in orjson.loads(raw).get("data", []):
-                    seen.setdefault(item["id"], item)
-        if not seen and last_error is not None:
-            raise last_error
-        return Response(orjson.dumps({"object": "list", "data": list(seen.values())}), media_type="application/json")
+        models = await gateway.list_models(gateway.auth.identify(request.headers))
+        return Response(orjson.dumps({"object": "list", "data": models}), media_type="application/json")
 
     async def forward(request: Request) -> Response:
         # checked before anything else: a path that could leave /v1 is never sent anywhere
         path = forward_path(request.method, request.path_params["path"])
         identity = gateway.auth.identify(request.headers)
         body = await read_body(request.receive, limit, request.headers.get("content-length"), body_timeout)
-        model = None
-        if body and request.headers.get("content-type", "").startswith("application/json"):
-            with contextlib.suppress(orjson.JSONDecodeError):
-                parsed = orjson.loads(body)
-                model = parsed.get("model") if isinstance(parsed, dict) else None
-        if isinstance(model, str):
-            _, upstream = gateway.route(model)
-        else:
-            upstream = gateway.upstreams[settings.routes[0].upstream]
         try:
-            resp = await gateway.dispatcher.forward(
-                upstream.name,
-                request.method,
-                path,
-                request.url.query,
-                dict(request.headers),
-                body,
-                CallOptions(client_key=identity.client_key, headers=identity.headers),
+            upstream, resp = await gateway.forward(
+                request.method, path, request.url.query, dict(request.headers), body, identity
             )
         except HerdError:
             metrics.api_requests.labels("forward", "error").inc()
@@ -231,7 +195,7 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> ApisFirst:
         # a forwarded answer is one upstream call of its own: counted as a bypass
         metrics.requests.labels("bypass").inc()
         metrics.api_requests.labels("forward", "bypass").inc()
-        headers = [(k, v) for k, v in resp.headers] + [("x-herd", "bypass"), ("x-herd-upstream", upstream.name)]
+        headers = [(k, v) for k, v in resp.headers] + [("x-herd", "bypass"), ("x-herd-upstream", upstream)]
 
         async def relay() -> AsyncIterator[bytes]:
             try:

@@ -13,6 +13,7 @@ proxy.apis.base.ApiRequest), so it can be driven and tested without a server.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import sys
@@ -20,6 +21,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+import orjson
 
 from proxy.accounting import Accountant
 from proxy.answer import Answer, answer_of
@@ -29,13 +32,13 @@ from proxy.cache import AnswerCache, MemoryCache, SimilarAnswers
 from proxy.coalescer import Flight, Group, Ticket
 from proxy.config import MODEL_MEMO, RouteConfig, Settings
 from proxy.dispatch import Dispatcher
-from proxy.errors import InvalidRequest, NotFound
+from proxy.errors import HerdError, InvalidRequest, NotFound, UpstreamError
 from proxy.metrics import Metrics
 from proxy.redis.cache import RedisCache
 from proxy.redis.flights import Claim, SharedFlights
 from proxy.redis.link import Link
 from proxy.sampling import distinct
-from proxy.upstream import CallOptions, Upstream, make_upstream
+from proxy.upstream import CallOptions, ForwardResponse, Upstream, make_upstream
 
 if TYPE_CHECKING:
     from proxy.semantic import Matcher
@@ -318,6 +321,48 @@ class Gateway:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         task.add_done_callback(_log_failure)
+
+    # -- calls herd does not coalesce ---------------------------------------------------
+    async def forward(
+        self, method: str, path: str, query: str, headers: dict[str, str], body: bytes, identity: Identity
+    ) -> tuple[str, ForwardResponse]:
+        """(upstream name, its answer) for a forwarded call (`path` below /v1, checked): to the
+        upstream of the model a JSON body names, else the first route's, through the
+        dispatcher (breaker, rate limits, retries for idempotent methods, metrics)."""
+        model = None
+        if body and headers.get("content-type", "").startswith("application/json"):
+            with contextlib.suppress(orjson.JSONDecodeError):
+                parsed = orjson.loads(body)
+                model = parsed.get("model") if isinstance(parsed, dict) else None
+        name = self.route(model)[1].name if isinstance(model, str) else self.settings.routes[0].upstream
+        options = CallOptions(client_key=identity.client_key, headers=identity.headers)
+        return name, await self.dispatcher.forward(name, method, path, query, headers, body, options)
+
+    async def list_models(self, identity: Identity) -> list[dict]:
+        """Every upstream's models, merged by id (the first upstream's entry wins); an error
+        only when no upstream answered with any."""
+        options = CallOptions(client_key=identity.client_key, headers=identity.headers)
+        seen: dict[str, dict] = {}
+        last_error: HerdError | None = None
+        for name in self.upstreams:
+            try:
+                resp = await self.dispatcher.forward(name, "GET", "models", "", {}, b"", options)
+                try:
+                    raw = b"".join([part async for part in resp.body])
+                finally:
+                    resp.close()
+            except HerdError as e:
+                last_error = e
+                continue
+            if resp.status >= 400:
+                last_error = UpstreamError(resp.status, raw, upstream=name)
+                continue
+            with contextlib.suppress(orjson.JSONDecodeError, TypeError, AttributeError, KeyError):
+                for item in orjson.loads(raw).get("data", []):
+                    seen.setdefault(item["id"], item)
+        if not seen and last_error is not None:
+            raise last_error
+        return list(seen.values())
 
     def release(self, ticket: Ticket) -> None:
         self.group.release(ticket)
