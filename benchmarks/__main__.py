@@ -13,6 +13,11 @@ Scenarios (subcommands; `herd bench` alone runs `compare`):
            that the floor adds).
   responses  N Responses API clients of one prompt, a share streaming: upstream calls, every
            stream checked whole and in order, time to first event, gaps between events.
+  messages  N anthropic SDK clients of one prompt (messages.create and messages.stream), on
+           an Anthropic route (passed as sent) and an OpenAI one (translated): upstream calls,
+           every stream whole and in order (benchmarks/api_traffic.py).
+  embeddings  a RAG ingest re-embedding repeated chunks: upstream calls, inputs embedded
+           upstream against inputs sent, every vector checked (benchmarks/api_traffic.py).
   soak     herd's resident memory sampled across many requests after a warm-up.
   chaos    upstream faults and misbehaving clients: answered, errors, hung, corrupted
            (benchmarks/chaos.py; its own options: `herd bench chaos --help`).
@@ -41,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import report, workloads
+from benchmarks.api_traffic import run_embeddings, run_messages
 from benchmarks.burst import run_burst
 from benchmarks.compare import run_compare
 from benchmarks.fanout import run_fanout
@@ -61,7 +67,7 @@ results.json, summary.txt and PNG plots to --out (default benchmarks/out/<timest
 
 SCENARIOS: dict[str, Callable[[argparse.Namespace, Stack, Path], dict[str, Any]]] = {
     "compare": run_compare, "burst": run_burst, "fanout": run_fanout, "soak": run_soak,
-    "responses": run_responses,
+    "responses": run_responses, "messages": run_messages, "embeddings": run_embeddings,
 }
 
 # (normal, --quick) defaults per scenario; a flag given on the command line always wins
@@ -75,6 +81,11 @@ DEFAULTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
                {"subscribers": 100, "rounds": 1, "reply_tokens": 20}),
     "responses": ({"clients": 200, "rounds": 3, "targets": "direct,exact"},
                   {"clients": 50, "rounds": 1, "reply_tokens": 20}),
+    "messages": ({"clients": 200, "rounds": 3, "targets": "direct,exact"},
+                 {"clients": 50, "rounds": 1, "reply_tokens": 20}),
+    "embeddings": ({"workers": 16, "batches": 400, "batch": 64, "chunks": 4000, "rounds": 2, "dim": 256,
+                    "targets": "direct,exact"},
+                   {"workers": 8, "batches": 40, "batch": 32, "chunks": 400, "rounds": 1}),
     "soak": ({"requests": 200_000, "warmup_requests": 20_000, "concurrency": 64, "targets": "exact"},
              {"requests": 20_000, "warmup_requests": 5_000}),
 }
@@ -197,6 +208,29 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("-n", "--clients", type=int, help="clients per burst (default 200; quick 50)")
     rs.add_argument("--rounds", type=int, help="bursts per target, interleaved (default 3; quick 1)")
     _common(rs)
+
+    ms = sub.add_parser("messages", help="N anthropic SDK clients of one prompt: calls, order, both route kinds",
+                        description="N anthropic.AsyncAnthropic clients send one question at once (half with "
+                                    "messages.stream, --stream-share to change) on a claude-* model (herd's Anthropic "
+                                    "upstream: the body passes as sent) and on gpt-4o-mini (its OpenAI upstream: "
+                                    "translated). Checks every stream whole and in order and every answer the same; "
+                                    "reports upstream calls, time to first event, completion times.")
+    ms.add_argument("-n", "--clients", type=int, help="clients per burst (default 200; quick 50)")
+    ms.add_argument("--rounds", type=int, help="bursts per target and route, interleaved (default 3; quick 1)")
+    _common(ms)
+
+    em = sub.add_parser("embeddings", help="a RAG ingest of repeated chunks: inputs embedded upstream vs sent",
+                        description="W workers send B POST /v1/embeddings of K chunks each, drawn (zipf) from D "
+                                    "distinct chunks, once in float and once in base64; counts upstream calls and "
+                                    "the inputs the upstream embedded, checks every vector, through herd (cache on) "
+                                    "and directly.")
+    em.add_argument("--workers", type=int, help="concurrent clients (default 16; quick 8)")
+    em.add_argument("--batches", type=int, help="requests in all (default 400; quick 40)")
+    em.add_argument("--batch", type=int, help="chunks per request (default 64; quick 32)")
+    em.add_argument("--chunks", type=int, help="distinct chunks (default 4000; quick 400)")
+    em.add_argument("--dim", type=int, help="embedding size (default 256)")
+    em.add_argument("--rounds", type=int, help="rounds, each with a fresh corpus (default 2; quick 1)")
+    _common(em)
 
     s = sub.add_parser("soak", help="herd's memory across many requests after a warm-up",
                        description="Warm herd up, then send many requests of a workload (default trace68, cache on) "

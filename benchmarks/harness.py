@@ -130,10 +130,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def herd_config(upstream_url: str, mode: str, *, cache: bool = False, cache_entries: int = 10_000,
                 request_timeout_s: float = 120.0, log_level: str = "info",
-                overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+                overrides: list[str] | tuple[str, ...] = (), anthropic: bool = False) -> dict[str, Any]:
     """A benchmark's herd config: one OpenAI-compatible upstream (``upstream_url`` without /v1),
     open auth, herd's defaults otherwise; ``overrides`` ('SECTION.KEY=VALUE', e.g.
-    'server.access_log=false') are applied last."""
+    'server.access_log=false') are applied last. ``anthropic``: the same upstream is also an
+    Anthropic one, for the models named claude-*."""
     data: dict[str, Any] = {
         "server": {"log_level": log_level, "request_timeout_s": request_timeout_s, "shutdown_grace_s": 1},
         "auth": {"mode": "open"},
@@ -143,6 +144,10 @@ def herd_config(upstream_url: str, mode: str, *, cache: bool = False, cache_entr
         "coalesce": {"mode": mode},
         "cache": {"enabled": cache, "max_entries": cache_entries},
     }
+    if anthropic:
+        data["upstreams"]["claude"] = {"kind": "anthropic", "base_url": upstream_url.rstrip("/"),
+                                       "max_connections": 4096}
+        data["routes"] = [{"model": "claude-*", "upstream": "claude"}, *data["routes"]]
     for text in overrides:
         path, value = parse_override(text)
         table = data

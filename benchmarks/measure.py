@@ -78,7 +78,7 @@ def parse_targets(text: str) -> list[str]:
 
 
 def setup(args: argparse.Namespace, stack: Stack, sim_settings: dict[str, Any], *, cache: bool = False,
-          cache_entries: int = 10_000) -> Bench:
+          cache_entries: int = 10_000, anthropic: bool = False) -> Bench:
     names = parse_targets(args.targets)
     sim: Proc | None = None
     if args.sim_url:
@@ -105,7 +105,7 @@ def setup(args: argparse.Namespace, stack: Stack, sim_settings: dict[str, Any], 
                                       headers={"x-herd-coalesce": name}))
             else:
                 p = stack.herd(sim_url, name, cache=cache, cache_entries=cache_entries, log_level=args.herd_log_level,
-                               overrides=args.herd_option or ())
+                               overrides=args.herd_option or (), anthropic=anthropic)
                 targets.append(Target(f"herd-{name}", "herd", p.url, p))
         except ProcError as e:
             if name != "semantic":

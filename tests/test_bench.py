@@ -107,6 +107,32 @@ def test_tiny_responses_fanout_makes_one_upstream_call_and_checks_every_client(t
     assert herd["stream_first_event_ms"]["n"] == 15 and herd["json_done_ms"]["n"] == 15
 
 
+def test_tiny_messages_bench_makes_one_upstream_call_per_route_and_checks_every_client(tmp_path: Path) -> None:
+    out = tmp_path / "messages"
+    proc = run_bench("messages", "-n", "20", "--rounds", "1", "--targets", "direct,exact", "--ttft-ms", "200",
+                     "--tokens-per-s", "100", "--reply-tokens", "10", "--no-progress", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    targets = json.loads((out / "results.json").read_text())["phases"][0]["targets"]
+    assert targets["direct claude-3-5-haiku-latest"]["upstream_calls_per_round"] == [20]
+    for model in ("claude-3-5-haiku-latest", "gpt-4o-mini"):
+        herd = targets[f"herd-exact {model}"]
+        assert herd["upstream_calls_per_round"] == [1] and herd["wrong_or_missing"] == 0
+        assert herd["stream_first_event_ms"]["n"] == 10 and herd["json_done_ms"]["n"] == 10
+
+
+def test_tiny_embeddings_ingest_embeds_each_distinct_chunk_once(tmp_path: Path) -> None:
+    out = tmp_path / "embeddings"
+    proc = run_bench("embeddings", "--workers", "4", "--batches", "12", "--batch", "16", "--chunks", "60",
+                     "--rounds", "1", "--dim", "16", "--targets", "direct,exact", "--no-progress", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    targets = json.loads((out / "results.json").read_text())["phases"][0]["targets"]
+    for fmt in ("float", "base64"):
+        direct, herd = targets[f"direct {fmt} r1"], targets[f"herd-exact {fmt} r1"]
+        assert direct["inputs_embedded"] == direct["inputs_sent"] == 12 * 16
+        assert herd["inputs_embedded"] == herd["distinct_inputs"] < herd["inputs_sent"]
+        assert herd["wrong"] == herd["failed"] == direct["wrong"] == 0
+
+
 def test_tiny_burst_and_fanout_measure_the_floor_after_its_leader(tmp_path: Path) -> None:
     out = tmp_path / "burst"
     proc = run_bench("burst", "-n", "40", "--rounds", "1", "--targets", "floor,exact", "--ttft-ms", "300",
@@ -178,7 +204,7 @@ def test_help_lists_the_scenarios() -> None:
     proc = subprocess.run([sys.executable, "-m", "proxy", "bench", "--help"], cwd=ROOT, capture_output=True,
                           text=True, timeout=30, check=False)
     assert proc.returncode == 0
-    for word in ("compare", "burst", "fanout", "responses", "soak", "--quick"):
+    for word in ("compare", "burst", "fanout", "responses", "messages", "embeddings", "soak", "--quick"):
         assert word in proc.stdout
 
 
