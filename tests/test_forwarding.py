@@ -100,3 +100,12 @@ def test_listing_models_goes_through_the_dispatcher(sim):
         m = httpx.get(herd.url + "/metrics").text
         assert metric(m, 'herd_upstream_calls_total{upstream="sim"}') == 2
         assert metric(m, 'herd_upstream_retries_total{upstream="sim"}') == 1
+
+
+def test_the_grafana_dashboard_shows_requests_by_api():
+    import json
+    from pathlib import Path
+
+    dashboard = json.loads((Path(__file__).resolve().parents[1] / "config" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    assert any("herd_api_requests_total" in e and "api" in e for e in exprs)
