@@ -385,3 +385,21 @@ def test_an_upstream_error_event_keeps_its_message_and_code():
     event = RESPONSES.stream_error(info.value)
     assert event.startswith(b"event: error\ndata: ")
     assert b'"message":"The model failed"' in event and b'"code":"server_error"' in event
+
+
+async def test_a_function_call_answer_is_shared_by_stream_and_json_waiters(herd, sim):
+    sim_reset(sim.url, ttft_ms=400)
+    c = client(herd)
+    ask = {"model": "gpt-4o-mini", "input": "please call tool lookup",
+           "tools": [{"type": "function", "name": "lookup", "parameters": {"type": "object"}}]}
+    whole = asyncio.create_task(c.responses.create(**ask))  # leads: the upstream answers in one piece
+    await asyncio.sleep(0.1)
+    events = await collect(await c.responses.create(**ask, stream=True))
+    answer = await whole
+    assert calls(sim.url) == 1
+    call = answer.output[0]
+    assert call.type == "function_call" and call.name == "lookup" and call.arguments == '{"q":"please call tool lookup"}'
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    args = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+    assert args == call.arguments
+    assert events[-1].type == "response.completed" and events[-1].response.output[0].call_id == call.call_id
