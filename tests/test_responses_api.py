@@ -398,7 +398,8 @@ async def test_a_function_call_answer_is_shared_by_stream_and_json_waiters(herd,
     answer = await whole
     assert calls(sim.url) == 1
     call = answer.output[0]
-    assert call.type == "function_call" and call.name == "lookup" and call.arguments == '{"q":"please call tool lookup"}'
+    assert call.type == "function_call" and call.name == "lookup"
+    assert call.arguments == '{"q":"please call tool lookup"}'
     assert [e.sequence_number for e in events] == list(range(len(events)))
     args = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
     assert args == call.arguments
