@@ -456,6 +456,11 @@ SCENARIOS: dict[str, tuple[str, Scenario]] = {
         "sim", lambda env: _sim(env, {"kind": "stall", "after_chunks": 2, "stall_s": 30,
                                       "times": max(1, env.size.burst // 16)},
                                 ttft_ms=100, tokens_per_s=200, reply_tokens=20))),
+    "SSE keep-alives only": ("faulty: burst/8 streams turn to `: keep-alive` comments half way", _fault_burst(
+        "faulty", lambda env: (env.reset_upstreams(faulty_ttft_ms=100),
+                               env.faulty_fault("keepalive", stall_s=30, times=max(1, env.size.burst // 8))))),
+    "upstream drips bytes": ("faulty: every call's stream written 7 bytes at a time", _fault_burst(
+        "faulty", lambda env: (env.reset_upstreams(faulty_ttft_ms=100), env.faulty_fault("drip")))),
     "429 storm": ("simulator: burst/2 calls get 429 with Retry-After: 1", _fault_burst(
         "sim", lambda env: _sim(env, {"kind": "status", "status": 429, "headers": {"retry-after": "1"},
                                       "times": max(1, env.size.burst // 2)}, ttft_ms=100))),

@@ -13,6 +13,8 @@ fault at a time, set with `POST /_faulty/fault` (JSON) or `FaultyUpstream.set_fa
     reset         the connection is reset before any byte
     reset_mid     half the answer (SSE events, or half the JSON body), then a reset
     stall         headers and half the events, then nothing for `stall_s` (60)
+    keepalive     half the events, then only `: keep-alive` comments (5 a second) for `stall_s`
+    drip          the whole answer, a few bytes per write (events split across reads)
     bad_json      200 application/json, a truncated body
     bad_sse       200 text/event-stream, an event whose data is not JSON
     non_object    200 with valid JSON that is not an object (`[1, 2]`; SSE `data: 5`)
@@ -43,8 +45,8 @@ from typing import Any, Self
 import orjson
 from aiohttp import web
 
-MODES = ("ok", "status", "reset", "reset_mid", "stall", "bad_json", "bad_sse", "non_object", "string_delta",
-         "echo_key")
+MODES = ("ok", "status", "reset", "reset_mid", "stall", "keepalive", "drip", "bad_json", "bad_sse", "non_object",
+         "string_delta", "echo_key")
 
 
 def answer_text(body: dict) -> str:
@@ -146,6 +148,16 @@ class Faulty:
             if i == half and mode == "stall":
                 await asyncio.sleep(float(fault.get("stall_s", 60)))
                 return resp
+            if i == half and mode == "keepalive":
+                for _ in range(int(float(fault.get("stall_s", 60)) * 5)):
+                    await resp.write(b": keep-alive\n\n")
+                    await asyncio.sleep(0.2)
+                return resp
+            if mode == "drip":
+                for k in range(0, len(event), 7):
+                    await resp.write(event[k:k + 7])
+                    await asyncio.sleep(0.001)
+                continue
             await resp.write(event)
         await resp.write_eof()
         return resp
