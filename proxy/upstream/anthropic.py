@@ -827,7 +827,20 @@ def _chat_tools(tools: list[dict]) -> list[dict]:
 
 
 def chat_request_of(body: dict) -> dict[str, Any]:
-    """The OpenAI chat request that asks what the (validated) Messages `body` asks."""
+    """The OpenAI chat request that asks what the (validated) Messages `body` asks.
+
+    herd validates the fields it reads to coalesce; the shapes inside blocks, tools and
+    options are Anthropic's to check. One that is not what the translation reads is the
+    client's error (a 400), never herd's (a 500)."""
+    try:
+        return _chat_request_of(body)
+    except (AttributeError, TypeError, KeyError, ValueError) as e:
+        raise InvalidRequest(
+            f"herd cannot translate this request for an OpenAI-compatible upstream: a field has a shape the "
+            f"Messages API does not give it ({type(e).__name__})", code="invalid_request") from None
+
+
+def _chat_request_of(body: dict) -> dict[str, Any]:
     unknown = sorted(set(body) - MESSAGES_FIELDS)
     if unknown:
         raise untranslatable(unknown[0], "herd does not know how to translate it, and will not drop it")
