@@ -28,6 +28,7 @@ Prints a table per dataset (per kind, per language), the sweep, and writes JSON.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import time
@@ -287,11 +288,7 @@ FOW_HINT = "pip install fow-cache==0.1.0 (in a herd checkout: pip install -e '.[
 
 
 def has_fow() -> bool:
-    try:
-        import fow_cache  # type: ignore[import-untyped]  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("fow_cache") is not None
 
 
 def _fow():
