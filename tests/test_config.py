@@ -288,3 +288,10 @@ def test_sampled_policies_are_the_sampling_modules():
     from proxy.sampling import POLICIES
 
     assert typing.get_args(CoalesceConfig.model_fields["sampled"].annotation) == POLICIES
+
+
+@pytest.mark.parametrize("section, key", [("server", "port"), ("server", "request_timeout_s"),
+                                          ("cache", "max_entries")])
+def test_a_boolean_is_not_a_number(section, key):
+    with pytest.raises(ConfigError, match=rf"{section}\.{key}: expected a number"):
+        parse_settings({**BASE, section: {key: True}}, env={})
