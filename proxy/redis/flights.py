@@ -6,13 +6,15 @@ flights through Redis so that one burst still makes one upstream call:
     claim(key) --SET NX lease--> leader:   call the upstream as usual; a side task renews the
                                            lease and XADDs each chunk to the flight's stream
                --lease taken---> follower: a local flight whose work mirrors the remote stream
-                                           (XREAD from the first entry, then live); local
-                                           waiters join that flight as they join any other
+                                           (from the first entry, then live); local waiters
+                                           join that flight as they join any other
 
 Every key of one flight carries the flight key as its hash tag, so it lives in one slot:
 
     {prefix}:{<key>}:lease        "<replica>:<flight id>", PX lease_s, renewed every lease_s/3
-    {prefix}:{<key>}:s:<flight>   the leader's stream: {c: chunk JSON}..., then {e: ok|err, ...}
+    {prefix}:{<key>}:s:<flight>   the leader's stream: {c: chunk JSON}..., then {e: ok|err, ...};
+                                  the first chunk says who answered (u) and whether the call was
+                                  non-stream (w); {r} means the answer starts over (a rewind)
     {prefix}:{<key>}:w            followers' heartbeats (zset, score = expiry in ms): while any
                                   is alive the leader keeps its upstream call going, even when
                                   its own clients have all left
@@ -22,13 +24,16 @@ Every key of one flight carries the flight key as its hash tag, so it lives in o
 values are ids, chunk JSON and error bodies, never a client key. Every key has a TTL.
 
 Takeover: a follower that finds the lease gone (or held by someone else) before the stream
-ended claims it and calls the upstream itself, or follows whoever did. A new source replays
-from its first chunk; the chunks this replica already gave its waiters must match it exactly
-(choices and deltas), or the flight fails with a 502 rather than splice two different answers.
+ended claims it and calls the upstream itself (the way the leader did: stream or not), or
+follows whoever did. A new source replays from its first chunk; while it repeats what the
+flight has it must match (Splice); if it differs the flight starts over (Flight.rewind):
+waiters sent none of the old answer get the new one, a stream sent part of it ends with a
+502 leader_lost, and nobody gets a splice of two answers.
 
 Degradation (proxy.redis.link): a call that fails or outlasts `timeout_s` raises
-RedisUnavailable and the flight goes on here: a claim that fails leads locally, a mirror
-that loses Redis calls the upstream itself. A Redis problem never fails a request.
+RedisUnavailable and the flight goes on here: a claim without a reply leads (and publishes,
+in case the lease was taken after all), a mirror that loses Redis calls the upstream
+itself. A Redis problem never fails a request.
 """
 
 from __future__ import annotations

@@ -159,7 +159,7 @@ class Link:
         }
         size = self.cfg.pool_size + PIPELINES + 2  # and the health pings
         if self.cfg.cluster:
-            # per node; a cluster client's pool has no queue, so its bound is generous
+            # per node; its pool has no queue, but `run` holds at most pool_size at once (its slots)
             self.client = RedisCluster.from_url(self.cfg.url, max_connections=max(size, 1024), **options)
         else:
             # waits for a free connection instead of raising MaxConnectionsError; the caller's
