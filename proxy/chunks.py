@@ -65,6 +65,7 @@ def _usage(data: dict[str, Any]) -> Any:
 
 _TEXT = (str, type(None))
 _OBJECT = (dict, type(None))
+_LIST = (list, type(None))
 
 
 def malformed(data: Any) -> str | None:
@@ -87,8 +88,10 @@ def malformed(data: Any) -> str | None:
             return "a choice that is not an object"
         if type(choice.get("index", 0)) is not int or not isinstance(choice.get("finish_reason"), _TEXT):
             return "a choice's index or finish_reason of the wrong type"
-        if not isinstance(choice.get("logprobs"), _OBJECT):
-            return "logprobs that are not an object"
+        logprobs = choice.get("logprobs")
+        if logprobs is not None and (type(logprobs) is not dict or not all(
+                isinstance(logprobs.get(k), _LIST) for k in ("content", "refusal"))):
+            return "logprobs that are not an object of lists"
         delta = choice.get("delta")
         if delta is None:
             continue
@@ -100,13 +103,29 @@ def malformed(data: Any) -> str | None:
                 and isinstance(delta.get("refusal"), _TEXT)):
             return "a delta's role, content or refusal that is not a string"
         calls = delta.get("tool_calls")
-        if calls is not None and not (
-            type(calls) is list and all(type(c) is dict and isinstance(c.get("function"), _OBJECT) for c in calls)
-        ):
-            return "tool_calls that are not a list of objects"
-        if not isinstance(delta.get("function_call"), _OBJECT):
-            return "a function_call that is not an object"
+        if calls is not None and (type(calls) is not list or not all(_tool_call(c) for c in calls)):
+            return "tool_calls that are not a list of tool calls"
+        call = delta.get("function_call")
+        if call is not None and not _function(call):
+            return "a function_call that is not a name and arguments"
     return None
+
+
+#: A tool call's index in a chunk is at most this: an index is where the call is assembled.
+MAX_TOOL_CALLS = 1024
+
+
+def _function(fn: Any) -> bool:
+    return type(fn) is dict and isinstance(fn.get("name"), _TEXT) and isinstance(fn.get("arguments"), _TEXT)
+
+
+def _tool_call(call: Any) -> bool:
+    if type(call) is not dict:
+        return False
+    index = call.get("index", 0)
+    return (type(index) is int and 0 <= index < MAX_TOOL_CALLS
+            and isinstance(call.get("id"), _TEXT) and isinstance(call.get("type"), _TEXT)
+            and (call.get("function") is None or _function(call["function"])))
 
 
 def _merge_tool_calls(target: list[dict], deltas: list[dict]) -> None:

@@ -11,7 +11,10 @@ import asyncio
 import time
 
 import openai
+import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from benchmarks.faulty import FaultyUpstream
 from proxy.chunks import Chunk, assemble, malformed
@@ -269,9 +272,61 @@ GOOD = {"id": "c", "object": "chat.completion.chunk", "choices": [{"index": 0, "
         ({"choices": [{"index": 0, "delta": {"function_call": "f"}}]}, False),
         ({"choices": [{"index": 0, "delta": {}, "finish_reason": 1}]}, False),
         ({"choices": [], "usage": 7}, False),
+        ({"choices": [{"index": 0, "delta": {"tool_calls": [{"index": "1"}]}}]}, False),
+        ({"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 10**12}]}}]}, False),  # would fill memory
+        ({"choices": [{"index": 0, "delta": {"tool_calls": [{"index": -1}]}}]}, False),
+        ({"choices": [{"index": 0, "delta": {"tool_calls": [{"function": {"name": 5}}]}}]}, False),
+        ({"choices": [{"index": 0, "delta": {"tool_calls": [{"id": ["x"]}]}}]}, False),
+        ({"choices": [{"index": 0, "delta": {"function_call": {"arguments": {}}}}]}, False),
+        ({"choices": [{"index": 0, "delta": {}, "logprobs": {"content": 5}}]}, False),
+        ({"choices": [{"index": 0, "delta": {}, "logprobs": {"content": [{"token": "a"}]}}]}, True),
     ],
 )
 def test_malformed_chunks_are_told_apart(data, ok):
     assert (malformed(data) is None) is ok
     if ok:
         assemble([Chunk(data)])  # what passes can be assembled
+
+
+# -- any JSON an upstream sends: chunks that assemble, or an upstream error -----------------
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=12,
+)
+_delta = st.dictionaries(
+    st.sampled_from(["role", "content", "refusal", "tool_calls", "function_call"]),
+    _json | st.lists(st.dictionaries(st.sampled_from(["index", "id", "type", "function"]),
+                                     _json | st.integers(-3, 2**40)
+                                     | st.dictionaries(st.sampled_from(["name", "arguments"]), _json)),
+                     max_size=2),
+)
+_chunkish = st.fixed_dictionaries(
+    {"choices": st.lists(st.fixed_dictionaries({}, optional={"index": _json, "delta": _json | _delta,
+                                                             "finish_reason": _json, "logprobs": _json}),
+                         max_size=2) | _json},
+    optional={"usage": _json, "id": _json, "error": _json},
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_json | _chunkish, min_size=1, max_size=4))
+def test_any_json_an_upstream_streams_is_chunks_that_assemble_or_an_upstream_error(values):
+    from proxy.apis.chat import CHAT_WIRE
+    from proxy.errors import HerdError
+    from proxy.sse import Event
+
+    try:
+        chunks, _, _ = CHAT_WIRE.events([Event(orjson.dumps(v)) for v in values], "u")
+    except HerdError as e:
+        assert e.status == 502
+    else:
+        assemble(chunks)
+    try:
+        chunks = CHAT_WIRE.whole(orjson.dumps({"choices": [{"index": 0, "message": values[0]}]}), "u")
+    except HerdError as e:
+        assert e.status == 502
+    else:
+        assemble(chunks)
