@@ -430,10 +430,7 @@ class Gateway:
 
     async def _embed_batch(self, batch: EmbedBatch, route: RouteConfig, options: CallOptions, req,
                            read_cache: bool, store: bool) -> None:
-        """Cached inputs from the cache; the rest in one upstream call, each input's vector kept
-        as the upstream wrote it, with its share of the call's tokens (proxy.apis.embeddings)."""
-        from proxy.apis.embeddings import EMBEDDINGS_WIRE, entry, shares, vectors
-
+        """Cached inputs from the cache; the rest in one upstream call (_embed_call)."""
         try:
             missing = []
             cache = self.cache
@@ -445,28 +442,47 @@ class Gateway:
                 else:
                     missing.append(key)
             if missing:
-                inputs = [batch.items[key] for key in missing]
-                body = {**req.body, "input": inputs}
-                raw = b""
-                started = time.perf_counter()
-                async for chunks in self.dispatcher.stream(route, body, options, lambda name: None, False,
-                                                           EMBEDDINGS_WIRE):
-                    raw = chunks[0].whole or raw
-                self.metrics.upstream_latency.labels(route.upstream).observe(time.perf_counter() - started)
-                found, model, total = vectors(raw, route.upstream, len(missing))
-                weights = [len(item) if isinstance(item, list) else self.dispatcher.tokens.count_text(item, req.model)
-                           for item in inputs]
-                ttl = self.settings.cache.ttl_seconds
-                for key, vector, tokens in zip(missing, found, shares(total, weights), strict=True):
-                    answer = Answer(b"", b"", entry(vector, tokens, model or req.model))
-                    batch.results[key] = answer
-                    if store and cache is not None and ttl > 0:
-                        self._spawn(cache.put(key, answer, ttl))
+                try:
+                    await self._embed_call(batch, missing, route, options, req, store)
+                except HerdError as e:
+                    if len(missing) == 1 or not (400 <= e.status < 500 and e.status not in (401, 403, 408, 429)):
+                        raise
+                    # The call was refused for what it asked (one bad input, most likely): one input's
+                    # fault must not fail the others, or another request that joined one of them.
+                    # Each goes alone.
+                    alone = await asyncio.gather(*[self._embed_call(batch, [key], route, options, req, store)
+                                                   for key in missing], return_exceptions=True)
+                    for key, outcome in zip(missing, alone, strict=True):
+                        if isinstance(outcome, BaseException):
+                            batch.results[key] = outcome
         except Exception as e:
             for key in batch.items:
                 batch.results.setdefault(key, e)
         finally:
             batch.done.set()
+
+    async def _embed_call(self, batch: EmbedBatch, keys: list[str], route: RouteConfig, options: CallOptions, req,
+                          store: bool) -> None:
+        """One upstream call for `keys`' inputs; each input's vector kept as the upstream wrote
+        it, with its share of the call's tokens (proxy.apis.embeddings), and cached."""
+        from proxy.apis.embeddings import EMBEDDINGS_WIRE, entry, shares, vectors
+
+        inputs = [batch.items[key] for key in keys]
+        raw = b""
+        started = time.perf_counter()
+        async for chunks in self.dispatcher.stream(route, {**req.body, "input": inputs}, options, lambda name: None,
+                                                   False, EMBEDDINGS_WIRE):
+            raw = chunks[0].whole or raw
+        self.metrics.upstream_latency.labels(route.upstream).observe(time.perf_counter() - started)
+        found, model, total = vectors(raw, route.upstream, len(keys))
+        weights = [len(item) if isinstance(item, list) else self.dispatcher.tokens.count_text(item, req.model)
+                   for item in inputs]
+        ttl = self.settings.cache.ttl_seconds
+        for key, vector, tokens in zip(keys, found, shares(total, weights), strict=True):
+            answer = Answer(b"", b"", entry(vector, tokens, model or req.model))
+            batch.results[key] = answer
+            if store and self.cache is not None and ttl > 0:
+                self._spawn(self.cache.put(key, answer, ttl))
 
     async def embedded(self, req, tickets: dict[str, Ticket]) -> Embedded:
         """Wait for every input's flight and reassemble the answer in the client's order."""

@@ -168,3 +168,28 @@ async def test_an_upstream_failure_reaches_every_waiter(herd, sim):
     assert upstream(sim.url)[0] == 1
     ok = await post(herd.url, {"model": MODEL, "input": ["f1", "f2"]})  # a failed input is not remembered
     assert ok.status_code == 200
+
+
+async def test_one_bad_input_fails_only_the_requests_that_sent_it(herd, sim):
+    """A batch the upstream refuses for what it asked is retried input by input: a request
+    that joined one of its good inputs gets its answer, not the other request's 400."""
+    sim_reset(sim.url)
+    sim_faults(sim.url, {"kind": "status", "path": PATH, "status": 400, "times": -1, "match": "poison",
+                         "delay_ms": 300})
+    bad = asyncio.create_task(post(herd.url, {"model": MODEL, "input": ["poison pill", "good chunk"]}))
+    await asyncio.sleep(0.1)  # its batch is in flight: this joins "good chunk"
+    good = await post(herd.url, {"model": MODEL, "input": ["good chunk"]})
+    assert good.status_code == 200 and good.headers["x-herd"] == "follower"
+    assert (await bad).status_code == 400
+    direct = await post(sim.url, {"model": MODEL, "input": ["good chunk"]})
+    assert data_of(good.content) == data_of(direct.content)
+
+
+async def test_coalescing_off_sends_each_request_as_it_came(herd, sim):
+    sim_reset(sim.url, ttft_ms=200)
+    body = {"model": MODEL, "input": ["o1", "o2"]}
+    async with httpx.AsyncClient(timeout=30) as http:
+        answers = await asyncio.gather(*[http.post(herd.url + PATH, json=body, headers={"x-herd-coalesce": "off"})
+                                         for _ in range(3)])
+    assert [a.headers["x-herd"] for a in answers] == ["bypass"] * 3
+    assert upstream(sim.url) == (3, 6)
