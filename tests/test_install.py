@@ -38,9 +38,10 @@ def test_eval_without_fow_cache_runs_herds_pairs_and_says_how_to_get_the_rest(tm
     from proxy.semantic import evaluate
 
     monkeypatch.setattr(evaluate, "has_fow", lambda: False)
-    out = tmp_path / "eval.json"
-    rc = evaluate.main(["--limit", "3", "--sweep", "0.40:0.80:0.20", "--json", str(out)])
+    monkeypatch.chdir(tmp_path)  # not a herd checkout: results go to ./herd-bench
+    rc = evaluate.main(["--limit", "3", "--sweep", "0.40:0.80:0.20"])
     assert rc == 0
+    out = tmp_path / "herd-bench" / "semantic-eval.json"
     err = capsys.readouterr().err
     assert "pip install fow-cache==0.1.0" in err and "herd[eval]" not in err
     assert set(json.loads(out.read_text())["datasets"]) == {"herd"}

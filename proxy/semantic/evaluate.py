@@ -40,7 +40,8 @@ from embeddings.embedder import DEFAULT_PRECISION, PRECISIONS
 from proxy.semantic.decide import DEFAULT_THRESHOLD, Decision, MatchConfig
 from proxy.semantic.matcher import Matcher
 
-DEFAULT_JSON = Path("benchmarks/out/semantic-eval.json")
+DEFAULT_JSON = Path("benchmarks/out/semantic-eval.json")  # run from a herd checkout
+INSTALLED_JSON = Path("herd-bench/semantic-eval.json")  # anywhere else (herd installed from a wheel)
 DEFAULT_SWEEP = "0.30:0.95:0.05"
 TARGET_TRAPS = 0.01  # questions: at most 1% of traps merged
 TARGET_SERVED = 0.75  # questions: at least 75% of should-merge pairs served
@@ -521,7 +522,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                     help=f"similarity threshold (default {DEFAULT_THRESHOLD})")
     ap.add_argument("--sweep", default=DEFAULT_SWEEP, help=f"thresholds LO:HI:STEP (default {DEFAULT_SWEEP})")
-    ap.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"write results here (default {DEFAULT_JSON})")
+    ap.add_argument("--json", type=Path, default=None,
+                    help=f"write results here (default {DEFAULT_JSON} in a herd checkout, else {INSTALLED_JSON})")
     ap.add_argument("--model", default=None, help="ONNX model path (default: the bundled all-MiniLM-L6-v2 int8)")
     ap.add_argument("--tokenizer", default=None, help="tokenizer.json path (default: embeddings/assets)")
     ap.add_argument("--languages", default="en", help="languages the model reads, comma separated (default en)")
@@ -542,6 +544,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
                     help=f"the model's matrix products: int8 or fp32 (default {DEFAULT_PRECISION}, as herd runs it)")
     args = ap.parse_args(argv)
+    if args.json is None:
+        args.json = DEFAULT_JSON if Path("benchmarks", "__init__.py").is_file() else INSTALLED_JSON
     if not 0.0 < args.threshold <= 1.0:
         ap.error("--threshold must be in (0, 1]")
     sweep = parse_sweep(args.sweep)
