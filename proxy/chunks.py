@@ -217,6 +217,9 @@ def malformed_completion(data: Any) -> str | None:
     for choice in data["choices"]:
         if not isinstance(choice, dict) or not isinstance(choice.get("message"), (dict, type(None))):
             return "a choice or message that is not an object"
+        calls = (choice.get("message") or {}).get("tool_calls")
+        if calls is not None and (type(calls) is not list or not all(type(c) is dict for c in calls)):
+            return "tool_calls that are not a list of objects"
     return None
 
 

@@ -312,8 +312,8 @@ _chunkish = st.fixed_dictionaries(
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(_json | _chunkish, min_size=1, max_size=4))
-def test_any_json_an_upstream_streams_is_chunks_that_assemble_or_an_upstream_error(values):
+@given(st.lists(_json | _chunkish, min_size=1, max_size=4), _json | _delta)
+def test_any_json_an_upstream_streams_is_chunks_that_assemble_or_an_upstream_error(values, message):
     from proxy.apis.chat import CHAT_WIRE
     from proxy.errors import HerdError
     from proxy.sse import Event
@@ -325,8 +325,18 @@ def test_any_json_an_upstream_streams_is_chunks_that_assemble_or_an_upstream_err
     else:
         assemble(chunks)
     try:
-        chunks = CHAT_WIRE.whole(orjson.dumps({"choices": [{"index": 0, "message": values[0]}]}), "u")
+        chunks = CHAT_WIRE.whole(orjson.dumps({"choices": [{"index": 0, "message": message}]}), "u")
     except HerdError as e:
         assert e.status == 502
     else:
         assemble(chunks)
+
+
+@pytest.mark.parametrize("message", [{"tool_calls": ["x"]}, {"tool_calls": "x"}, {"tool_calls": [{"function": 5}]}])
+def test_a_non_stream_answer_with_broken_tool_calls_is_an_upstream_error(message):
+    from proxy.apis.chat import CHAT_WIRE
+    from proxy.errors import UpstreamUnavailable
+
+    with pytest.raises(UpstreamUnavailable) as info:
+        CHAT_WIRE.whole(orjson.dumps({"choices": [{"index": 0, "message": message}]}), "u")
+    assert info.value.status == 502
