@@ -90,11 +90,13 @@ async def test_a_burst_of_failed_calls_counts_as_one_failure(upstream):
 async def test_a_retry_that_meets_the_open_circuit_waits_for_the_probe(upstream):
     """The first failure opens the circuit (circuit_failures = 1); the flight's retry waits out
     the cool-down and is the probe, instead of failing with 503 circuit_open at once."""
+    upstream.faulty.ttft_ms = 200  # the flight lasts long enough for all six to join it
     upstream.set_fault("status", status=503, times=1)
     settings = herd_settings(upstream.url, upstreams={"sim": {
         "retries": 1, "backoff_base_s": 0.01, "circuit_failures": 1, "circuit_reset_s": 0.3}})
     with HerdServer(settings) as herd:
-        answers = await asyncio.gather(*[ask(client(herd), "once more", stream=i % 2 == 0) for i in range(6)])
+        c = client(herd)
+        answers = await asyncio.gather(*[ask(c, "once more", stream=i % 2 == 0) for i in range(6)])
     assert answers == ["echo: once more"] * 6
     assert upstream.stats()["calls"] == 2
 
