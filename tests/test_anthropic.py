@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 
 import openai
 import pytest
@@ -359,6 +360,7 @@ def test_a_malformed_event_is_an_upstream_error_not_a_crash(event):
         t.feed(event)
         t.feed({"type": "message_stop"})
     assert info.value.status == 502 and "malformed" in info.value.message
+    assert not re.search(r"[A-Z][a-z]+(Error|Exception)\b", info.value.message)  # words, not a Python class
 
 
 def test_event_stream_becomes_openai_chunks():

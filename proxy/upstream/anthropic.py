@@ -486,8 +486,8 @@ class StreamTranslator:
         """The chunks `event` makes; an event herd cannot read is an UpstreamUnavailable (502)."""
         try:
             chunks = self._feed(event)
-        except (KeyError, TypeError, AttributeError, ValueError) as e:
-            raise _malformed(f"a {type(e).__name__} reading a stream event") from None
+        except (KeyError, TypeError, AttributeError, ValueError):
+            raise _malformed(f"a {event.get('type', 'stream')!s:.40} event with missing or mistyped fields") from None
         for chunk in chunks:
             if (why := malformed(chunk.data)) is not None:
                 raise _malformed(why)
@@ -696,9 +696,9 @@ class AnthropicUpstream(Upstream):
             raise connection_error(self.name, e, self.cfg.base_url) from None
         except anthropic.APIStatusError as e:
             raise self._error(e) from None
-        except (anthropic.APIResponseValidationError, ValueError) as e:
+        except (anthropic.APIResponseValidationError, ValueError):
             raise UpstreamUnavailable(
-                f"upstream {self.name!r} sent an answer herd cannot read: {type(e).__name__}"
+                f"upstream {self.name!r} sent an answer herd cannot read (not in the Messages API's format)"
             ) from None
         finally:
             if response is not None:
@@ -834,10 +834,10 @@ def chat_request_of(body: dict) -> dict[str, Any]:
     client's error (a 400), never herd's (a 500)."""
     try:
         return _chat_request_of(body)
-    except (AttributeError, TypeError, KeyError, ValueError) as e:
+    except (AttributeError, TypeError, KeyError, ValueError):
         raise InvalidRequest(
-            f"herd cannot translate this request for an OpenAI-compatible upstream: a field has a shape the "
-            f"Messages API does not give it ({type(e).__name__})", code="invalid_request") from None
+            "herd cannot translate this request for an OpenAI-compatible upstream: a field has a shape the "
+            "Messages API does not give it", code="invalid_request") from None
 
 
 def _chat_request_of(body: dict) -> dict[str, Any]:
