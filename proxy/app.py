@@ -38,7 +38,7 @@ from proxy.gateway import Gateway
 from proxy.ids import unique_id
 from proxy.logs import flush_logs, log_access
 from proxy.metrics import CONTENT_TYPE_LATEST, Metrics
-from proxy.responses import FlightResponse, shutting_down
+from proxy.responses import FlightResponse, shutting_down, until_disconnect
 from proxy.sampling import HEADER as SAMPLED_HEADER
 from proxy.sampling import parse_header as sampled_policy
 from proxy.upstream import CallOptions
@@ -291,11 +291,19 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> ApisFirst:
             directives = {d.strip().lower() for d in control.split(",")} if control else set()
             tickets, _ = gateway.embed(req, identity, mode, read_cache="no-cache" not in directives,
                                        write_cache="no-store" not in directives)
+            answer: list = []
+
+            async def wait() -> None:
+                answer.append(await gateway.embedded(req, tickets))
+
             try:
                 async with asyncio.timeout(settings.server.request_timeout_s):
-                    result = await gateway.embedded(req, tickets)
+                    # a client that leaves releases its inputs' flights: the last waiter out cancels the call
+                    if not await until_disconnect(wait(), receive):
+                        return
             except TimeoutError:
                 raise DeadlineExceeded("The embeddings were not all answered before the request's deadline.") from None
+            result = answer[0]
             metrics.requests.labels(result.role).inc()
             metrics.api_requests.labels("embeddings", result.role).inc()
             for source, n in result.counts.items():

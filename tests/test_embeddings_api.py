@@ -137,6 +137,11 @@ async def test_cached_inputs_are_served_and_only_missing_ones_go_up(cached_herd,
     assert data_of(second.content)[0]["embedding"] == data_of(first.content)[2]["embedding"]
     third = await post(cached_herd.url, {"model": MODEL, "input": ["c5", "c2"]})
     assert upstream(sim.url) == (2, 5) and third.headers["x-herd"] == "cache"
+    metrics = httpx.get(cached_herd.url + "/metrics").text
+    for line in ('herd_embedding_inputs_total{source="upstream"} 5.0',
+                 'herd_embedding_inputs_total{source="cache"} 4.0',
+                 'herd_api_requests_total{api="embeddings",outcome="cache"} 1.0'):
+        assert line in metrics
     direct = await post(sim.url, {"model": MODEL, "input": ["c5", "c2"]})
     assert third.content == direct.content
     # usage: the client's own inputs, with each input's share of the call that embedded it
@@ -193,3 +198,14 @@ async def test_coalescing_off_sends_each_request_as_it_came(herd, sim):
                                          for _ in range(3)])
     assert [a.headers["x-herd"] for a in answers] == ["bypass"] * 3
     assert upstream(sim.url) == (3, 6)
+
+
+async def test_the_last_client_leaving_cancels_the_upstream_call(herd, sim):
+    sim_reset(sim.url, ttft_ms=4000)
+    async with httpx.AsyncClient(timeout=1.0) as http:
+        with pytest.raises(httpx.ReadTimeout):
+            await http.post(herd.url + PATH, json={"model": MODEL, "input": ["leave", "early"]})
+    deadline = asyncio.get_running_loop().time() + 10
+    while sim_stats(sim.url, log=False)["disconnects"] < 1:
+        assert asyncio.get_running_loop().time() < deadline, "the upstream call was not cancelled"
+        await asyncio.sleep(0.05)

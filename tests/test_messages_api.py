@@ -239,6 +239,26 @@ async def test_count_tokens_forwarded_or_estimated(herd, sim):
     assert raw.headers["x-herd-token-count"] == "estimate" and (await raw.parse()).input_tokens > 3
 
 
+async def test_semantic_mode_merges_a_paraphrased_final_user_message_only(sim):
+    """As for chat: the final user message's text is the semantic message; the system
+    prompt and everything else must be identical."""
+    sim_reset(sim.url, ttft_ms=1500)
+    with HerdServer(herd_config(sim.url, coalesce={"mode": "semantic"})) as herd:
+        c = client(herd).messages.with_raw_response
+        first = asyncio.create_task(c.create(**ask(CLAUDE, "How do I reset my password?", system="support desk",
+                                                   temperature=0)))
+        await asyncio.sleep(0.3)
+        para = await c.create(**ask(CLAUDE, "how can I reset my password", system="support desk", temperature=0))
+        other = await c.create(**ask(CLAUDE, "how can I reset my password", system="sales desk", temperature=0))
+        lead = await first
+        assert para.headers["x-herd"] == "follower" and float(para.headers["x-herd-similarity"]) > 0.5
+        assert (await para.parse()).id == (await lead.parse()).id
+        assert other.headers["x-herd"] == "leader"
+        assert calls(sim.url, CLAUDE) == 2
+        metrics = httpx.get(herd.url + "/metrics").text
+        assert 'herd_api_requests_total{api="messages",outcome="follower"} 1.0' in metrics
+
+
 async def test_cached_messages_replay_as_stream_and_json(sim):
     sim_reset(sim.url)
     with HerdServer(herd_config(sim.url, cache={"enabled": True})) as herd:
