@@ -184,8 +184,11 @@ class CircuitBreaker:
             error = CircuitOpen(f"{last.message}; herd is not trying it again {pause} (circuit open)",
                                 status=502, type="upstream_error")
         else:
+            why = f" (last: HTTP {last.status})" if isinstance(last, UpstreamError) else (
+                f" (last: {last.message})" if isinstance(last, HerdError) else "")
+            pause = f"for {math.ceil(wait)} s" if wait else "until a trial call answers"
             error = CircuitOpen(
-                f"The upstream {upstream!r} is failing; herd stopped calling it for a while (circuit open).",
+                f"The upstream {upstream!r} is failing{why}; herd stopped calling it {pause} (circuit open).",
                 headers=retry_after_header(wait or 1.0),
             )
         error.wait = wait

@@ -159,3 +159,21 @@ def test_https_to_a_plain_http_upstream_is_said(sim):
             c.chat.completions.create(model="m", messages=user("hi"))
     assert info.value.status_code == 502
     assert "TLS handshake" in info.value.body["message"] and "http://" in info.value.body["message"]
+
+
+@pytest.mark.parametrize("failure, words", [
+    ("status", "failing (last: HTTP 502); herd stopped calling it for 10 s (circuit open)"),
+    ("timeout", "failing (last: upstream 'u' did not answer in time); herd stopped calling it for 10 s"),
+])
+def test_an_open_circuit_says_what_failed_and_for_how_long(failure, words):
+    from proxy.errors import UpstreamError, UpstreamTimeout
+    from proxy.resilience import CircuitBreaker, CircuitOpen
+
+    now = [0.0]
+    breaker = CircuitBreaker(failures=1, reset_s=10, clock=lambda: now[0])
+    error = UpstreamError(502) if failure == "status" else UpstreamTimeout("upstream 'u' did not answer in time")
+    breaker.record(error, breaker.admit("u"))
+    with pytest.raises(CircuitOpen) as info:
+        breaker.admit("u")
+    assert info.value.status == 503 and info.value.headers["retry-after"] == "10"
+    assert words in info.value.message
