@@ -347,3 +347,39 @@ def test_any_valid_messages_body_translates_or_is_a_400(body):
         chat_request_of(req.body)
     except InvalidRequest:
         pass
+
+
+@pytest.mark.parametrize("bad", [
+    b'{"type":"content_block_delta","delta":{"type":"text_delta","text":"x"}}',  # no index
+    b'{"type":"content_block_delta","index":0,"delta":"x"}',  # a delta that is a string
+    b'{"type":"content_block_start","index":0,"content_block":[]}',
+    b'{"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":7}',
+])
+async def test_a_malformed_anthropic_event_is_a_502_never_a_500(bad):
+    from aiohttp import web
+
+    start = (b'event: message_start\ndata: {"type":"message_start","message":{"id":"m","type":"message",'
+             b'"role":"assistant","model":"c","content":[],"usage":{"input_tokens":1,"output_tokens":0}}}\n\n')
+
+    async def messages(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        stop = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+        await resp.write(start + b"event: x\ndata: " + bad + b"\n\n" + stop)
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/messages", messages)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    try:
+        with HerdServer(herd_config(f"http://127.0.0.1:{port}")) as herd:
+            with pytest.raises(anthropic.APIStatusError) as info:
+                await client(herd).messages.create(**ask(CLAUDE, "malformed", temperature=0))
+            assert info.value.status_code == 502
+            assert info.value.body["type"] == "error" and info.value.body["error"]["type"] == "api_error"
+    finally:
+        await runner.cleanup()

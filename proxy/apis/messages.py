@@ -75,6 +75,28 @@ def event_chunk(data: dict[str, Any], raw: bytes | None = None) -> Chunk:
     return chunk
 
 
+def malformed_event(data: dict[str, Any]) -> str | None:
+    """Why a Messages stream event is not one herd can pass on and assemble, or None (the
+    fields herd reads must have their types; anything else passes as it came)."""
+    kind = data["type"]
+    if kind == "message_start" and not (isinstance(data.get("message"), dict)
+                                        and isinstance(data["message"].get("usage", {}), dict)):
+        return "a message_start without a message object"
+    if kind.startswith("content_block_") and not is_int(data.get("index")):
+        return f"a {kind} without an integer index"
+    if kind == "content_block_start" and not isinstance(data.get("content_block"), dict):
+        return "a content_block_start without a block object"
+    if kind == "content_block_delta":
+        delta = data.get("delta")
+        if not isinstance(delta, dict) or not all(isinstance(delta.get(k, ""), str) for k in
+                                                  ("type", "text", "thinking", "signature", "partial_json")):
+            return "a content_block_delta whose delta is not an object of strings"
+    if kind == "message_delta" and not (isinstance(data.get("delta", {}), dict)
+                                        and isinstance(data.get("usage", {}), dict)):
+        return "a message_delta whose delta or usage is not an object"
+    return None
+
+
 def split_message(message: dict[str, Any]) -> list[dict[str, Any]]:
     """The events a whole message object would have been streamed as."""
     usage: dict[str, Any] = message["usage"] if isinstance(message.get("usage"), dict) else {}
@@ -207,6 +229,8 @@ class NativeMessagesWire(_MessagesUsage):
             if data["type"] == "error":
                 detail: dict[str, Any] = data["error"] if isinstance(data.get("error"), dict) else {}
                 raise UpstreamError(EVENT_STATUS.get(str(detail.get("type")), 502), event.data, upstream=upstream)
+            if (why := malformed_event(data)) is not None:
+                raise malformed_answer(upstream, why)
             batch.append(event_chunk(data, event.data))
             if data["type"] == "message_stop":
                 return batch, True, True
@@ -218,6 +242,9 @@ class NativeMessagesWire(_MessagesUsage):
             raise UpstreamError(502, raw, upstream=upstream)
         if not isinstance(data, dict) or not isinstance(data.get("content"), list):
             raise malformed_answer(upstream, "a body that is not a message")
+        if not all(isinstance(block, dict) for block in data["content"]) or not isinstance(
+                data.get("usage", {}), dict):
+            raise malformed_answer(upstream, "a content block or usage that is not an object")
         chunks = [event_chunk(event) for event in split_message(data)]
         chunks[0].whole = raw
         return chunks
