@@ -209,3 +209,20 @@ async def test_the_last_client_leaving_cancels_the_upstream_call(herd, sim):
     while sim_stats(sim.url, log=False)["disconnects"] < 1:
         assert asyncio.get_running_loop().time() < deadline, "the upstream call was not cancelled"
         await asyncio.sleep(0.05)
+
+
+def test_vectors_are_cut_out_as_written_whatever_the_layout():
+    """OpenAI pretty-prints its JSON; an upstream may list items out of order: each input's
+    vector is its own bytes, by `index`."""
+    from proxy.apis.embeddings import shares, vectors
+
+    raw = (b'{\n  "object": "list",\n  "data": [\n    {\n      "object": "embedding",\n      "index": 1,\n'
+           b'      "embedding": [\n        -0.0069292834,\n        1e-05\n      ]\n    },\n'
+           b'    {"embedding": "AACAPwAAAEA=", "index": 0, "object": "embedding"}\n  ],\n'
+           b'  "model": "text-embedding-3-small",\n  "usage": {"prompt_tokens": 7, "total_tokens": 7}\n}\n')
+    found, model, tokens = vectors(raw, "up", 2)
+    assert found == [b'"AACAPwAAAEA="', b"[\n        -0.0069292834,\n        1e-05\n      ]"]
+    assert (model, tokens) == ("text-embedding-3-small", 7)
+    assert shares(7, [1, 1]) in ([4, 3], [3, 4]) and sum(shares(10, [3, 1, 1])) == 10
+    with pytest.raises(Exception, match="malformed"):
+        vectors(raw, "up", 3)
