@@ -18,13 +18,28 @@ from tests.harness import chat_calls, sim_reset, start_herd
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _wait_for_waiters(url: str, n: int, deadline_s: float = 20.0) -> bool:
+    """Until herd's /metrics shows `n` requests waiting on flights (False at the deadline)."""
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        text = httpx.get(url + "/metrics", timeout=5).text
+        line = next(line for line in text.splitlines() if line.startswith("herd_inflight_waiters "))
+        if float(line.split()[1]) >= n:
+            return True
+        time.sleep(0.05)
+    return False
+
+
 def test_sigterm_finishes_flights_in_progress_then_exits(tmp_path, sim):
-    sim_reset(sim.url, ttft_ms=1500)
+    # a long first token, so the flight is still in progress when all 8 have joined it
+    sim_reset(sim.url, ttft_ms=4000)
     proc, url = start_herd(tmp_path, sim.url)
     body = {"model": "m", "messages": [{"role": "user", "content": "finish me"}]}
     with ThreadPoolExecutor(8) as pool:
         futures = [pool.submit(httpx.post, url + "/v1/chat/completions", json=body, timeout=30) for _ in range(8)]
-        time.sleep(0.7)  # the flight is in progress
+        # SIGTERM once every request waits on the flight (a fixed sleep raced a loaded machine:
+        # a request still connecting when the listener closed was refused)
+        assert _wait_for_waiters(url, 8), "the 8 requests never all joined the flight"
         proc.send_signal(signal.SIGTERM)
         responses = [f.result() for f in futures]
     assert [r.status_code for r in responses] == [200] * 8
