@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import orjson
 
 from proxy.chunks import Chunk
-from proxy.errors import HerdError, InvalidRequest, UpstreamUnavailable
+from proxy.errors import HerdError, InvalidRequest, UpstreamError, UpstreamUnavailable
 
 if TYPE_CHECKING:
     from proxy.coalescer import Flight
@@ -186,6 +186,40 @@ class Wire:
         """What two answers' n-th chunks must share to be the same answer (ids and times
         aside): a replica that takes over a stream checks its own against what was sent."""
         return data.get("choices") or []
+
+
+class ChoicesWire(Wire):
+    """The OpenAI wires whose chunks carry `choices` (chat completions, legacy completions):
+    a stream asks for usage, ends with [DONE], and an error object in place of a chunk is
+    the upstream's error. Each wire says what a malformed chunk of its own is."""
+
+    def malformed(self, data: Any) -> str | None:
+        """Why `data` is not a chunk of this wire herd can pass on and assemble, or None."""
+        raise NotImplementedError
+
+    def stream_payload(self, body: dict) -> dict:
+        return {**body, "stream": True, "stream_options": {"include_usage": True}}
+
+    def whole_payload(self, body: dict) -> dict:
+        payload = {k: v for k, v in body.items() if k != "stream_options"}
+        payload["stream"] = False
+        return payload
+
+    def events(self, events: list[Event], upstream: str) -> tuple[list[Chunk], bool, bool]:
+        batch: list[Chunk] = []
+        finished = False
+        for event in events:
+            if event.data == b"[DONE]":
+                return batch, finished, True
+            data = orjson.loads(event.data)
+            if isinstance(data, dict) and "error" in data and "choices" not in data:
+                raise UpstreamError(502, orjson.dumps(data), upstream=upstream)
+            if (why := self.malformed(data)) is not None:
+                raise malformed_answer(upstream, why)
+            if any(c.get("finish_reason") for c in data.get("choices") or ()):
+                finished = True
+            batch.append(Chunk(data, event.data))
+        return batch, finished, False
 
 
 @dataclass(eq=False)

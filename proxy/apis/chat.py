@@ -16,7 +16,7 @@ import orjson
 from proxy.apis.base import (
     Api,
     ApiRequest,
-    Wire,
+    ChoicesWire,
     canonical_params,
     check_range,
     digest,
@@ -47,36 +47,15 @@ UNORDERED_PARAMS = frozenset({"logit_bias", "metadata", "audio", "prediction", "
 STRING_PARTS = {"text": "text", "refusal": "refusal"}
 
 
-class ChatWire(Wire):
+class ChatWire(ChoicesWire):
     """OpenAI chat completions: `chat.completion.chunk`s, ended by a finish_reason and [DONE]."""
 
     name = "chat"
     path = "chat/completions"
     title = "chat completions"
 
-    def stream_payload(self, body: dict) -> dict:
-        return {**body, "stream": True, "stream_options": {"include_usage": True}}
-
-    def whole_payload(self, body: dict) -> dict:
-        payload = {k: v for k, v in body.items() if k != "stream_options"}
-        payload["stream"] = False
-        return payload
-
-    def events(self, events, upstream: str) -> tuple[list[Chunk], bool, bool]:
-        batch: list[Chunk] = []
-        finished = False
-        for event in events:
-            if event.data == b"[DONE]":
-                return batch, finished, True
-            data = orjson.loads(event.data)
-            if isinstance(data, dict) and "error" in data and "choices" not in data:
-                raise UpstreamError(502, orjson.dumps(data), upstream=upstream)
-            if (why := malformed(data)) is not None:
-                raise malformed_answer(upstream, why)
-            if any(c.get("finish_reason") for c in data.get("choices") or ()):
-                finished = True
-            batch.append(Chunk(data, event.data))
-        return batch, finished, False
+    def malformed(self, data: Any) -> str | None:
+        return malformed(data)
 
     def whole(self, raw: bytes, upstream: str) -> list[Chunk]:
         data = orjson.loads(raw)
