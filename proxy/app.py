@@ -41,7 +41,6 @@ from proxy.metrics import CONTENT_TYPE_LATEST, Metrics
 from proxy.responses import FlightResponse, shutting_down, until_disconnect
 from proxy.sampling import HEADER as SAMPLED_HEADER
 from proxy.sampling import parse_header as sampled_policy
-from proxy.upstream import CallOptions
 from proxy.upstream.base import forward_path
 
 log = logging.getLogger("herd.app")
@@ -345,12 +344,26 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> ApisFirst:
             _, upstream = gateway.route(model)
             native = getattr(upstream, "native", None)
             if native is not None:
-                options = CallOptions(client_key=identity.client_key, api_headers=probe.upstream_headers)
-                status, content_type, answer = await native.post("messages/count_tokens", raw, options)
-                if status >= 400:
-                    raise UpstreamError(status, answer, content_type=content_type, upstream=upstream.name)
-                response = Response(answer, status_code=status, media_type="application/json",
-                                    headers={"x-herd": "bypass", "x-herd-upstream": upstream.name})
+                # a forwarded call like any other: the dispatcher's breaker, rate limits and metrics
+                try:
+                    name, resp = await gateway.forward("POST", "messages/count_tokens", "",
+                                                       {"content-type": "application/json"}, raw, identity,
+                                                       api_headers=probe.upstream_headers)
+                    try:
+                        answer = b"".join([part async for part in resp.body])
+                    finally:
+                        resp.close()
+                    if resp.status >= 400:
+                        content_type = next((v for k, v in resp.headers if k.lower() == "content-type"),
+                                            "application/json")
+                        raise UpstreamError(resp.status, answer, content_type=content_type, upstream=name)
+                except HerdError:
+                    metrics.api_requests.labels("forward", "error").inc()
+                    raise
+                metrics.requests.labels("bypass").inc()
+                metrics.api_requests.labels("forward", "bypass").inc()
+                response = Response(answer, status_code=resp.status, media_type="application/json",
+                                    headers={"x-herd": "bypass", "x-herd-upstream": name})
             else:
                 from proxy.upstream.anthropic import chat_request_of  # the SDK is loaded only when used
 

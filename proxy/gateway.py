@@ -324,18 +324,20 @@ class Gateway:
 
     # -- calls herd does not coalesce ---------------------------------------------------
     async def forward(
-        self, method: str, path: str, query: str, headers: dict[str, str], body: bytes, identity: Identity
+        self, method: str, path: str, query: str, headers: dict[str, str], body: bytes, identity: Identity,
+        api_headers: dict[str, str] | None = None,
     ) -> tuple[str, ForwardResponse]:
         """(upstream name, its answer) for a forwarded call (`path` below /v1, checked): to the
         upstream of the model a JSON body names, else the first route's, through the
-        dispatcher (breaker, rate limits, retries for idempotent methods, metrics)."""
+        dispatcher (breaker, rate limits, retries for idempotent methods, metrics).
+        `api_headers`: the client API's own headers (anthropic-version), for an upstream that speaks it."""
         model = None
         if body and headers.get("content-type", "").startswith("application/json"):
             with contextlib.suppress(orjson.JSONDecodeError):
                 parsed = orjson.loads(body)
                 model = parsed.get("model") if isinstance(parsed, dict) else None
         name = self.route(model)[1].name if isinstance(model, str) else self.settings.routes[0].upstream
-        options = CallOptions(client_key=identity.client_key, headers=identity.headers)
+        options = CallOptions(client_key=identity.client_key, headers=identity.headers, api_headers=api_headers or {})
         return name, await self.dispatcher.forward(name, method, path, query, headers, body, options)
 
     async def list_models(self, identity: Identity) -> list[dict]:

@@ -109,3 +109,33 @@ def test_the_grafana_dashboard_shows_requests_by_api():
     dashboard = json.loads((Path(__file__).resolve().parents[1] / "config" / "grafana-dashboard.json").read_text())
     exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
     assert any("herd_api_requests_total" in e and "api" in e for e in exprs)
+
+
+def test_count_tokens_to_an_anthropic_route_goes_through_the_dispatcher():
+    """POST /v1/messages/count_tokens to an Anthropic upstream is a forwarded call like any
+    other: counted in the metrics, and its failures open the circuit (which then answers
+    without calling). Before the fix it went straight to the upstream: no metrics, no breaker."""
+    from tests.raw_http import RawUpstream, answer_json
+
+    async def failing(request, writer) -> None:
+        await answer_json(writer, {"type": "error", "error": {"type": "api_error", "message": "boom"}}, 500)
+
+    with RawUpstream(failing) as raw:
+        settings = herd_settings(raw.url, upstreams={"claude": {
+            "kind": "anthropic", "base_url": raw.url, "retries": 0, "circuit_failures": 2, "circuit_reset_s": 30.0}},
+            routes=[{"model": "claude-*", "upstream": "claude"}, {"model": "*", "upstream": "sim"}])
+        with HerdServer(settings) as herd:
+            ask = {"model": "claude-3-5-haiku-latest", "messages": [{"role": "user", "content": "count me"}]}
+            headers = {"x-api-key": "sk-ant-x", "anthropic-version": "2023-06-01"}
+            for _ in range(2):
+                r = httpx.post(herd.url + "/v1/messages/count_tokens", json=ask, headers=headers)
+                assert r.status_code == 500 and r.json()["type"] == "error"
+            r = httpx.post(herd.url + "/v1/messages/count_tokens", json=ask, headers=headers)
+            assert r.status_code == 503 and "retry-after" in r.headers
+            assert len(raw.received) == 2
+            assert raw.received[0].target == "/v1/messages/count_tokens"
+            assert raw.received[0].headers["anthropic-version"] == "2023-06-01"
+            m = httpx.get(herd.url + "/metrics").text
+            assert metric(m, 'herd_upstream_calls_total{upstream="claude"}') == 2
+            assert metric(m, 'herd_circuit_state{upstream="claude"}') == 2
+            assert metric(m, 'herd_api_requests_total{api="forward",outcome="error"}') == 3

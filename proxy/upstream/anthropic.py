@@ -31,7 +31,7 @@ from proxy.errors import (
     UpstreamUnavailable,
     retry_headers,
 )
-from proxy.upstream.base import CallOptions, Upstream, connection_error
+from proxy.upstream.base import NOT_RELAYED, CallOptions, ForwardResponse, Upstream, connection_error, url_under
 from proxy.upstream.openai import OpenAIUpstream
 
 if TYPE_CHECKING:
@@ -589,13 +589,17 @@ class NativeMessages(OpenAIUpstream):
     def _url(self, wire: Wire) -> str:
         return f"{self.cfg.base_url.rstrip('/')}/v1/{wire.path}"
 
-    async def post(self, path: str, body: bytes, options: CallOptions) -> tuple[int, str, bytes]:
-        """One plain POST below /v1 (count_tokens): (status, content type, body)."""
-        headers = self._chat_headers(options, "application/json")
+    async def forward(
+        self, method: str, path: str, query: str, headers: dict[str, str], body: bytes, options: CallOptions
+    ) -> ForwardResponse:
+        """A call below /v1 that goes as the client sent it (count_tokens), with Anthropic's
+        headers (the key, anthropic-version and -beta from `options`), not the client's."""
+        out = self._chat_headers(options, "application/json")
         with self._failures():
-            async with self.session.post(f"{self.cfg.base_url.rstrip('/')}/v1/{path}", data=body, headers=headers,
-                                         timeout=self._timeout()) as resp:
-                return resp.status, resp.content_type, await resp.read()
+            resp = await self.session.request(method, url_under(self.cfg.base_url, f"v1/{path}", query),
+                                              data=body or None, headers=out, timeout=self._timeout())
+        back = [(k, v) for k, v in resp.headers.items() if k.lower() not in NOT_RELAYED]
+        return ForwardResponse(resp.status, back, resp.content.iter_any(), resp.release)
 
 
 class AnthropicUpstream(Upstream):
@@ -624,6 +628,16 @@ class AnthropicUpstream(Upstream):
         async with contextlib.aclosing(cast(AsyncGenerator[list[Chunk], None], calls)) as batches:
             async for batch in batches:
                 yield batch
+
+    # Forwarded calls herd passes to an Anthropic upstream as they came (the rest are refused).
+    FORWARDED = frozenset({("POST", "messages/count_tokens")})
+
+    async def forward(
+        self, method: str, path: str, query: str, headers: dict[str, str], body: bytes, options: CallOptions
+    ) -> ForwardResponse:
+        if (method, path) in self.FORWARDED:
+            return await self.native.forward(method, path, query, headers, body, options)
+        return await super().forward(method, path, query, headers, body, options)
 
     async def start(self) -> None:
         cfg = self.cfg
