@@ -262,17 +262,43 @@ class Dispatcher:
                     m.upstream_errors.labels(name, type(error).__name__).inc()
                 delay = guard.retry.delay(attempt, error) if retry else None
                 if delay is None:
-                    return resp  # the upstream's own error answer, as it came
-                _close(resp)
+                    # the upstream's own error answer, less any key it echoes
+                    return await _redacted(resp, (options.client_key, *self.secrets))
+                resp.close()
             m.upstream_retries.labels(name).inc()
             log.info("retrying forwarded %s /v1/%s on %s in %.2fs", method, path, name, delay)
             await asyncio.sleep(delay)
             attempt += 1
 
 
-def _close(resp: ForwardResponse) -> None:
-    if callable(resp.close):
+#: The most of a forwarded error answer herd reads to redact it (error bodies are a few
+#: hundred bytes; one larger than this is cut here, not held).
+MAX_ERROR_BODY = 64 * 1024
+
+
+async def _redacted(resp: ForwardResponse, secrets: tuple[str | None, ...]) -> ForwardResponse:
+    """A forwarded error answer with every key it echoes (the client's, a provider's) cut
+    out, as flights' errors are (proxy.errors.redact): read whole, since a key can straddle
+    two reads, up to MAX_ERROR_BODY bytes."""
+    parts: list[bytes] = []
+    size = 0
+    try:
+        async for part in resp.body:
+            parts.append(part)
+            size += len(part)
+            if size >= MAX_ERROR_BODY:
+                break
+    finally:
         resp.close()
+    raw = b"".join(parts)[:MAX_ERROR_BODY]
+    for secret in secrets:
+        if secret:
+            raw = raw.replace(secret.encode(), b"[redacted]")
+
+    async def body() -> AsyncIterator[bytes]:
+        yield raw
+
+    return ForwardResponse(resp.status, resp.headers, body())
 
 
 def _text_size(body: dict) -> int:

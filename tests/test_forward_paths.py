@@ -130,3 +130,31 @@ def test_no_generated_path_reaches_the_upstream_outside_its_base_path(herd, upst
     for request in upstream.received[before:]:
         assert not escapes(request.target), request.target
         assert request.headers.get("authorization") == f"Bearer {PROVIDER_KEY}"
+
+
+async def echo_key_in_pieces(request, writer) -> None:
+    """A 401 whose error message repeats the Authorization it got, written in two pieces
+    that split the key, so a redaction that looked at one read at a time would miss it."""
+    seen = request.headers.get("authorization", "")
+    body = b'{"error": {"message": "bad credentials: ' + seen.encode() + b'", "type": "invalid_request_error"}}'
+    cut = body.index(b"sk-") + 5
+    writer.write(b"HTTP/1.1 401 X\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n")
+    for piece in (body[:cut], body[cut:]):
+        writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+        await writer.drain()
+    writer.write(b"0\r\n\r\n")
+    await writer.drain()
+
+
+def test_a_forwarded_error_that_echoes_the_provider_key_is_redacted():
+    with RawUpstream(echo_key_in_pieces) as up:
+        cfg = herd_settings(
+            up.url,
+            upstreams={"sim": {"base_url": up.url + "/v1", "api_key": PROVIDER_KEY}},
+            auth={"mode": "keys", "keys": [{"sha256": hashlib.sha256(CLIENT_KEY.encode()).hexdigest()}]},
+        )
+        with HerdServer(cfg) as h:
+            answer = get(h, "/v1/files", "POST")
+    assert up.received and up.received[-1].headers["authorization"] == f"Bearer {PROVIDER_KEY}"
+    assert answer.status == 401  # the upstream's own answer, status and all
+    assert PROVIDER_KEY.encode() not in answer.body and b"[redacted]" in answer.body

@@ -18,7 +18,7 @@ import re
 import socket
 import ssl
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
@@ -148,7 +148,7 @@ class ForwardResponse:
     status: int
     headers: list[tuple[str, str]]
     body: AsyncIterator[bytes]
-    close: object = None  # an awaitable factory that releases the connection
+    close: Callable[[], object] = lambda: None  # releases the connection
 
 
 @dataclass
