@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from proxy.apis import APIS
 from proxy.apis.base import Api, load_object, require_model
@@ -41,6 +41,7 @@ from proxy.metrics import CONTENT_TYPE_LATEST, Metrics
 from proxy.responses import FlightResponse, shutting_down, until_disconnect
 from proxy.sampling import HEADER as SAMPLED_HEADER
 from proxy.sampling import parse_header as sampled_policy
+from proxy.tasks import this_task
 from proxy.upstream.base import forward_path
 
 log = logging.getLogger("herd.app")
@@ -224,11 +225,13 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> ApisFirst:
         gateway.metrics.waiters.set(gateway.group.waiters)
         return Response(gateway.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    async def on_herd_error(request: Request, exc: HerdError) -> Response:
+    async def on_herd_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HerdError)  # registered for HerdError
         count_error(exc, None)
         return error_response(exc)
 
-    async def on_http_exception(request: Request, exc: HTTPException) -> Response:
+    async def on_http_exception(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)  # registered for HTTPException
         if exc.status_code == 404:
             error: HerdError = NotFound(f"Unknown path {request.url.path}", code="unknown_url")
         else:
@@ -264,8 +267,8 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> ApisFirst:
             except ClientDisconnect:
                 return  # gone while sending its body: nobody to answer
             except asyncio.CancelledError:  # the server's shutdown grace is over: still a proper answer
-                asyncio.current_task().uncancel()
-                error = shutting_down()
+                this_task().uncancel()
+                error: HerdError = shutting_down()
                 count_error(error, api)
                 response = error_response(error, api)
             except Exception as exc:
@@ -315,8 +318,8 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> ApisFirst:
         except ClientDisconnect:
             return
         except asyncio.CancelledError:
-            asyncio.current_task().uncancel()
-            error = shutting_down()
+            this_task().uncancel()
+            error: HerdError = shutting_down()
             count_error(error, None)
             response = error_response(error)
         except Exception as exc:
@@ -426,7 +429,7 @@ async def answer_shutdown(app: ASGIApp, scope: Scope, receive: Receive, send: Se
     that has started is cut: a forwarded body cannot take an error.)"""
     started = False
 
-    async def tracked(message: dict) -> None:
+    async def tracked(message: Message) -> None:
         nonlocal started
         started = started or message["type"] == "http.response.start"
         await send(message)
@@ -436,5 +439,5 @@ async def answer_shutdown(app: ASGIApp, scope: Scope, receive: Receive, send: Se
     except asyncio.CancelledError:
         if started:
             raise
-        asyncio.current_task().uncancel()
+        this_task().uncancel()
         await error_response(shutting_down())(scope, receive, send)

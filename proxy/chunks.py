@@ -229,7 +229,8 @@ def split(completion: dict[str, Any], whole: bytes | None = None) -> list[Chunk]
     `whole`: the completion's own JSON bytes, kept on the first chunk (see Chunk.whole).
     The completion passed `malformed_completion`; check the chunks with `malformed`.
     """
-    base = {k: completion[k] for k in ("id", "created", "model", "system_fingerprint") if k in completion}
+    fields = ("id", "created", "model", "system_fingerprint")
+    base: dict[str, Any] = {k: completion[k] for k in fields if k in completion}
     base["object"] = "chat.completion.chunk"
     out = []
     for choice in completion.get("choices") or ():
@@ -241,9 +242,8 @@ def split(completion: dict[str, Any], whole: bytes | None = None) -> list[Chunk]
         if choice.get("logprobs") is not None:
             item["logprobs"] = choice["logprobs"]
         out.append(Chunk({**base, "choices": [item]}))
-        out.append(
-            Chunk({**base, "choices": [{"index": item["index"], "delta": {}, "finish_reason": choice.get("finish_reason")}]})
-        )
+        end = {"index": item["index"], "delta": {}, "finish_reason": choice.get("finish_reason")}
+        out.append(Chunk({**base, "choices": [end]}))
     if completion.get("usage") is not None:
         out.append(Chunk({**base, "choices": [], "usage": completion["usage"]}))
     if out and whole is not None:

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 import orjson
 
@@ -78,12 +79,12 @@ class Dispatcher:
     def _watch_gauges(self) -> None:
         m = self.metrics
         for name, guard in self.guards.items():
-            m.circuit_state.labels(name).set_function(lambda c=guard.circuit: CIRCUIT_GAUGE[c.state])
+            m.circuit_state.labels(name).set_function(functools.partial(_circuit_gauge, guard.circuit))
             capacity = getattr(self.upstreams[name], "capacity", None)
             if capacity is not None:
-                m.concurrency_limit.labels(name).set_function(lambda c=capacity: c.limit)
-                m.concurrency.labels(name).set_function(lambda c=capacity: c.active)
-                m.queue_depth.labels(name).set_function(lambda c=capacity: c.queued)
+                m.concurrency_limit.labels(name).set_function(functools.partial(getattr, capacity, "limit"))
+                m.concurrency.labels(name).set_function(functools.partial(getattr, capacity, "active"))
+                m.queue_depth.labels(name).set_function(functools.partial(getattr, capacity, "queued"))
 
     def plan(self, route: RouteConfig, model: str) -> list[tuple[str, str]]:
         """(upstream, model sent to it) for the primary, then each fallback."""
@@ -98,7 +99,7 @@ class Dispatcher:
         served_by: Callable[[str], None],
         stream: bool = True,
         wire: Wire = CHAT_WIRE,
-    ) -> AsyncIterator[list[Chunk]]:
+    ) -> AsyncGenerator[list[Chunk], None]:
         try:
             failure: HerdError | None = None  # why the last upstream tried could not answer
             plan = self.plan(route, body["model"])
@@ -151,7 +152,7 @@ class Dispatcher:
     async def _tries(
         self, name: str, body: dict, options: CallOptions, count: TokenCount | None, stream: bool, last: bool = True,
         wire: Wire = CHAT_WIRE,
-    ) -> AsyncIterator[list[Chunk]]:
+    ) -> AsyncGenerator[list[Chunk], None]:
         """One upstream's answer, tried again on retryable failures until a chunk has gone out."""
         upstream, guard, m = self.upstreams[name], self.guards[name], self.metrics
         circuit_wait = guard.retry.max_s if last else 0.0
@@ -256,11 +257,11 @@ class Dispatcher:
                 if resp.status < 400:
                     guard.circuit.success(ticket)
                     return resp
-                error = UpstreamError(resp.status, headers=retry_headers(resp.headers), upstream=name)
-                guard.circuit.record(error, ticket)
-                if counts_against_circuit(error):
-                    m.upstream_errors.labels(name, type(error).__name__).inc()
-                delay = guard.retry.delay(attempt, error) if retry else None
+                refused = UpstreamError(resp.status, headers=retry_headers(resp.headers), upstream=name)
+                guard.circuit.record(refused, ticket)
+                if counts_against_circuit(refused):
+                    m.upstream_errors.labels(name, type(refused).__name__).inc()
+                delay = guard.retry.delay(attempt, refused) if retry else None
                 if delay is None:
                     # the upstream's own error answer, less any key it echoes
                     return await _redacted(resp, (options.client_key, *self.secrets))
@@ -299,6 +300,10 @@ async def _redacted(resp: ForwardResponse, secrets: tuple[str | None, ...]) -> F
         yield raw
 
     return ForwardResponse(resp.status, resp.headers, body())
+
+
+def _circuit_gauge(circuit: CircuitBreaker) -> float:
+    return CIRCUIT_GAUGE[circuit.state]
 
 
 def _text_size(body: dict) -> int:

@@ -353,7 +353,7 @@ class RateLimiter:
         if self.tokens is not None and tokens > 0:
             taken_tokens = self.tokens.reserve(tokens, self.max_wait)
             if taken_tokens is None:
-                if taken_request is not None:
+                if taken_request is not None and self.requests is not None:
                     self.requests.refund(taken_request[0])
                 raise self._refusal("tokens", self.tokens.wait_for(tokens))
         permit = Permit(taken_tokens[0] if taken_tokens else 0.0)
@@ -365,7 +365,7 @@ class RateLimiter:
             try:
                 await asyncio.sleep(permit.waited_s)
             except asyncio.CancelledError:
-                if taken_request is not None:
+                if taken_request is not None and self.requests is not None:
                     self.requests.refund(taken_request[0])
                 self.settle(permit, 0)
                 raise

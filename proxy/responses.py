@@ -13,21 +13,24 @@ import logging
 import socket
 import struct
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from typing import Any
 
 from proxy.answer import Stream, json_body, stream_of
 from proxy.apis.base import Api, ApiRequest
 from proxy.coalescer import Ticket
 from proxy.errors import DeadlineExceeded, HerdError, InvalidRequest, ShuttingDown, as_herd_error
+from proxy.tasks import this_task
 
 log = logging.getLogger("herd.responses")
 
-Send = Callable[[dict], Awaitable[None]]
-Receive = Callable[[], Awaitable[dict]]
+Message = MutableMapping[str, Any]  # an ASGI message (what Starlette calls it)
+Send = Callable[[Message], Awaitable[None]]
+Receive = Callable[[], Awaitable[Message]]
 
 
 async def send_error(
-    send: Send, error: HerdError, extra: list[tuple[bytes, bytes]] = (), api: Api | None = None
+    send: Send, error: HerdError, extra: Sequence[tuple[bytes, bytes]] = (), api: Api | None = None
 ) -> None:
     """An error answered before anything else was sent, in `api`'s shape (OpenAI's by default)."""
     body, content_type = api.error_body(error) if api is not None else (error.body_bytes(), error.content_type)
@@ -54,7 +57,7 @@ async def until_disconnect(work: Awaitable[None], receive: Receive, watch_after:
     task; `work` itself runs here, so a request costs one extra task at most.
     """
     loop = asyncio.get_running_loop()
-    this = asyncio.current_task()
+    this = this_task()
     gone = False
     watcher: asyncio.Task | None = None
 
@@ -191,14 +194,14 @@ class FlightResponse:
         join it later is not known when its headers go out."""
         return self.sampled and self.ticket.role in ("follower", "cache")
 
-    async def __call__(self, scope: dict, receive: Receive, send: Send) -> None:
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
         try:
             try:
                 self.disconnected = not await until_disconnect(self._answer(send), receive)
             except asyncio.CancelledError:
                 # Not the client leaving (until_disconnect returns for that): the server gave up
                 # on this request, its shutdown grace over. Its client still gets a proper end.
-                asyncio.current_task().uncancel()
+                this_task().uncancel()
                 await self._fail(send, shutting_down())
         finally:
             self._release(self.ticket)

@@ -121,7 +121,8 @@ PIECES = [
 ]
 
 
-@settings(max_examples=int(os.environ.get("HERD_FUZZ_CASES", "300")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=int(os.environ.get("HERD_FUZZ_CASES", "300")), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(pieces=st.lists(st.sampled_from(PIECES), min_size=1, max_size=8), method=st.sampled_from(["GET", "POST"]))
 def test_no_generated_path_reaches_the_upstream_outside_its_base_path(herd, upstream, pieces, method):
     before = len(upstream.received)

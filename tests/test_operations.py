@@ -61,7 +61,8 @@ def test_sigterm_finishes_flights_in_progress_then_exits(tmp_path, sim):
 
 def test_logs_are_json_lines_without_secrets(tmp_path, sim):
     proc, url = start_herd(tmp_path, sim.url, extra='[upstreams.broken]\nbase_url = "http://127.0.0.1:9/v1"\n'
-                           '[[routes]]\nmodel = "broken-*"\nupstream = "broken"\n[[routes]]\nmodel = "*"\nupstream = "sim"\n')
+                           '[[routes]]\nmodel = "broken-*"\nupstream = "broken"\n'
+                           '[[routes]]\nmodel = "*"\nupstream = "sim"\n')
     secret = "sk-very-secret-key-123"
     headers = {"authorization": f"Bearer {secret}"}
     httpx.post(url + "/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "hi"}]},

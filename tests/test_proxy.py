@@ -138,8 +138,8 @@ async def test_same_params_in_another_order_and_float_form_do_share(herd, sim):
     await asyncio.gather(
         c.chat.completions.create(model="m", messages=user("order"), temperature=1, top_p=0.5),
         c.chat.completions.create(model="m", messages=user("order"), top_p=0.5, temperature=1.0),
-        c.chat.completions.create(model="m", messages=[{"role": "user", "content": [{"type": "text", "text": "order"}]}],
-                                  temperature=1, top_p=0.5),
+        c.chat.completions.create(model="m", temperature=1, top_p=0.5,
+                                  messages=[{"role": "user", "content": [{"type": "text", "text": "order"}]}]),
     )
     assert chat_calls(sim.url) == 1
 

@@ -239,7 +239,8 @@ async def leader_killed_mid_stream(replicas, sim, text: str) -> None:
         first = asyncio.create_task(ask(http, leader.url, text, stream=True))
         await asyncio.sleep(0.3)
         watched = [Answer() for _ in others]
-        followers = [asyncio.create_task(ask(http, r.url, text, stream=True, answer=w)) for r, w in zip(others, watched)]
+        followers = [asyncio.create_task(ask(http, r.url, text, stream=True, answer=w))
+                     for r, w in zip(others, watched)]
         followers += [asyncio.create_task(ask(http, r.url, text, stream=s)) for r in others for s in (True, False) * 3]
         for _ in range(200):  # until the followers have streamed part of the answer
             if all(w.chunks >= 6 for w in watched):
@@ -424,7 +425,8 @@ async def test_a_different_answer_after_a_takeover_reaches_the_replicas_that_fol
         herds = (follower_herd, other)
         async with session() as http:
             watched = [Answer() for _ in herds]
-            streams = [asyncio.create_task(ask(http, h.url, text, stream=True, answer=w)) for h, w in zip(herds, watched)]
+            streams = [asyncio.create_task(ask(http, h.url, text, stream=True, answer=w))
+                       for h, w in zip(herds, watched)]
             await wait_for(lambda: all(w.chunks >= 2 for w in watched))
             plain = [asyncio.create_task(ask(http, h.url, text, stream=False)) for h in herds for _ in range(2)]
             await asyncio.sleep(0.3)
@@ -563,7 +565,8 @@ async def test_frozen_redis_mid_flight_times_out_and_every_waiter_is_served(sim,
                 finally:
                     server.thaw()
             assert [(a.status, a.error, a.text) for a in answers] == [(200, None, expected)] * 3
-            assert late.status == 200 and late.text == expected_text({"messages": user("asked while redis is frozen")}, {"reply_tokens": 30})
+            asked = {"messages": user("asked while redis is frozen")}
+            assert late.status == 200 and late.text == expected_text(asked, {"reply_tokens": 30})
             await wait_for(lambda: all(r.ready()["status"] == "ready" for r in replicas))
         finally:
             for r in replicas:

@@ -294,7 +294,7 @@ def has_fow() -> bool:
 
 def _fow():
     try:
-        from fow_cache import data  # type: ignore[import-untyped]
+        from fow_cache import data
     except ImportError as exc:  # pragma: no cover
         raise SystemExit(f"the {', '.join(FOW_DATASETS)} datasets need fow-cache: {FOW_HINT}") from exc
     return data

@@ -14,8 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import AsyncGenerator
+from typing import TYPE_CHECKING, Any
 
 import anthropic
 import httpx2
@@ -617,7 +617,7 @@ class AnthropicUpstream(Upstream):
 
     async def call(
         self, wire: Wire, body: dict, options: CallOptions, stream: bool = True
-    ) -> AsyncIterator[list[Chunk]]:
+    ) -> AsyncGenerator[list[Chunk], None]:
         """Chat calls are translated (`chat`); Messages calls go as they came (NATIVE_WIRE)."""
         if wire.name == "messages":
             from proxy.apis.messages import NATIVE_WIRE
@@ -625,7 +625,7 @@ class AnthropicUpstream(Upstream):
             calls = self.native.call(NATIVE_WIRE, body, options, stream)
         else:
             calls = super().call(wire, body, options, stream)
-        async with contextlib.aclosing(cast(AsyncGenerator[list[Chunk], None], calls)) as batches:
+        async with contextlib.aclosing(calls) as batches:
             async for batch in batches:
                 yield batch
 
@@ -678,7 +678,7 @@ class AnthropicUpstream(Upstream):
             )
         return self._client.with_options(api_key=options.client_key)
 
-    async def chat(self, body: dict, options: CallOptions, stream: bool = True) -> AsyncIterator[list[Chunk]]:
+    async def chat(self, body: dict, options: CallOptions, stream: bool = True) -> AsyncGenerator[list[Chunk], None]:
         # Always a streaming Messages call: the translation is one code path, and `stream`
         # (a hint that every waiter so far wants one JSON body) costs little here.
         request = to_messages_request(body, self.cfg.default_max_tokens)

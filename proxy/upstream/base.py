@@ -18,7 +18,7 @@ import re
 import socket
 import ssl
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
@@ -27,6 +27,7 @@ import yarl
 from proxy.chunks import Chunk
 from proxy.config import UpstreamConfig
 from proxy.errors import InvalidRequest, NotFound, UpstreamTimeout, UpstreamUnavailable, UpstreamUnreachable
+from proxy.tasks import this_task
 
 if TYPE_CHECKING:
     from proxy.apis.base import Wire
@@ -174,7 +175,7 @@ class Upstream:
     async def aclose(self) -> None:
         """Close connection pools."""
 
-    def chat(self, body: dict, options: CallOptions, stream: bool = True) -> AsyncIterator[list[Chunk]]:
+    def chat(self, body: dict, options: CallOptions, stream: bool = True) -> AsyncGenerator[list[Chunk], None]:
         """The answer to an OpenAI chat request, as OpenAI chunks, in batches: the chunks
         that arrived together (one network read), never an empty batch.
 
@@ -189,7 +190,7 @@ class Upstream:
 
     async def call(
         self, wire: Wire, body: dict, options: CallOptions, stream: bool = True
-    ) -> AsyncIterator[list[Chunk]]:
+    ) -> AsyncGenerator[list[Chunk], None]:
         """The answer to a call of `wire`'s protocol (see proxy.apis.base.Wire), in batches
         of chunks as `chat` yields them. The base speaks chat only; any other protocol is
         a 400 naming this upstream (a fallback that cannot take the request)."""
@@ -223,7 +224,7 @@ class Watchdog:
 
     def __init__(self, limit_s: float, what: str) -> None:
         self._loop = asyncio.get_running_loop()
-        self._task = asyncio.current_task()
+        self._task = this_task()
         self._what = what
         self.deadline = self._loop.time() + limit_s
         self._waiting = False

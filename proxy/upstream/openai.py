@@ -9,7 +9,7 @@ aiohttp (see benchmarks/HTTP_CLIENTS.md for the measurement behind that choice).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Iterator
 
 import aiohttp
 import orjson
@@ -94,7 +94,7 @@ class OpenAIUpstream(Upstream):
     def speaks(self, wire: Wire) -> bool:
         return True  # OpenAI-compatible servers speak every OpenAI API (or answer its 404)
 
-    def chat(self, body: dict, options: CallOptions, stream: bool = True) -> AsyncIterator[list[Chunk]]:
+    def chat(self, body: dict, options: CallOptions, stream: bool = True) -> AsyncGenerator[list[Chunk], None]:
         return self.call(CHAT_WIRE, body, options, stream)
 
     def _url(self, wire: Wire) -> str:
@@ -105,7 +105,7 @@ class OpenAIUpstream(Upstream):
 
     async def call(
         self, wire: Wire, body: dict, options: CallOptions, stream: bool = True
-    ) -> AsyncIterator[list[Chunk]]:
+    ) -> AsyncGenerator[list[Chunk], None]:
         wire = wire.per_call()
         if not stream:
             yield await self._whole(wire, body, options)
@@ -133,7 +133,7 @@ class OpenAIUpstream(Upstream):
 
     async def _events(
         self, wire: Wire, resp: aiohttp.ClientResponse, watchdog: Watchdog
-    ) -> AsyncIterator[list[Chunk]]:
+    ) -> AsyncGenerator[list[Chunk], None]:
         """The chunks of an SSE answer, a batch per network read, until the wire's end or
         the stream's. Only data events move the idle limit: `: keep-alive` comments never
         hold waiters."""

@@ -13,8 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
-from typing import cast
+from collections.abc import AsyncGenerator
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
@@ -85,10 +84,8 @@ class VLLMUpstream(OpenAIUpstream):
 
     async def call(
         self, wire: Wire, body: dict, options: CallOptions, stream: bool = True
-    ) -> AsyncIterator[list[Chunk]]:
-        # OpenAIUpstream.call is an async generator: closed here, whatever ends this one
-        batches = cast(AsyncGenerator[list[Chunk], None], super().call(wire, body, options, stream))
-        async with self.capacity.slot(), contextlib.aclosing(batches):
+    ) -> AsyncGenerator[list[Chunk], None]:
+        async with self.capacity.slot(), contextlib.aclosing(super().call(wire, body, options, stream)) as batches:
             async for batch in batches:
                 yield batch
 
