@@ -1,13 +1,14 @@
-# herd: `make run` serves the proxy on proxy.toml; `make test` runs the test suite;
-# `make demo` shows herd at work, offline. Each sets up what it needs first (a virtualenv in
-# .venv with every documented command's extras; redis-server for the tests).
+# herd: `make run` serves the proxy on proxy.toml; `make test` runs the linters (ruff, mypy)
+# and the test suite; `make demo` shows herd at work, offline. Each sets up what it needs
+# first (a virtualenv in .venv with every documented command's extras; redis-server for the
+# tests).
 
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 CONFIG ?= proxy.toml
 
-.PHONY: run demo test bench eval redis-server clean
+.PHONY: run demo test lint bench eval redis-server clean
 
 $(VENV)/.run: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +32,11 @@ redis-server:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq redis-server; \
 	  else sudo apt-get update -qq && sudo apt-get install -y -qq redis-server; fi; }
 
-test: $(VENV)/.test redis-server
+lint: $(VENV)/.test
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: lint redis-server
 	$(BIN)/python -m pytest -q
 
 bench: $(VENV)/.run
