@@ -25,21 +25,12 @@ import orjson
 
 from proxy.chunks import Chunk, assemble
 from proxy.coalescer import Flight
+from proxy.sse import event, typed_event
 
 _MAGIC = b"herd-answer/1\n"
 _LENGTHS = struct.Struct("<III")
 #: what a cached entry costs beyond its bytes (the objects, the LRU's links), for the byte bound
 ENTRY_OVERHEAD = 400
-
-
-def event(raw: bytes) -> bytes:
-    return b"data: " + raw + b"\n\n"
-
-
-def typed_event(kind: str, raw: bytes) -> bytes:
-    """A typed event (a Responses or Anthropic stream event: its data carries its `type`),
-    named by an `event:` line as those APIs send it."""
-    return b"event: " + kind.encode() + b"\ndata: " + raw + b"\n\n"
 
 
 class Answer:

@@ -1,10 +1,22 @@
-"""Server-sent events: reading an upstream's stream, and the marker that ends one."""
+"""Server-sent events: writing them (the one place herd encodes an event), reading an
+upstream's stream, and the marker that ends one."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 DONE = b"data: [DONE]\n\n"
+
+
+def event(raw: bytes) -> bytes:
+    """An unnamed event whose data is `raw` (chat and legacy completions chunks)."""
+    return b"data: " + raw + b"\n\n"
+
+
+def typed_event(kind: str, raw: bytes) -> bytes:
+    """A typed event (a Responses or Anthropic stream event: its data carries its `type`),
+    named by an `event:` line as those APIs send it."""
+    return b"event: " + kind.encode() + b"\ndata: " + raw + b"\n\n"
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import orjson
 
+from proxy import sse
 from proxy.chunks import Chunk
 from proxy.errors import HerdError, InvalidRequest, UpstreamError, UpstreamUnavailable
 
@@ -275,7 +276,7 @@ class Api:
     def stream_error(self, error: HerdError) -> bytes:
         """What ends a stream that failed after it started: the error as a last SSE event,
         then the stream's end marker (chat: [DONE], so clients that wait for it stop)."""
-        return b"data: " + orjson.dumps(error.body()) + b"\n\n" + self.stream_end
+        return sse.event(orjson.dumps(error.body())) + self.stream_end
 
     def error_body(self, error: HerdError) -> tuple[bytes, str]:
         """(body, content type) of an error answered before anything was sent."""

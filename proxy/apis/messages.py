@@ -53,6 +53,7 @@ from proxy.apis.chat import CHAT_WIRE
 from proxy.chunks import Chunk, malformed_completion
 from proxy.errors import HerdError, InvalidRequest, UpstreamError
 from proxy.sampling import is_sampled
+from proxy.sse import typed_event
 
 STREAM_ONLY = frozenset({"stream"})
 FLOAT_PARAMS = frozenset({"temperature", "top_p"})
@@ -339,7 +340,7 @@ class MessagesApi(Api):
         return assemble_message(chunks)
 
     def stream_error(self, error: HerdError) -> bytes:
-        return b"event: error\ndata: " + orjson.dumps(anthropic_error(error)) + b"\n\n"
+        return typed_event("error", orjson.dumps(anthropic_error(error)))
 
     def error_body(self, error: HerdError) -> tuple[bytes, str]:
         return orjson.dumps(anthropic_error(error)), "application/json"

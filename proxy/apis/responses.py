@@ -45,6 +45,7 @@ from proxy.apis.base import (
 from proxy.chunks import Chunk
 from proxy.errors import HerdError, UpstreamError
 from proxy.sampling import is_sampled
+from proxy.sse import typed_event
 
 STREAM_ONLY = frozenset({"stream", "stream_options"})
 FLOAT_PARAMS = frozenset({"temperature", "top_p"})
@@ -197,7 +198,7 @@ class ResponsesApi(Api):
         inner = error.body()["error"]
         data = {"type": "error", "code": inner.get("code") or inner.get("type"), "message": inner.get("message"),
                 "param": inner.get("param")}
-        return b"event: error\ndata: " + orjson.dumps(data) + b"\n\n"
+        return typed_event("error", orjson.dumps(data))
 
 
 RESPONSES = ResponsesApi()
