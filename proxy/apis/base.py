@@ -123,6 +123,13 @@ def canonical_params(body: dict, skip: frozenset[str], floats: frozenset[str], u
     return out
 
 
+def check_error_object(data: Any, raw: bytes, upstream: str) -> None:
+    """An OpenAI-compatible answer that is an error object (with a 200 status) is the
+    upstream's error: raised as a 502 carrying its body."""
+    if isinstance(data, dict) and "error" in data and "choices" not in data:
+        raise UpstreamError(502, raw, upstream=upstream)
+
+
 def malformed_answer(upstream: str, why: str) -> UpstreamUnavailable:
     """An answer herd cannot pass on or assemble: the upstream's fault, a 502, never cached."""
     return UpstreamUnavailable(f"upstream {upstream!r} sent a malformed answer: {why}", code="upstream_malformed")
@@ -213,8 +220,7 @@ class ChoicesWire(Wire):
             if event.data == b"[DONE]":
                 return batch, finished, True
             data = orjson.loads(event.data)
-            if isinstance(data, dict) and "error" in data and "choices" not in data:
-                raise UpstreamError(502, orjson.dumps(data), upstream=upstream)
+            check_error_object(data, event.data, upstream)
             if (why := self.malformed(data)) is not None:
                 raise malformed_answer(upstream, why)
             if any(c.get("finish_reason") for c in data.get("choices") or ()):

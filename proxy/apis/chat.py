@@ -18,6 +18,7 @@ from proxy.apis.base import (
     ApiRequest,
     ChoicesWire,
     canonical_params,
+    check_error_object,
     check_range,
     digest,
     dumps_sorted,
@@ -28,7 +29,6 @@ from proxy.apis.base import (
     require_stream_flag,
 )
 from proxy.chunks import Chunk, assemble, malformed, malformed_completion, split
-from proxy.errors import UpstreamError
 from proxy.sampling import is_sampled
 from proxy.sse import DONE
 
@@ -59,8 +59,7 @@ class ChatWire(ChoicesWire):
 
     def whole(self, raw: bytes, upstream: str) -> list[Chunk]:
         data = orjson.loads(raw)
-        if isinstance(data, dict) and "error" in data and "choices" not in data:
-            raise UpstreamError(502, raw, upstream=upstream)  # an error object with a 200 status
+        check_error_object(data, raw, upstream)
         if (why := malformed_completion(data)) is not None:
             raise malformed_answer(upstream, why)
         chunks = split(data, raw)

@@ -20,6 +20,7 @@ from proxy.apis.base import (
     ApiRequest,
     ChoicesWire,
     canonical_params,
+    check_error_object,
     check_range,
     digest,
     dumps_sorted,
@@ -31,7 +32,6 @@ from proxy.apis.base import (
     require_stream_flag,
 )
 from proxy.chunks import Chunk
-from proxy.errors import UpstreamError
 from proxy.sampling import is_sampled
 from proxy.sse import DONE
 
@@ -70,8 +70,7 @@ class CompletionsWire(ChoicesWire):
 
     def whole(self, raw: bytes, upstream: str) -> list[Chunk]:
         data = orjson.loads(raw)
-        if isinstance(data, dict) and "error" in data and "choices" not in data:
-            raise UpstreamError(502, raw, upstream=upstream)
+        check_error_object(data, raw, upstream)
         if not isinstance(data, dict) or not isinstance(data.get("choices"), list) or malformed_chunk(data):
             raise malformed_answer(upstream, "a body that is not a text completion")
         head = {k: data[k] for k in ("id", "object", "created", "model", "system_fingerprint") if k in data}

@@ -39,6 +39,7 @@ from proxy.apis.base import (
     ApiRequest,
     Wire,
     canonical_params,
+    check_error_object,
     check_range,
     digest,
     dumps_sorted,
@@ -295,8 +296,7 @@ class MessagesWire(_MessagesUsage):
         from proxy.upstream.anthropic import message_of_completion
 
         data = orjson.loads(raw)
-        if isinstance(data, dict) and "error" in data and "choices" not in data:
-            raise UpstreamError(502, raw, upstream=upstream)
+        check_error_object(data, raw, upstream)
         if (why := malformed_completion(data)) is not None:
             raise malformed_answer(upstream, why)
         message = message_of_completion(data)
