@@ -308,8 +308,8 @@ def usable_cpus() -> int:
 
 
 #: At most this many concurrent runs by default (each holds its activations in memory). On a
-#: 16-core machine one process with 16 single-threaded workers embedded 3,188 prompts/s
-#: against 857 with 4 (benchmarks/results/device-embed-scaling).
+#: 16-core machine one process with 16 single-threaded workers embedded about 3.7 times
+#: what 4 did (`python -m benchmarks.embed_scaling`, one run, not kept as a result).
 MAX_DEFAULT_WORKERS = 16
 
 
