@@ -54,6 +54,7 @@ from benchmarks.harness import ProcError, Stack, checkout_root, results_dir
 from benchmarks.measure import BUILTIN_TARGETS, Bench, say
 from benchmarks.responses_fanout import run_responses
 from benchmarks.soak import run_soak
+from benchmarks.wrk import WrkError
 
 SCHEMA = "herd-bench/1"
 DESCRIPTION = """Load-test herd side by side with its floors: the upstream simulator directly, a bare
@@ -72,7 +73,7 @@ SCENARIOS: dict[str, Callable[[argparse.Namespace, Stack, Path], dict[str, Any]]
 
 # (normal, --quick) defaults per scenario; a flag given on the command line always wins
 DEFAULTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
-    "compare": ({"concurrency": 256, "duration": 5.0, "rounds": 2, "warmup": 1.0, "half_load": True,
+    "compare": ({"concurrency": 256, "duration": 8.0, "rounds": 3, "warmup": 1.0, "half_load": True,
                  "targets": "direct,passthrough,off,exact"},
                 {"concurrency": 64, "duration": 1.5, "rounds": 1, "warmup": 0.3, "half_load": False}),
     "burst": ({"requests": 1000, "rounds": 3, "targets": "direct,passthrough,floor,exact"},
@@ -168,9 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what to send (see `herd bench list`; default unique)")
     c.add_argument("-c", "--concurrency", type=int, help="connections, closed loop (default 256; quick 64)")
     c.add_argument("--rate", type=float, help="requests per second, open loop (instead of --concurrency)")
-    c.add_argument("-d", "--duration", type=float, help="seconds per target per round (default 5; quick 1.5)")
+    c.add_argument("-d", "--duration", type=float, help="seconds per target per round (default 8; quick 1.5)")
     c.add_argument("--requests", type=int, help="stop a run after this many requests (default: duration only)")
-    c.add_argument("--rounds", type=int, help="interleaved rounds; the target order rotates (default 2; quick 1)")
+    c.add_argument("--rounds", type=int, help="interleaved rounds; the target order rotates (default 3; quick 1)")
     c.add_argument("--warmup", type=float, help="unmeasured seconds before each run (default 1; quick 0.3)")
     c.add_argument("--half-load", dest="half_load", action="store_true", default=None,
                    help="also run every target at half the passthrough's req/s (default on; off with --quick)")
@@ -178,8 +179,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--half-of", metavar="TARGET", help="half load = half of this target's req/s in the throughput "
                    "phase (default: the slowest proxy, so that no target is past half of its capacity; "
                    "e.g. passthrough, herd-exact)")
-    c.add_argument("--cache", action="store_true", help="enable herd's answer cache (off by default: it would hide "
-                   "the coalescer)")
+    c.add_argument("--cache", action="store_true", default=None,
+                   help="herd's answer cache on (default: on for the unique workload, as in proxy.toml, where no "
+                        "prompt repeats; off for the others, where it would hide the coalescer)")
+    c.add_argument("--no-cache", dest="cache", action="store_false")
+    c.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto",
+                   help="who drives the throughput phase: wrk (C; the unique workload without streams) or the "
+                        "Python generator (streams, every workload); auto: wrk when it is installed and can "
+                        "(default). Fixed-rate phases (half load, --rate) always use the Python generator")
+    c.add_argument("--wrk-threads", type=int, default=1, help="wrk threads (default 1)")
     _common(c)
 
     b = sub.add_parser("burst", help="N identical requests at once: upstream calls, follower lag",
@@ -311,7 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         say("\ninterrupted; every process this run started has been stopped")
         return 130
-    except ProcError as e:
+    except (ProcError, WrkError) as e:
         say(f"herd bench: {e}")
         return 1
     text = result.pop("text")

@@ -411,6 +411,7 @@ class Herd(Proc):
     def __init__(self, config: dict[str, Any] | str, workdir: Path, name: str = "herd", port: int | None = None,
                  log_path: Path | None = None) -> None:
         port = port or free_port()
+        self.config = config  # what it was started with
         path = workdir / f"{name}-{port}.toml"
         path.write_text(config if isinstance(config, str) else to_toml(config))
         argv = [sys.executable, "-m", "proxy", "serve", "--config", str(path), "--port", str(port)]

@@ -277,6 +277,7 @@ def compare_tables(phase: Mapping[str, Any]) -> str:
             t.get("cache_hits"),
             t["errors"],
             _fmt(t.get("cpu_ms_per_req", {}).get("target"), 3),
+            _ratio(vs.get("cpu_per_req_vs_passthrough")),
             _fmt(t.get("cpu_ms_per_req", {}).get("simulator"), 3),
         ])
         lat = t.get("latency_ms")
@@ -290,12 +291,29 @@ def compare_tables(phase: Mapping[str, Any]) -> str:
                     _pct(t.get("itl_ms"), "p99")]
         rows2.append(row)
     h1 = ["target", "req/s", "x pass", "x direct", "requests", "upstream", "merged", "cache", "errors",
-          "cpu ms/req", "sim ms/req"]
+          "cpu ms/req", "cpu x pass", "sim ms/req"]
     h2 = ["target", "p50 ms", "p90 ms", "p95 ms", "p99 ms", "+p50 vs direct", "+p99 vs direct", "+p50 vs pass"]
     if any_stream:
         h2 += ["TTFT p50", "TTFT p99", "ITL p50", "ITL p99"]
-    title = f"{phase['name']}: {phase['load_text']}"
-    return table(h1, rows1, title) + "\n\n" + table(h2, rows2) + background_note(targets)
+    title = f"{phase['name']}: {phase['load_text']}" + (f", by {phase['loadgen_text']}"
+                                                        if phase.get("loadgen_text") else "")
+    return table(h1, rows1, title) + "\n\n" + table(h2, rows2) + rounds_note(targets) + background_note(targets)
+
+
+def rounds_note(targets: Mapping[str, Mapping[str, Any]]) -> str:
+    """Lines with each target's ratios to the passthrough round by round (a round runs every
+    target back to back, so these pairs shared the machine's conditions)."""
+    lines = []
+    for name, t in targets.items():
+        vs = t.get("vs", {})
+        rps, cpu = vs.get("req_per_s_vs_passthrough_rounds"), vs.get("cpu_per_req_vs_passthrough_rounds")
+        if name == "passthrough" or not rps or len(rps) < 2:
+            continue
+        line = f"  {name}: req/s " + " ".join(_ratio(v) for v in rps)
+        if cpu:
+            line += ", CPU per request " + " ".join(_ratio(v) for v in cpu)
+        lines.append(line)
+    return ("\nx pass by round:\n" + "\n".join(lines)) if lines else ""
 
 
 def background_note(targets: Mapping[str, Mapping[str, Any]]) -> str:
