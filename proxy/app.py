@@ -221,9 +221,7 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> ApisFirst:
         return JSONResponse(body)
 
     async def prometheus(request: Request) -> Response:
-        gateway.metrics.flights.set(len(gateway.group))
-        gateway.metrics.waiters.set(gateway.group.waiters)
-        return Response(gateway.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        return Response(await gateway.metrics_text(), media_type=CONTENT_TYPE_LATEST)
 
     async def on_herd_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HerdError)  # registered for HerdError

@@ -37,23 +37,15 @@ def listen_socket(host: str, port: int, send_buffer_bytes: int = 0) -> socket.so
     return sock
 
 
-def serve(args: argparse.Namespace) -> int:
-    import logging
-
+def run_server(settings, sock: socket.socket, worker=None) -> None:  # worker: proxy.node.Worker | None
+    """The app on `sock` until SIGTERM/SIGINT (then it drains); one process, or one worker of a node."""
     import uvicorn
 
     from proxy.app import create_app
-    from proxy.config import warnings
-    from proxy.logs import setup_logging
+    from proxy.gateway import Gateway
 
-    settings = _load(args.config, args.host, args.port)
-    if settings is None:
-        return 2
-    setup_logging(settings.server.log_level)
-    for warning in warnings(settings):
-        logging.getLogger("herd.config").warning(warning)
     config = uvicorn.Config(
-        create_app(settings),
+        create_app(settings, Gateway(settings, worker=worker)),
         host=settings.server.host,
         port=settings.server.port,
         loop="uvloop",
@@ -65,9 +57,33 @@ def serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=settings.server.shutdown_grace_s,
         backlog=4096,
     )
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from proxy.config import warnings
+    from proxy.logs import setup_logging
+
+    settings = _load(args.config, args.host, args.port)
+    if settings is None:
+        return 2
+    if args.workers is not None:
+        if args.workers < 1:
+            print("herd: --workers must be at least 1", file=sys.stderr)
+            return 2
+        settings.server.workers = args.workers
+    setup_logging(settings.server.log_level)
+    for warning in warnings(settings):
+        logging.getLogger("herd.config").warning(warning)
     server = settings.server
     sock = listen_socket(server.host, server.port, server.send_buffer_bytes)
-    uvicorn.Server(config).run(sockets=[sock])
+    if server.workers > 1:
+        from proxy.workers import supervise
+
+        return supervise(settings, server.workers, sock)
+    run_server(settings, sock)
     return 0
 
 
@@ -104,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     p_serve.add_argument("--config", help="TOML config (default: $HERD_CONFIG, else ./proxy.toml)")
     p_serve.add_argument("--host")
     p_serve.add_argument("--port", type=int)
+    p_serve.add_argument("--workers", type=int, help="processes serving the port (default: [server] workers, 1)")
     p_check = sub.add_parser("check", help="validate a config and print a summary (exit status 2 if invalid)")
     p_check.add_argument("--config", help="TOML config (default: $HERD_CONFIG, else ./proxy.toml)")
     sub.add_parser("eval", help="evaluate the semantic matcher on labelled pairs", add_help=False)

@@ -67,6 +67,9 @@ class ServerConfig(Section):
     send_buffer_bytes: Count = 128 * 1024
     body_timeout_s: Positive = 30.0  # the whole request body must arrive within this; else 408
     shutdown_grace_s: float = 30.0
+    # processes serving the port (proxy.workers); they share flights through [redis] url when
+    # set, else through the node's own claims table (proxy.node). 1: one process, no supervisor
+    workers: AtLeastOne = 1
     log_level: str = "info"
     access_log: bool = True  # one JSON line per chat request: ids, role, status, timing
     log_prompts: bool = False  # add the final user message to access log lines

@@ -3,7 +3,8 @@
     request -> route -> scope and keys -> join a flight (exact, normalized, similar)
             -> or lead one: the upstream call runs in the flight's own task
                (with [redis] url, that task first claims the flight across replicas:
-               it calls the upstream, or mirrors the flight another replica leads)
+               it calls the upstream, or mirrors the flight another replica leads;
+               without, [server] workers > 1 claims it across the node's workers: proxy.node)
 
 The route layer (proxy.app) reads and authenticates; each API's module (proxy.apis)
 parses, keys and renders; everything in between lives here, API-neutral (a request is a
@@ -34,6 +35,7 @@ from proxy.config import MODEL_MEMO, RouteConfig, Settings
 from proxy.dispatch import Dispatcher
 from proxy.errors import HerdError, InvalidRequest, NotFound, UpstreamError
 from proxy.metrics import Metrics
+from proxy.node import NodeFlights, Worker
 from proxy.redis.cache import RedisCache
 from proxy.redis.flights import Claim, SharedFlights
 from proxy.redis.link import Link
@@ -66,8 +68,9 @@ class Plan:
 
 class Gateway:
     def __init__(self, settings: Settings, metrics: Metrics | None = None, *,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        """`clock` (seconds) is what the caches' TTLs count with."""
+                 clock: Callable[[], float] = time.monotonic, worker: Worker | None = None) -> None:
+        """`clock` (seconds) is what the caches' TTLs count with; `worker`: this process is one
+        of a node's workers (proxy.workers)."""
         self.settings = settings
         self._clock = clock
         self.metrics = metrics or Metrics()
@@ -81,9 +84,15 @@ class Gateway:
         cache = settings.cache
         # [redis] url: replicas share flights and (by default) the result cache through Redis
         self.redis: Link | None = Link(settings.redis, self.metrics) if settings.redis.url else None
-        self.shared: SharedFlights | None = None
+        self.shared: SharedFlights | NodeFlights | None = None
         if self.redis is not None and settings.redis.share_flights:
             self.shared = SharedFlights(self.redis, self.group, self.metrics)
+        # the workers of a node share flights through Redis when it is set, else through the node
+        self.node: NodeFlights | None = None
+        if worker is not None and worker.count > 1:
+            self.node = NodeFlights(worker, self.group, self.metrics, self.local_metrics)
+            if self.shared is None and self.redis is None:
+                self.shared = self.node
         self.cache: AnswerCache | None = None
         if cache.enabled:
             memory = MemoryCache(cache.max_bytes, cache.max_entries, clock=clock,
@@ -107,12 +116,16 @@ class Gateway:
             self.matcher = self._load_matcher()
             if self.cache is not None:
                 self.similar = SimilarAnswers(self._new_index, self.settings.cache.max_entries, clock=self._clock)
+        if self.node is not None:
+            await self.node.start()  # last: its socket tells the supervisor this worker is ready
 
     async def aclose(self) -> None:
         await self.group.aclose()
+        if self.node is not None:
+            await self.node.aclose()  # after our flights: siblings may follow them until they end
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
-        if self.shared is not None:
+        if self.shared is not None and self.shared is not self.node:
             await self.shared.aclose()
         if self.redis is not None:
             await self.redis.aclose()
@@ -121,6 +134,16 @@ class Gateway:
         embedder = getattr(self.matcher, "embedder", None)
         if embedder is not None:
             await embedder.aclose()
+
+    def local_metrics(self) -> bytes:
+        """This process's metrics, as Prometheus text."""
+        self.metrics.flights.set(len(self.group))
+        self.metrics.waiters.set(self.group.waiters)
+        return self.metrics.render()
+
+    async def metrics_text(self) -> bytes:
+        """What /metrics answers: this process's metrics, or the node's (every worker's, summed)."""
+        return self.local_metrics() if self.node is None else await self.node.node_metrics()
 
     def _load_matcher(self):
         from embeddings.batcher import BatchingEmbedder

@@ -1,0 +1,438 @@
+"""Flights shared by the worker processes of one node (`[server] workers = N`, no Redis).
+
+Each worker coalesces what it sees; the workers of a node share their flights so that one
+burst still makes one upstream call, whichever workers its requests land on:
+
+    claim(key) --slot free------------> leader: call the upstream as usual; the flight is
+                                        registered so that siblings can follow it
+               --slot held by a live--> follower: a local flight whose work mirrors the
+                 sibling                owner's flight over the owner's Unix socket (from its
+                                        first chunk, then live); local waiters join that local
+                                        flight as they join any other
+
+The claims live in a table of fixed size in a file of the node's private directory (mode
+0700, made by the supervisor, proxy.workers), mapped into every worker: a slot per 16-byte
+digest of a flight key, holding the owner's worker index, pid and flight id. A claim is a
+POSIX record lock on its slot, a read and maybe a write: a few microseconds, no await, so a
+unique request costs nothing else. The locks are the kernel's, so a worker that dies holding
+one cannot wedge the others. Two keys in one slot: the second one is not shared (it leads
+alone); a stale slot (its owner died or forgot) is taken over.
+
+Each worker listens on `<dir>/w<index>.sock` for its siblings only (the directory is the
+access check: nothing of this is on the public port). Two requests:
+
+    follow <flight id>  ->  frames: u (who answered), c (a chunk), W (the previous chunk's
+                            whole non-stream body), then e (how it ended: ok or the error)
+    metrics             ->  this worker's own Prometheus text (for the node-wide /metrics)
+
+A follower that loses its owner before the end (the worker died) takes over: it claims the
+slot and calls the upstream itself through a Splice (proxy.redis.flights), so nobody gets a
+splice of two answers. The owner holds a ticket on its flight while a sibling follows it, so
+the call goes on when the owner's own clients have all left (and is cancelled when the
+follower's clients leave too).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import hashlib
+import logging
+import mmap
+import os
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+from prometheus_client import Gauge
+
+from proxy.chunks import Chunk
+from proxy.coalescer import Flight, FlightCancelled, Group
+from proxy.metrics import Metrics
+from proxy.redis.flights import Call, Claim, Splice, _end_error, _end_fields
+
+log = logging.getLogger("herd.node")
+
+TABLE = "flights.table"
+SLOTS = 1 << 16
+# digest (16) | owner worker index + 1, 0 = free (u16) | owner pid (u32) | flight id (ascii, 22)
+_SLOT = struct.Struct("<16sHI22s")
+SLOT_BYTES = 48
+assert _SLOT.size <= SLOT_BYTES
+_FREE = bytes(SLOT_BYTES)
+_FRAME = struct.Struct("<cI")  # kind, payload length
+MAX_FRAME = 64 * 1024 * 1024
+CONNECT_TIMEOUT_S = 2.0
+
+
+def socket_path(node_dir: str | os.PathLike, index: int) -> str:
+    return str(Path(node_dir) / f"w{index}.sock")
+
+
+def create_table(node_dir: str | os.PathLike) -> None:
+    """The supervisor makes the claims table (zeros: every slot free) before starting workers."""
+    with open(Path(node_dir) / TABLE, "wb") as f:
+        f.truncate(SLOTS * SLOT_BYTES)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class ClaimTable:
+    """The node's flight claims: key digest -> (worker, pid, flight id), one lock per slot."""
+
+    def __init__(self, node_dir: str | os.PathLike, index: int) -> None:
+        self.index = index
+        self.pid = os.getpid()
+        self._fd = os.open(Path(node_dir) / TABLE, os.O_RDWR)
+        self._map = mmap.mmap(self._fd, SLOTS * SLOT_BYTES)
+
+    def close(self) -> None:
+        with contextlib.suppress(BufferError, ValueError):
+            self._map.close()
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+
+    @staticmethod
+    def _where(key: str) -> tuple[bytes, int]:
+        digest = hashlib.blake2b(key.encode(), digest_size=16).digest()
+        return digest, (int.from_bytes(digest[:8], "little") % SLOTS) * SLOT_BYTES
+
+    def _locked(self, offset: int, update: Callable[[tuple[bytes, int, int, bytes]], bytes | None]) -> Any:
+        fcntl.lockf(self._fd, fcntl.LOCK_EX, SLOT_BYTES, offset)
+        try:
+            digest, owner, pid, flight = _SLOT.unpack_from(self._map, offset)
+            return update((digest, owner, pid, flight))
+        finally:
+            fcntl.lockf(self._fd, fcntl.LOCK_UN, SLOT_BYTES, offset)
+
+    def claim(self, key: str, flight_id: str, *, replace: str | None = None) -> tuple[int, int, str] | None:
+        """Claim `key` for our flight: None when it is ours now (or cannot be shared: a slot
+        held by another live key), else (worker index, pid, flight id) of the owner.
+        `replace`: take the slot over from that holder (it died or lost its flight)."""
+        digest, offset = self._where(key)
+        mine = _SLOT.pack(digest, self.index + 1, self.pid, flight_id.encode())
+
+        def update(slot: tuple[bytes, int, int, bytes]) -> Any:
+            held_digest, owner, pid, flight = slot
+            holder = flight.rstrip(b"\0").decode()
+            if owner and pid != self.pid and _alive(pid) and holder != replace:
+                if held_digest == digest:
+                    return owner - 1, pid, holder
+                return None  # another key's flight: this one goes unshared
+            self._map[offset:offset + _SLOT.size] = mine
+            return None
+
+        return self._locked(offset, update)
+
+    def release(self, key: str, flight_id: str) -> None:
+        """Free `key`'s slot if it still holds our flight."""
+        digest, offset = self._where(key)
+
+        def update(slot: tuple[bytes, int, int, bytes]) -> None:
+            held_digest, _, pid, flight = slot
+            if held_digest == digest and pid == self.pid and flight.rstrip(b"\0").decode() == flight_id:
+                self._map[offset:offset + SLOT_BYTES] = _FREE
+
+        self._locked(offset, update)
+
+
+@dataclass
+class Worker:
+    """Who this process is on its node."""
+
+    node_dir: str
+    index: int
+    count: int
+
+
+async def _write(writer: asyncio.StreamWriter, kind: bytes, payload: bytes = b"") -> None:
+    writer.write(_FRAME.pack(kind, len(payload)) + payload)
+    await writer.drain()
+
+
+async def _read(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    kind, size = _FRAME.unpack(await reader.readexactly(_FRAME.size))
+    if size > MAX_FRAME:
+        raise ConnectionError("a frame over the limit")
+    return kind, await reader.readexactly(size)
+
+
+class NodeFlights:
+    """Flights shared by the workers of a node; the same interface as SharedFlights
+    (proxy.redis.flights), so the gateway drives both alike."""
+
+    def __init__(self, worker: Worker, group: Group, metrics: Metrics,
+                 render_metrics: Callable[[], bytes] | None = None) -> None:
+        self.worker = worker
+        self.group = group
+        self.metrics = metrics
+        self.render_metrics = render_metrics or metrics.render
+        self.table = ClaimTable(worker.node_dir, worker.index)
+        # summed over the node by merge_metrics: how many workers answered the scrape
+        Gauge("herd_workers", "Worker processes of this node that answered this scrape ([server] workers)",
+              registry=metrics.registry).set(1)
+        self._led: dict[str, tuple[Flight, tuple[str, ...]]] = {}  # flight id -> flight we lead, secrets
+        self._server: asyncio.AbstractServer | None = None
+        self._tasks: set[asyncio.Task] = set()
+
+    usable = True  # as SharedFlights.usable: always, the node's table is local
+
+    async def start(self) -> None:
+        path = socket_path(self.worker.node_dir, self.worker.index)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # a previous process of this index
+        self._server = await asyncio.start_unix_server(self._serve, path=path)
+
+    async def aclose(self) -> None:
+        """After the group's flights finished (siblings may have followed them until then)."""
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.table.close()
+
+    # -- claim and lead (as SharedFlights) ----------------------------------------------
+    async def claim(self, key: str, flight_id: str) -> Claim:
+        return self.claim_now(key, flight_id)
+
+    def claim_now(self, key: str, flight_id: str, replace: str | None = None) -> Claim:
+        owner = self.table.claim(key, flight_id, replace=replace)
+        if owner is None:
+            return Claim(True, f"{self.worker.index}:{os.getpid()}:{flight_id}")
+        index, pid, holder = owner
+        return Claim(False, f"{index}:{pid}:{holder}")
+
+    def lead(self, key: str, flight: Flight, claim: Claim, redact: tuple[str, ...] = ()) -> None:
+        """Let siblings follow `flight` (a local flight we lead) until it ends; then free its slot."""
+        self.metrics.shared_flights.labels("lead").inc()
+        self._led[flight.id] = (flight, redact)
+
+        def done(_: Any) -> None:
+            self._led.pop(flight.id, None)
+            self.table.release(key, flight.id)
+
+        if flight.task is not None:
+            flight.task.add_done_callback(done)
+
+    # -- follower side -----------------------------------------------------------------
+    async def mirror(self, key: str, claim: Claim, flight: Flight, call: Call, stream: bool,
+                     on_lead: Callable[[Claim], None]) -> bool:
+        """The work of a flight a sibling leads: its chunks as they come. If the sibling
+        cannot be reached or is lost before the end, this worker takes the flight over and
+        calls the upstream. Always True (SharedFlights says whether this replica called the
+        upstream, the gateway then keeps the answer): each worker's memory cache is its own,
+        so a follower keeps the answer it mirrored."""
+        self.metrics.shared_flights.labels("follow").inc()
+        splice = Splice(flight)
+        holder = claim.holder
+        while True:
+            splice.restart()
+            if await self._follow(holder, splice):
+                return True
+            self.metrics.shared_flights.labels("takeover").inc()
+            taken = self.claim_now(key, flight.id, replace=holder.rpartition(":")[2])
+            if taken.lead:
+                on_lead(taken)
+                break
+            holder = taken.holder  # another sibling took over first: follow it
+        splice.restart()
+        await call(splice, stream if splice.whole is None else not splice.whole)
+        splice.complete()
+        return True
+
+    async def _follow(self, holder: str, splice: Splice) -> bool:
+        """Feed `splice` from the owner's flight: True when it ended, False when the owner is
+        unreachable or gone before the end. Raises the owner's error."""
+        index, _, flight_id = holder.split(":")
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_unix_connection(socket_path(self.worker.node_dir, int(index))), CONNECT_TIMEOUT_S)
+        except (OSError, TimeoutError, ValueError):
+            return False
+        try:
+            await _write(writer, b"f", flight_id.encode())
+            last: Chunk | None = None
+            while True:
+                kind, payload = await _read(reader)
+                if kind == b"u":
+                    splice.flight.served_by = payload.decode(errors="replace")
+                elif kind == b"c":
+                    last = Chunk(orjson.loads(payload), payload)
+                    if splice.index == 0:
+                        splice.whole = False
+                    splice.publish(last)
+                elif kind == b"W" and last is not None:
+                    last.whole = payload
+                    splice.whole = True
+                elif kind == b"r":
+                    splice.restart()
+                elif kind == b"e":
+                    fields = orjson.loads(payload)
+                    if fields.get("e") != "ok":
+                        raise _end_error({k.encode(): v.encode("latin-1") for k, v in fields.items()})
+                    splice.complete()
+                    return True
+                elif kind == b"g":  # gone: the owner no longer has it
+                    return False
+        except (OSError, asyncio.IncompleteReadError, ConnectionError, orjson.JSONDecodeError):
+            return False
+        finally:
+            writer.close()
+
+    # -- the owner's side: siblings follow our flights, or ask for our metrics -----------
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        try:
+            kind, payload = await _read(reader)
+            if kind == b"f":
+                await self._publish(payload.decode(), reader, writer)
+            elif kind == b"m":
+                await _write(writer, b"m", self.render_metrics())
+        except (OSError, asyncio.IncompleteReadError, ConnectionError, UnicodeDecodeError):
+            pass
+        finally:
+            if task is not None:
+                self._tasks.discard(task)
+            writer.close()
+
+    async def _publish(self, flight_id: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Send a sibling our flight's chunks, from the first; while it follows, we hold a
+        ticket on the flight, so its clients count as waiters (the last one out cancels)."""
+        led = self._led.get(flight_id)
+        if led is None:
+            await _write(writer, b"g")
+            return
+        flight, redact = led
+        ticket = self.group.join(flight)  # a sibling's clients wait on it: keep the call going
+        left = asyncio.ensure_future(reader.read(1))  # the sibling sends nothing more: EOF is its leaving
+        try:
+            sent = 0
+            rewinds = flight.rewinds
+            told = False
+            while True:
+                if flight.rewinds != rewinds:
+                    rewinds, sent = flight.rewinds, 0
+                    await _write(writer, b"r")
+                batch = flight.chunks[sent:]
+                if batch and not told and flight.served_by:
+                    await _write(writer, b"u", flight.served_by.encode())
+                    told = True
+                for chunk in batch:
+                    frames = _FRAME.pack(b"c", len(chunk.raw)) + chunk.raw
+                    if chunk.whole is not None:
+                        frames += _FRAME.pack(b"W", len(chunk.whole)) + chunk.whole
+                    writer.write(frames)
+                sent += len(batch)
+                if batch:
+                    await writer.drain()
+                if flight.done and sent == len(flight.chunks):
+                    break
+                if not flight.done:
+                    change = asyncio.ensure_future(flight.changed())
+                    await asyncio.wait((change, left), return_when=asyncio.FIRST_COMPLETED)
+                    if left.done():
+                        change.cancel()
+                        return  # every client of the sibling left
+
+            if isinstance(flight.error, FlightCancelled):
+                return  # the follower takes over
+            fields = _end_fields(flight.error, redact)
+            end = {k: v.decode("latin-1") if isinstance(v, bytes) else v for k, v in fields.items()}
+            await _write(writer, b"e", orjson.dumps(end))
+        finally:
+            left.cancel()
+            self.group.release(ticket)
+
+    # -- the node's metrics ------------------------------------------------------------
+    async def node_metrics(self) -> bytes:
+        """Every worker's metrics in one text: counters and histograms summed across the
+        node, so one scrape of the port gives totals (a worker that is restarting is missing)."""
+        texts = [self.render_metrics()]
+        others = [i for i in range(self.worker.count) if i != self.worker.index]
+        texts += [t for t in await asyncio.gather(*(self._sibling_metrics(i) for i in others)) if t is not None]
+        return merge_metrics(texts)
+
+    async def _sibling_metrics(self, index: int) -> bytes | None:
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_unix_connection(socket_path(self.worker.node_dir, index)), CONNECT_TIMEOUT_S)
+        except (OSError, TimeoutError):
+            return None
+        try:
+            await _write(writer, b"m")
+            kind, payload = await asyncio.wait_for(_read(reader), CONNECT_TIMEOUT_S)
+            return payload if kind == b"m" else None
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+            return None
+        finally:
+            writer.close()
+
+
+#: gauges whose node-wide value is not a sum of the workers'
+_MERGE = {"herd_redis_up": min, "herd_circuit_state": max}
+
+
+def merge_metrics(texts: list[bytes]) -> bytes:
+    """Prometheus texts of the node's workers as one: each sample summed over the workers
+    (min or max for a few gauges, _MERGE), herd_coalesce_ratio computed from the sums."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families: dict[str, tuple[str, str, dict[tuple[str, tuple[tuple[str, str], ...]], list[float]]]] = {}
+    for text in texts:
+        for family in text_string_to_metric_families(text.decode()):
+            if family.name.endswith("_created"):
+                continue  # when each worker's series began: not a node's
+            _, _, samples = families.setdefault(family.name, (family.type, family.documentation, {}))
+            for s in family.samples:
+                if s.name.endswith("_created"):
+                    continue  # when each worker's series began: not a node's
+                samples.setdefault((s.name, tuple(sorted(s.labels.items()))), []).append(s.value)
+
+    def total(name: str) -> float:
+        samples = families.get(name, ("", "", {}))[2]
+        return sum(sum(v) for (sample, _), v in samples.items() if sample == name + "_total")
+
+    served = sum(sum(v) for (sample, labels), v in families.get("herd_requests", ("", "", {}))[2].items()
+                 if sample == "herd_requests_total" and dict(labels).get("outcome") != "error")
+    lines = []
+    for name, (kind, doc, samples) in families.items():
+        lines.append(f"# HELP {name} {_escape_help(doc)}")
+        lines.append(f"# TYPE {name} {kind}")
+        for (sample, labels), values in samples.items():
+            if name == "herd_coalesce_ratio":
+                value = 1.0 - total("herd_upstream_calls") / served if served else 0.0
+            else:
+                value = _MERGE.get(name, sum)(values)
+            label_text = ",".join(f'{k}="{_escape_label(v)}"' for k, v in labels)
+            lines.append(f"{sample}{{{label_text}}} {_number(value)}" if labels else f"{sample} {_number(value)}")
+    return ("\n".join(lines) + "\n").encode()
+
+
+def _escape_help(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def _escape_label(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _number(value: float) -> str:
+    if value == float("inf"):
+        return "+Inf"
+    return repr(float(value))

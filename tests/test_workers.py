@@ -1,0 +1,266 @@
+"""`[server] workers = N`: N processes on one port that still make one upstream call per burst.
+
+Real processes (`python -m proxy serve` with workers = 2, the simulator, aiohttp clients),
+plus the node's claims table and metrics merge on their own (proxy.node, proxy.workers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import signal
+import stat
+import time
+import uuid
+from pathlib import Path
+
+import aiohttp
+import httpx
+import orjson
+import pytest
+
+from benchmarks.harness import Herd
+from benchmarks.simulator import expected_text
+from proxy.config import parse_settings
+from proxy.node import ClaimTable, create_table, merge_metrics
+from proxy.workers import Supervisor
+from tests.harness import chat_calls, sim_reset, to_toml
+
+
+def _config(sim_url: str, workers: int = 2, **server) -> str:
+    return to_toml({
+        "server": {"workers": workers, "shutdown_grace_s": 10, "access_log": False, **server},
+        "auth": {"mode": "open"},
+        "upstreams": {"sim": {"base_url": f"{sim_url}/v1"}},
+    })
+
+
+def _metric(url: str, name: str) -> float:
+    text = httpx.get(url + "/metrics", timeout=10).text
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith((name + " ", name + "{")))
+
+
+def _start(tmp_path: Path, sim_url: str, workers: int = 2, **server) -> Herd:
+    herd = Herd(_config(sim_url, workers, **server), tmp_path, log_path=tmp_path / "herd.log").start(timeout=120)
+    end = time.monotonic() + 120
+    while _metric(herd.url, "herd_workers") < workers:  # every worker up, not only the first
+        assert time.monotonic() < end, "the workers never all came up"
+        time.sleep(0.2)
+    return herd
+
+
+def _children(pid: int) -> set[int]:
+    kids: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        kids |= {int(k) for k in (task / "children").read_text().split()}
+    return kids
+
+
+def _workers_of(pid: int) -> set[int]:
+    """The supervisor's worker processes (its multiprocessing resource tracker aside)."""
+    return {k for k in _children(pid) if b"spawn_main" in Path(f"/proc/{k}/cmdline").read_bytes()
+            and b"resource_tracker" not in Path(f"/proc/{k}/cmdline").read_bytes()}
+
+
+async def _burst(url: str, n: int, prompt: str) -> list[tuple[int, str, str, bytes]]:
+    """`n` identical requests at once, every other one streamed; (status, x-herd, x-herd-flight, body)."""
+    body = {"model": "m", "messages": [{"role": "user", "content": prompt}]}
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True),
+                                     timeout=timeout) as session:
+        async def one(i: int) -> tuple[int, str, str, bytes]:
+            async with session.post(url + "/v1/chat/completions", json={**body, "stream": bool(i % 2)}) as r:
+                return r.status, r.headers.get("x-herd", ""), r.headers.get("x-herd-flight", ""), await r.read()
+
+        return await asyncio.gather(*[one(i) for i in range(n)])
+
+
+def _text(raw: bytes) -> str:
+    """The answer's text, from a JSON body or an SSE stream."""
+    if not raw.startswith(b"data:"):
+        return orjson.loads(raw)["choices"][0]["message"]["content"]
+    parts = []
+    for line in raw.split(b"\n"):
+        if line.startswith(b"data: {"):
+            for choice in orjson.loads(line[6:])["choices"]:
+                parts.append(choice["delta"].get("content") or "")
+    assert raw.rstrip().endswith(b"data: [DONE]")
+    return "".join(parts)
+
+
+def test_a_burst_of_1000_identical_requests_over_two_workers_makes_one_upstream_call(tmp_path, sim):
+    # the flight lasts long enough for the whole burst to arrive on a loaded machine
+    sim_reset(sim.url, ttft_ms=5000)
+    herd = _start(tmp_path, sim.url)
+    try:
+        prompt = f"burst {uuid.uuid4()}"
+        results = asyncio.run(_burst(herd.url, 1000, prompt))
+        assert collections.Counter(status for status, *_ in results) == {200: 1000}
+        want = expected_text({"messages": [{"role": "user", "content": prompt}]})
+        assert {_text(raw) for *_, raw in results} == {want}
+        assert chat_calls(sim.url) == 1
+        roles = collections.Counter(role for _, role, _, _ in results)
+        assert roles["leader"] == 1
+        # one flight id, the same in both workers: the second worker followed the first's flight
+        assert len({flight for _, _, flight, _ in results}) == 1
+        assert _metric(herd.url, 'herd_shared_flights_total{role="follow"}') >= 1
+    finally:
+        herd.stop()
+
+
+def test_unique_requests_spread_over_both_workers_and_never_share(tmp_path, sim):
+    sim_reset(sim.url, ttft_ms=50)
+    herd = _start(tmp_path, sim.url)
+    try:
+        async def unique(n: int) -> list[tuple[int, str]]:
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=32, force_close=True)) as s:
+                async def one(i: int) -> tuple[int, str]:
+                    body = {"model": "m", "messages": [{"role": "user", "content": f"unique {i} {uuid.uuid4()}"}]}
+                    async with s.post(herd.url + "/v1/chat/completions", json=body) as r:
+                        await r.read()
+                        return r.status, r.headers["x-herd"] + ":" + r.headers["x-herd-flight"]
+
+                return await asyncio.gather(*[one(i) for i in range(n)])
+
+        results = asyncio.run(unique(200))
+        assert {status for status, _ in results} == {200}
+        assert {tag.split(":")[0] for _, tag in results} == {"leader"}
+        # a flight id starts with its process's own prefix (proxy.ids): both workers answered
+        assert len({tag.split(":")[1][:8] for _, tag in results}) == 2
+        assert chat_calls(sim.url) == 200
+        # /metrics on the port is the node's: both workers' requests, summed
+        assert _metric(herd.url, 'herd_requests_total{outcome="leader"}') == 200
+        assert _metric(herd.url, "herd_workers") == 2
+    finally:
+        herd.stop()
+
+
+def test_sigterm_drains_every_worker_then_exits(tmp_path, sim):
+    sim_reset(sim.url, ttft_ms=3000)
+    herd = _start(tmp_path, sim.url)
+    assert herd.popen is not None
+
+    async def burst_then_term() -> list[tuple[int, str, str, bytes]]:
+        task = asyncio.ensure_future(_burst(herd.url, 100, "drain me"))
+        end = time.monotonic() + 60
+        while _metric(herd.url, "herd_inflight_waiters") < 100:
+            assert time.monotonic() < end, "the burst never all joined"
+            await asyncio.sleep(0.1)
+        herd.popen.send_signal(signal.SIGTERM)
+        return await task
+
+    results = asyncio.run(burst_then_term())
+    assert [status for status, *_ in results] == [200] * 100
+    assert herd.popen.wait(timeout=60) == 0
+    assert chat_calls(sim.url) == 1
+    assert (tmp_path / "herd.log").read_text().count("herd stopped: every flight finished") == 2
+
+
+def test_a_killed_worker_is_restarted(tmp_path, sim):
+    herd = _start(tmp_path, sim.url)
+    assert herd.popen is not None
+    try:
+        before = _workers_of(herd.popen.pid)
+        assert len(before) == 2
+        victim = min(before)
+        os.kill(victim, signal.SIGKILL)
+        end = time.monotonic() + 120
+        while True:
+            now = _workers_of(herd.popen.pid)
+            if len(now) == 2 and victim not in now and _metric(herd.url, "herd_workers") == 2:
+                break
+            assert time.monotonic() < end, "the killed worker was not replaced"
+            time.sleep(0.2)
+        r = httpx.post(herd.url + "/v1/chat/completions",
+                       json={"model": "m", "messages": [{"role": "user", "content": "after"}]}, timeout=30)
+        assert r.status_code == 200
+    finally:
+        herd.stop()
+
+
+def test_workers_that_keep_failing_at_start_stop_the_node_with_an_error(tmp_path, sim):
+    # a valid config whose workers cannot start: the semantic model file is missing
+    config = _config(sim.url) + '\n[coalesce]\nmode = "semantic"\nmodel_path = "/nonexistent/model.onnx"\n'
+    herd = Herd(config, tmp_path, log_path=tmp_path / "herd.log").launch()
+    assert herd.popen is not None
+    assert herd.popen.wait(timeout=240) == 1
+    assert "workers keep failing at start" in (tmp_path / "herd.log").read_text()
+
+
+def test_the_node_directory_is_private_to_its_user(sim):
+    settings = parse_settings({"auth": {"mode": "open"}, "upstreams": {"sim": {"base_url": f"{sim.url}/v1"}}})
+    import socket
+
+    sock = socket.socket()
+    try:
+        supervisor = Supervisor(settings, 2, sock)
+        assert stat.S_IMODE(os.stat(supervisor.node_dir).st_mode) == 0o700
+        os.rmdir(supervisor.node_dir)
+    finally:
+        sock.close()
+
+
+# -- the claims table and the metrics merge, without processes --------------------------------
+
+
+def test_the_claims_table_gives_a_key_to_one_worker_until_it_lets_go(tmp_path):
+    create_table(tmp_path)
+    a, b = ClaimTable(tmp_path, 0), ClaimTable(tmp_path, 1)
+    b.pid = os.getppid()  # another live process
+    try:
+        assert a.claim("k", "flightA") is None  # a leads
+        assert b.claim("k", "flightB") == (0, os.getpid(), "flightA")  # b follows a
+        assert b.claim("other", "flightC") is None  # another key: b leads it
+        a.release("k", "flightB")  # not a's flight id: nothing happens
+        assert b.claim("k", "flightB") == (0, os.getpid(), "flightA")
+        a.release("k", "flightA")
+        assert b.claim("k", "flightB") is None  # free again: b leads now
+        assert a.claim("k", "flightD") == (1, os.getppid(), "flightB")
+        # takeover: a replaces b's flight (b died, or lost it)
+        assert a.claim("k", "flightD", replace="flightB") is None
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_claim_held_by_a_dead_process_is_taken_over(tmp_path):
+    create_table(tmp_path)
+    a, b = ClaimTable(tmp_path, 0), ClaimTable(tmp_path, 1)
+    a.pid = 2 ** 22 + 12345  # no such process
+    try:
+        assert a.claim("k", "dead") is None
+        assert b.claim("k", "mine") is None
+    finally:
+        a.close()
+        b.close()
+
+
+def test_node_metrics_are_sums_of_the_workers(tmp_path):
+    from proxy.metrics import Metrics
+
+    one, two = Metrics(), Metrics()
+    one.requests.labels("leader").inc(3)
+    two.requests.labels("leader").inc(4)
+    two.requests.labels("follower").inc(3)
+    one.upstream_calls.labels("sim").inc(3)
+    two.upstream_calls.labels("sim").inc(4)
+    one.upstream_latency.labels("sim").observe(0.02)
+    two.upstream_latency.labels("sim").observe(0.2)
+    one.redis_up.labels("standalone").set(1)
+    two.redis_up.labels("standalone").set(0)
+    merged = merge_metrics([one.render(), two.render()]).decode()
+    lines = set(merged.splitlines())
+    assert 'herd_requests_total{outcome="leader"} 7.0' in lines
+    assert 'herd_upstream_calls_total{upstream="sim"} 7.0' in lines
+    assert 'herd_upstream_seconds_count{upstream="sim"} 2.0' in lines
+    assert 'herd_upstream_seconds_bucket{le="0.025",upstream="sim"} 1.0' in lines
+    assert 'herd_redis_up{backend="standalone"} 0.0' in lines  # up only if every worker's link is
+    ratio = next(line for line in lines if line.startswith("herd_coalesce_ratio "))
+    assert float(ratio.split()[1]) == pytest.approx(0.3)  # 1 - 7 calls / 10 served
+    from prometheus_client.parser import text_string_to_metric_families
+
+    names = {f.name for f in text_string_to_metric_families(merged)}
+    assert names >= {"herd_requests", "herd_upstream_seconds"}
+    assert not any(name.endswith("_created") for name in names)
