@@ -5,7 +5,9 @@ Scenarios (subcommands; `herd bench` alone runs `compare`):
   compare  one workload at a fixed concurrency (or rate) against every target in turn, in
            interleaved rounds: the simulator directly, a bare passthrough (the physical
            floor of this stack), herd in each coalescing mode, and any other proxy URL.
-           Then the same at half of the passthrough's throughput (latency added at half load).
+           Then the same at half of the slowest proxy's throughput (latency added at half load).
+           wrk (C) drives the throughput phase when it is installed (the unique workload,
+           nothing streamed: benchmarks/wrk.py); the Python generator drives the rest.
   burst    N identical requests at once: upstream calls, and how long after the leader's
            answer the last follower gets its own (herd, and the floor: a bare single-flight
            coalescing proxy, benchmarks/fanout_floor.py, the least this stack can cost).
@@ -162,9 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compare", help="one workload against every target, side by side (the default)",
                        description="Drive a workload at a fixed concurrency (or rate) against each target in "
-                                   "interleaved rounds, then at half of the passthrough's throughput. Prints req/s, "
-                                   "ratios to the passthrough and to direct, upstream calls, coalesce ratio, cache "
-                                   "hits, errors and latency percentiles.")
+                                   "interleaved rounds, then at half of the slowest proxy's throughput. Prints "
+                                   "req/s, ratios to the passthrough and to direct, CPU per request and its ratio to "
+                                   "the passthrough's, upstream calls, coalesce ratio, cache hits, errors and latency "
+                                   "percentiles. The throughput phase of the unique workload is driven by wrk when "
+                                   "it is installed (--loadgen).")
     c.add_argument("--workload", default="unique", choices=list(workloads.WORKLOADS),
                    help="what to send (see `herd bench list`; default unique)")
     c.add_argument("-c", "--concurrency", type=int, help="connections, closed loop (default 256; quick 64)")
