@@ -155,7 +155,9 @@ def answer_of(flight: Flight, build: Callable[[list[Chunk]], dict] = assemble) -
     """A cleanly finished flight as an Answer (made once per flight, from its renderings;
     `build`: as for json_body)."""
     if flight.answer is None:
-        stream = flight.sse or Stream()
+        # kept as the flight's: its stream waiters render nothing again, and never from
+        # `flight.answer` on top of the chunks
+        stream = flight.sse = flight.sse or Stream()
         stream.update(flight.chunks)
         sse = b"".join(p for i, p in enumerate(stream.parts) if i not in stream.usage)
         usage = b"".join(stream.parts[i] for i in sorted(stream.usage))

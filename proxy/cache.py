@@ -56,6 +56,10 @@ class MemoryCache:
         return answer
 
     async def put(self, key: str, answer: Answer, ttl_s: float) -> None:
+        self.keep(key, answer, ttl_s)
+
+    def keep(self, key: str, answer: Answer, ttl_s: float) -> None:
+        """`put`, for a caller that knows this cache never suspends."""
         self._drop(key)
         cost = self._cost(key, answer)
         if cost <= self.max_bytes:  # an answer bigger than the whole cache is not kept

@@ -276,7 +276,7 @@ class Gateway:
         flight.served_by = plan.route.upstream
         await self._call(plan.route, plan.req, plan.options, flight, plan.stream)
         if plan.store:
-            self._spawn(self._store(plan, flight))
+            self._keep(plan, flight)
 
     def _replay(self, flight: Flight, answer: Answer) -> None:
         """Answer `flight` from the cache: its waiters write the stored bytes, nothing is rendered again."""
@@ -329,12 +329,23 @@ class Gateway:
     async def _store(self, plan: Plan, flight: Flight) -> None:
         """Keep a cleanly finished flight's answer for later identical (or similar) requests."""
         await flight.wait()
+        if flight.error is None:
+            self._keep(plan, flight)
+
+    def _keep(self, plan: Plan, flight: Flight) -> None:
+        """Keep the answer of `flight`, whose upstream call ended cleanly, for later identical
+        (or similar) requests. Called as the call ends, with no await before the flight
+        finishes: the memory cache keeps it at once, without a task per flight; a cache that
+        suspends (Redis) writes in a task of its own, so the waiters never wait for it."""
         ttl, cache = plan.ttl, self.cache
-        if flight.error is not None or ttl <= 0 or cache is None or not plan.req.wire.cacheable(flight.chunks):
+        if ttl <= 0 or cache is None or not plan.req.wire.cacheable(flight.chunks):
             return
         answer = answer_of(flight, plan.req.api.assemble)  # the bytes its waiters write, rendered once
-        for key in flight.keys:
-            await cache.put(key, answer, ttl)
+        if isinstance(cache, MemoryCache):
+            for key in flight.keys:
+                cache.keep(key, answer, ttl)
+        else:
+            self._spawn(_put(cache, flight.keys, answer, ttl))
         probe = flight.probe
         if self.similar is not None and probe is not None and probe.vector is not None and flight.group is not None:
             self.similar.add(flight.group, flight.keys[0], probe, ttl)
@@ -540,6 +551,11 @@ class Gateway:
             role = "follower"
         model = read_entry(entries[0])[2]
         return Embedded(render(entries, model), role, counts)
+
+
+async def _put(cache: AnswerCache, keys: tuple[str, ...], answer: Answer, ttl: float) -> None:
+    for key in keys:
+        await cache.put(key, answer, ttl)
 
 
 def _log_failure(task: asyncio.Task) -> None:

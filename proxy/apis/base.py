@@ -181,7 +181,7 @@ class Wire:
 
     def flight_usage(self, flight: Flight) -> dict[str, Any] | None:
         """The usage a flight's answer reports, in chat terms (for accounting)."""
-        if flight.answer is not None:
+        if flight.answer is not None and not flight.chunks:  # a cached answer: no chunks to read
             return self.answer_usage(flight.answer.usage)
         return self.usage(flight.chunks)
 
