@@ -288,6 +288,30 @@ def stat_cpu_seconds(path: str) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK
 
 
+def descendants(pid: int) -> list[int]:
+    """The living processes below `pid` (children, their children, ...), from /proc's parent ids."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            parent = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # it ended meanwhile
+        children.setdefault(parent, []).append(int(entry))
+    out: list[int] = []
+    todo = list(children.get(pid, []))
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
 class Proc:
     """One subprocess serving HTTP on ``port``, its output in ``log_path``."""
 
@@ -375,8 +399,10 @@ class Proc:
         return self.popen is not None and self.popen.poll() is None
 
     def cpu_seconds(self) -> float:
-        """User + system CPU time of the process so far (Linux /proc; 0.0 elsewhere)."""
-        return stat_cpu_seconds(f"/proc/{self.pid}/stat")
+        """User + system CPU time so far of the process and of every process below it (herd's
+        workers, with [server] workers = N) (Linux /proc; 0.0 elsewhere)."""
+        return stat_cpu_seconds(f"/proc/{self.pid}/stat") + sum(
+            stat_cpu_seconds(f"/proc/{pid}/stat") for pid in descendants(self.pid))
 
     def thread_cpu_seconds(self) -> tuple[float, float]:
         """CPU time so far of (the main thread, all other threads together): herd's event loop

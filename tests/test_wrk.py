@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import orjson
@@ -14,7 +17,7 @@ import pytest
 
 from benchmarks import workloads, wrk
 from benchmarks.compare import choose_loadgen, compare_checks
-from benchmarks.harness import Stack, sim_stats
+from benchmarks.harness import Proc, Stack, sim_stats
 from benchmarks.loadgen import Records
 from benchmarks.measure import Measured, Pool, Target, add_ratios
 
@@ -257,3 +260,26 @@ def test_compare_fails_loudly_when_wrks_requests_fail(tmp_path: Path) -> None:
                      "--no-half-load", "--no-plots", "--no-progress", "--out", str(tmp_path / "out"))
     assert proc.returncode == 1
     assert "requests failed (non-2xx" in proc.stderr
+
+
+def test_a_process_cpu_time_counts_its_children(tmp_path: Path) -> None:
+    # herd with [server] workers = N serves from child processes: their CPU is the target's
+    code = ("import multiprocessing as mp, time\n"
+            "def spin():\n"
+            "    end = time.process_time() + 0.6\n"
+            "    while time.process_time() < end: pass\n"
+            "    time.sleep(60)\n"
+            "if __name__ == '__main__':\n"
+            "    mp.get_context('spawn').Process(target=spin).start()\n"
+            "    time.sleep(60)\n")
+    script = tmp_path / "parent.py"
+    script.write_text(code)
+    proc = Proc("parent", [sys.executable, str(script)], 0, tmp_path / "parent.log").launch()
+    try:
+        deadline = time.monotonic() + 30
+        while proc.cpu_seconds() < 0.5:
+            assert time.monotonic() < deadline, "the child's CPU time was never counted"
+            time.sleep(0.1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the parent and its child: it started its own session
+        proc.kill()
