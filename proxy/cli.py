@@ -25,12 +25,15 @@ def _load(path: str | None, host: str | None = None, port: int | None = None):  
     return settings
 
 
-def listen_socket(host: str, port: int, send_buffer_bytes: int = 0) -> socket.socket:
+def listen_socket(host: str, port: int, send_buffer_bytes: int = 0, reuse_port: bool = False) -> socket.socket:
     """herd's listening socket. The connections accepted from it inherit its send buffer size
     (`[server] send_buffer_bytes`), which bounds what a client that does not read holds in
-    the kernel (herd itself bounds what it holds: proxy.responses)."""
+    the kernel (herd itself bounds what it holds: proxy.responses). `reuse_port`: one of the
+    sockets of a node's workers on the same port (proxy.workers)."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     if send_buffer_bytes:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer_bytes)
     sock.bind((host, port))
@@ -78,12 +81,11 @@ def serve(args: argparse.Namespace) -> int:
     for warning in warnings(settings):
         logging.getLogger("herd.config").warning(warning)
     server = settings.server
-    sock = listen_socket(server.host, server.port, server.send_buffer_bytes)
     if server.workers > 1:
         from proxy.workers import supervise
 
-        return supervise(settings, server.workers, sock)
-    run_server(settings, sock)
+        return supervise(settings, server.workers)
+    run_server(settings, listen_socket(server.host, server.port, server.send_buffer_bytes))
     return 0
 
 

@@ -195,7 +195,7 @@ def test_the_node_directory_is_private_to_its_user(sim):
 
     sock = socket.socket()
     try:
-        supervisor = Supervisor(settings, 2, sock)
+        supervisor = Supervisor(settings, 2, [sock, sock])
         assert stat.S_IMODE(os.stat(supervisor.node_dir).st_mode) == 0o700
         os.rmdir(supervisor.node_dir)
     finally:
