@@ -25,6 +25,9 @@ Scenarios (subcommands; `herd bench` alone runs `compare`):
            (benchmarks/chaos.py; its own options: `herd bench chaos --help`).
   fuzz     property-based fuzzing of request validation, canonical keys and tenant
            isolation (benchmarks/fuzz.py; `herd bench fuzz --cases 5000`).
+  workers  herd with 1, 2, 8 worker processes ([server] workers) and Redis-shared: req/s and
+           CPU per request under wrk, upstream calls per burst of 1,000 identical
+           (benchmarks/workers.py; `herd bench workers --help`).
   list     the workloads.
 
 Every run starts its own simulator, passthrough and herd processes on free loopback ports
@@ -295,6 +298,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["fuzz"]:
         from benchmarks.fuzz import main as fuzz
         return fuzz(argv[1:])
+    if argv[:1] == ["workers"]:
+        from benchmarks.workers import main as workers
+        return workers(argv[1:])
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["compare", *argv]
     parser = build_parser()
