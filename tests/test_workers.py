@@ -264,3 +264,118 @@ def test_node_metrics_are_sums_of_the_workers(tmp_path):
     names = {f.name for f in text_string_to_metric_families(merged)}
     assert names >= {"herd_requests", "herd_upstream_seconds"}
     assert not any(name.endswith("_created") for name in names)
+
+
+# -- a flight led by a sibling, in one process (two NodeFlights on one table) ------------------
+
+
+def _chunk(text: str):
+    from proxy.chunks import Chunk
+
+    return Chunk({"id": "c1", "created": 1, "choices": [{"index": 0, "delta": {"content": text}}]})
+
+
+async def _two_workers(tmp_path):
+    from proxy.coalescer import Group
+    from proxy.metrics import Metrics
+    from proxy.node import NodeFlights, Worker
+
+    create_table(tmp_path)
+    owner = NodeFlights(Worker(str(tmp_path), 0, 2), Group(), Metrics())
+    follower = NodeFlights(Worker(str(tmp_path), 1, 2), Group(), Metrics())
+    follower.table.pid = os.getppid()  # a live process other than the owner's
+    await owner.start()
+    await follower.start()
+    return owner, follower
+
+
+async def _until(predicate, timeout: float = 20.0) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end, "timed out"
+        await asyncio.sleep(0.01)
+
+
+def test_a_follower_takes_the_flight_over_when_its_owner_is_lost_mid_flight(tmp_path):
+    async def main() -> None:
+        owner, follower = await _two_workers(tmp_path)
+        release = asyncio.Event()
+
+        async def owner_work(flight) -> None:
+            claim = await owner.claim("k", flight.id)
+            assert claim.lead
+            owner.lead("k", flight, claim)
+            flight.publish(_chunk("a"))
+            await release.wait()  # never answered: the owner is lost first
+
+        calls = []
+
+        async def call(splice, stream: bool) -> None:
+            calls.append(stream)
+            splice.extend([_chunk("a"), _chunk("b")])
+
+        led = []
+
+        async def follower_work(flight) -> None:
+            claim = await follower.claim("k", flight.id)
+            assert not claim.lead
+            await follower.mirror("k", claim, flight, call, True, led.append)
+
+        mine = owner.group.acquire(["k"], owner_work)
+        await _until(lambda: bool(mine.flight.chunks))
+        theirs = follower.group.acquire(["k"], follower_work)
+        await _until(lambda: bool(theirs.flight.chunks))  # the owner's first chunk came over
+        assert calls == []
+        # the owner is lost: its socket closes mid-flight, and its flight is no longer there
+        owner._server.close()
+        owner._led.clear()
+        for task in list(owner._tasks):
+            task.cancel()
+        await theirs.flight.wait()
+        assert theirs.flight.error is None
+        assert [c.data["choices"][0]["delta"]["content"] for c in theirs.flight.chunks] == ["a", "b"]
+        assert calls == [True] and len(led) == 1  # it called the upstream itself, as the new leader
+        follower.group.release(theirs)
+        owner.group.release(mine)
+        await follower.aclose()
+        await owner.aclose()
+
+    asyncio.run(main())
+
+
+def test_the_owner_keeps_its_call_while_a_sibling_follows_and_cancels_it_when_everyone_left(tmp_path):
+    async def main() -> None:
+        owner, follower = await _two_workers(tmp_path)
+        cancelled = asyncio.Event()
+
+        async def owner_work(flight) -> None:
+            claim = await owner.claim("k", flight.id)
+            owner.lead("k", flight, claim)
+            flight.publish(_chunk("a"))
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+
+        async def call(splice, stream: bool) -> None:
+            raise AssertionError("the follower must not call the upstream")
+
+        async def follower_work(flight) -> None:
+            claim = await follower.claim("k", flight.id)
+            await follower.mirror("k", claim, flight, call, True, lambda claim: None)
+
+        mine = owner.group.acquire(["k"], owner_work)
+        await _until(lambda: bool(mine.flight.chunks))
+        theirs = follower.group.acquire(["k"], follower_work)
+        await _until(lambda: bool(theirs.flight.chunks))
+        owner.group.release(mine)  # the owner's own client leaves: the sibling's still waits
+        await asyncio.sleep(0.2)
+        assert not cancelled.is_set() and not mine.flight.done
+        follower.group.release(theirs)  # the sibling's client leaves too: nobody waits
+        await asyncio.wait_for(cancelled.wait(), 20)
+        await _until(lambda: owner.table.claim("k", "next") is None)  # the slot was freed
+        await follower.aclose()
+        await owner.aclose()
+
+    asyncio.run(main())
