@@ -30,6 +30,7 @@ from proxy.answer import Answer, answer_of
 from proxy.apis.base import ApiRequest, digest
 from proxy.auth import Authenticator, Identity
 from proxy.cache import AnswerCache, MemoryCache, SimilarAnswers
+from proxy.chunks import Chunk
 from proxy.coalescer import Flight, Group, Ticket
 from proxy.config import MODEL_MEMO, RouteConfig, Settings
 from proxy.dispatch import Dispatcher
@@ -454,12 +455,14 @@ class Gateway:
             ticket = self.group.acquire([key], functools.partial(_embed_input, batch, key), private=private)
             if ticket.leads:
                 batch.items[key] = item
+                batch.flights[key] = ticket.flight
                 batch.live += 1
             tickets[key] = ticket
         if not batch.items:
             return tickets, None
         options = CallOptions(client_key=identity.client_key, headers=identity.headers)
         use_cache = self.cache is not None and not private
+        batch.shared = not private
         batch.task = asyncio.get_running_loop().create_task(self._embed_batch(
             batch, route, options, req, read_cache and use_cache, write_cache and use_cache))
         return tickets, batch
@@ -478,24 +481,87 @@ class Gateway:
                 else:
                     missing.append(key)
             if missing:
-                try:
-                    await self._embed_call(batch, missing, route, options, req, store)
-                except HerdError as e:
-                    if len(missing) == 1 or not (400 <= e.status < 500 and e.status not in (401, 403, 408, 429)):
-                        raise
-                    # The call was refused for what it asked (one bad input, most likely): one input's
-                    # fault must not fail the others, or another request that joined one of them.
-                    # Each goes alone.
-                    alone = await asyncio.gather(*[self._embed_call(batch, [key], route, options, req, store)
-                                                   for key in missing], return_exceptions=True)
-                    for key, outcome in zip(missing, alone, strict=True):
-                        if isinstance(outcome, BaseException):
-                            batch.results[key] = outcome
+                shared = self.shared
+                if shared is not None and shared.usable and batch.shared:
+                    await self._embed_shared(shared, batch, missing, route, options, req, store)
+                else:
+                    await self._embed_missing(batch, missing, route, options, req, store)
         except Exception as e:
             for key in batch.items:
                 batch.results.setdefault(key, e)
         finally:
             batch.done.set()
+
+    async def _embed_missing(self, batch: EmbedBatch, missing: list[str], route: RouteConfig, options: CallOptions,
+                             req, store: bool) -> None:
+        """`missing` inputs in one upstream call; when it is refused for what it asked, each alone."""
+        try:
+            await self._embed_call(batch, missing, route, options, req, store)
+        except HerdError as e:
+            if len(missing) == 1 or not (400 <= e.status < 500 and e.status not in (401, 403, 408, 429)):
+                raise
+            # The call was refused for what it asked (one bad input, most likely): one input's
+            # fault must not fail the others, or another request that joined one of them.
+            # Each goes alone.
+            alone = await asyncio.gather(*[self._embed_call(batch, [key], route, options, req, store)
+                                           for key in missing], return_exceptions=True)
+            for key, outcome in zip(missing, alone, strict=True):
+                if isinstance(outcome, BaseException):
+                    batch.results[key] = outcome
+
+    async def _embed_shared(self, shared: SharedFlights, batch: EmbedBatch, missing: list[str], route: RouteConfig,
+                            options: CallOptions, req, store: bool) -> None:
+        """`missing` inputs across replicas ([redis] share_flights): each input's flight is
+        claimed (one pipeline for all); the ones this replica wins go upstream in one call and
+        are published (one chunk each: the input's entry), the others are mirrored from the
+        replica that leads them, with chat's takeover rules (SharedFlights.mirror)."""
+        claims = await shared.claim_many([(key, batch.flights[key].id) for key in missing])
+        secrets = (options.client_key or "", *(u.cfg.api_key for u in self.upstreams.values()))
+        won = [key for key, claim in zip(missing, claims, strict=True) if claim.lead]
+        for key, claim in zip(missing, claims, strict=True):
+            if claim.lead:
+                batch.flights[key].served_by = route.upstream
+                shared.lead(key, batch.flights[key], claim, redact=secrets)
+
+        async def lead() -> None:
+            try:
+                await self._embed_missing(batch, won, route, options, req, store)
+            except Exception as e:
+                for key in won:
+                    batch.results.setdefault(key, e)
+            for key in won:
+                if isinstance(answer := batch.results.get(key), Answer):
+                    batch.flights[key].publish(_entry_chunk(answer.body))  # for the replicas that mirror it
+
+        mirrors = [self._embed_mirror(shared, batch, key, claim, route, options, req, store, secrets)
+                   for key, claim in zip(missing, claims, strict=True) if not claim.lead]
+        await asyncio.gather(*([lead()] if won else []), *mirrors)
+
+    async def _embed_mirror(self, shared: SharedFlights, batch: EmbedBatch, key: str, claim: Claim,
+                            route: RouteConfig, options: CallOptions, req, store: bool,
+                            secrets: tuple[str, ...]) -> None:
+        """One input another replica leads: its answer from Redis, or, if that replica (or
+        Redis) is lost before it answers, from an upstream call of this replica's own."""
+        flight = batch.flights[key]
+        flight.source = "follow"
+        flight.shared_id = claim.flight_id
+
+        async def call(sink, stream: bool) -> None:
+            await self._embed_call(batch, [key], route, options, req, store)
+            flight.source = "upstream"
+            sink.served_by = route.upstream
+            sink.publish(_entry_chunk(batch.results[key].body))  # type: ignore[union-attr]
+
+        def on_lead(new: Claim) -> None:
+            shared.lead(key, flight, new, redact=secrets)
+
+        try:
+            await shared.mirror(key, claim, flight, call, False, on_lead)
+            if not flight.chunks:
+                raise UpstreamError(502, b"", upstream=route.upstream)
+            batch.results[key] = Answer(b"", b"", flight.chunks[0].raw)
+        except Exception as e:
+            batch.results[key] = e
 
     async def _embed_call(self, batch: EmbedBatch, keys: list[str], route: RouteConfig, options: CallOptions, req,
                           store: bool) -> None:
@@ -539,7 +605,9 @@ class Gateway:
         roles = [t.role for t in tickets.values()]
         counts = {"upstream": 0, "joined": 0, "cache": 0}
         for ticket in tickets.values():
-            kind = "cache" if ticket.role == "cache" else "upstream" if ticket.leads else "joined"
+            # an input mirrored from another replica was joined there
+            kind = ("cache" if ticket.role == "cache" else
+                    "upstream" if ticket.leads and ticket.flight.source != "follow" else "joined")
             counts[kind] += 1
         if all(r == "bypass" for r in roles):
             role = "bypass"
@@ -572,11 +640,18 @@ class EmbedBatch:
     cache, and the rest embedded in one upstream call. Each input's own flight waits on it."""
 
     items: dict[str, Any] = field(default_factory=dict)  # key -> input, in the request's order
+    flights: dict[str, Flight] = field(default_factory=dict)  # key -> its flight
     results: dict[str, Answer | BaseException] = field(default_factory=dict)
     cached: set[str] = field(default_factory=set)
     done: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task | None = None
     live: int = 0  # flights still waiting on it; the last to leave cancels the call
+    shared: bool = False  # its flights may be shared across replicas (not private ones)
+
+
+def _entry_chunk(entry: bytes) -> Chunk:
+    """An input's answer as a shared flight's one chunk: the entry's bytes as they are."""
+    return Chunk({}, entry)
 
 
 @dataclass

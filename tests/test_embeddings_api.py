@@ -226,3 +226,87 @@ def test_vectors_are_cut_out_as_written_whatever_the_layout():
     assert shares(7, [1, 1]) in ([4, 3], [3, 4]) and sum(shares(10, [3, 1, 1])) == 10
     with pytest.raises(Exception, match="malformed"):
         vectors(raw, "up", 3)
+
+
+# -- across replicas, through Redis ----------------------------------------------------------
+
+
+def replica_sections(sim_url: str, redis_url: str) -> dict:
+    return {
+        "server": {"host": "127.0.0.1", "request_timeout_s": 30.0, "log_level": "warning"},
+        "auth": {"hash_key": "replicas-share-this-hash-key"},
+        "upstreams": {"sim": {"kind": "openai", "base_url": sim_url + "/v1", "retries": 0}},
+        "routes": [{"model": "*", "upstream": "sim"}],
+        "cache": {"enabled": False},  # shared flights alone, not the shared cache
+        "redis": {"url": redis_url, "timeout_s": 0.5, "lease_s": 3.0, "retry_after_s": 0.5},
+    }
+
+
+async def burst_across(replicas, fmt: str, tag: str) -> tuple[list[list[str]], list]:
+    """2 replicas x 4 concurrent requests of 64 inputs drawn from 128 distinct strings."""
+    rng = random.Random(11)
+    strings = [f"{tag} chunk {i}, {fmt}" for i in range(128)]
+    asks = [rng.sample(strings, 64) for _ in range(8)]
+    clients = [client(r.url) for r in replicas]
+    answers = await asyncio.gather(*[
+        clients[i % 2].embeddings.with_raw_response.create(model=MODEL, input=inputs, encoding_format=fmt)
+        for i, inputs in enumerate(asks)], return_exceptions=True)
+    return asks, answers
+
+
+async def same_as_upstream(sim_url: str, asks: list[list[str]], answers: list, fmt: str) -> None:
+    for ask, answer in zip(asks, answers, strict=True):
+        assert not isinstance(answer, BaseException), answer
+        direct = await post(sim_url, {"model": MODEL, "input": ask, "encoding_format": fmt})
+        assert data_of(answer.http_response.content) == data_of(direct.content)
+
+
+@pytest.mark.parametrize("fmt", ["float", "base64"])
+async def test_two_replicas_embed_each_string_once_through_redis(sim, fmt):
+    """Each input's flight is claimed across replicas (one pipelined claim per request): the
+    inputs another replica leads are mirrored from Redis, not embedded again."""
+    import tempfile
+    from pathlib import Path
+
+    from tests.redis_servers import RedisServer, start_replicas
+
+    sim_reset(sim.url, ttft_ms=1500)
+    with RedisServer() as redis_server, tempfile.TemporaryDirectory(prefix="herd-replicas-") as d:
+        replicas = start_replicas(2, replica_sections(sim.url, redis_server.url), Path(d))
+        try:
+            asks, answers = await burst_across(replicas, fmt, "shared")
+            calls, inputs = upstream(sim.url)
+            metrics = [httpx.get(r.url + "/metrics").text for r in replicas]
+        finally:
+            for r in replicas:
+                r.stop()
+    assert inputs == len({s for ask in asks for s in ask}) and calls <= 8
+    assert any('herd_shared_flights_total{role="follow"}' in m for m in metrics)
+    sim_reset(sim.url)
+    await same_as_upstream(sim.url, asks, answers, fmt)
+
+
+async def test_two_replicas_answer_every_input_when_redis_dies(sim):
+    """Redis killed while inputs are mirrored from the other replica: each replica calls the
+    upstream for them itself; every request succeeds with the upstream's vectors. Then, with
+    Redis gone, the same again, local-only."""
+    import tempfile
+    from pathlib import Path
+
+    from tests.redis_servers import RedisServer, start_replicas
+
+    sim_reset(sim.url, ttft_ms=1500)
+    with RedisServer() as redis_server, tempfile.TemporaryDirectory(prefix="herd-replicas-") as d:
+        replicas = start_replicas(2, replica_sections(sim.url, redis_server.url), Path(d))
+        try:
+            burst = asyncio.create_task(burst_across(replicas, "float", "doomed"))
+            await asyncio.sleep(0.5)  # the inputs are claimed and in flight by now
+            redis_server.stop()
+            asks, answers = await burst
+            again = await burst_across(replicas, "float", "after")
+        finally:
+            for r in replicas:
+                r.stop()
+    sim_reset(sim.url)
+    await same_as_upstream(sim.url, asks, answers, "float")
+    await same_as_upstream(sim.url, *again, "float")

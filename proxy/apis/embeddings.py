@@ -5,8 +5,9 @@ Each input (a string, or an array of token ids) is its own key: API + tenant (wi
 organization and project) + route + every field but `input` (model, dimensions,
 encoding_format, user, and any field herd does not know) + the input itself. The gateway
 (Gateway.embed) joins inputs already in flight, serves cached ones from the cache, and sends
-only the missing ones upstream in one call. Embeddings are deterministic: the sampled policy
-never applies.
+only the missing ones upstream in one call; with [redis] share_flights, the missing ones are
+first claimed across replicas (Gateway._embed_shared: an input's shared flight is one chunk,
+its cache entry). Embeddings are deterministic: the sampled policy never applies.
 
 Vectors are kept as the upstream wrote them: the raw bytes of each `embedding` value (a JSON
 array of numbers in the upstream's own formatting, or its base64 string) are cut out of the

@@ -219,15 +219,23 @@ class SharedFlights:
         When the claim fails (Redis slow or down) we lead: the claim may still have taken the
         lease, and then followers elsewhere read our stream; if it did not, our first renewal
         finds the lease is not ours and the flight goes on unshared."""
-        mine = f"{self.link.replica}:{flight_id}"
-        lease = self.link.key(key, "lease")
+        [claim] = await self.claim_many([(key, flight_id)])
+        return claim
+
+    async def claim_many(self, flights: list[tuple[str, str]]) -> list[Claim]:
+        """`claim` for each (key, flight id), in one pipeline (an embeddings request's inputs)."""
+        mine = [f"{self.link.replica}:{flight_id}" for _, flight_id in flights]
+
+        def add(pipe: Any) -> None:
+            for (key, _), value in zip(flights, mine, strict=True):
+                pipe.eval(_CLAIM, 1, self.link.key(key, "lease"), value, self.lease_ms)
+
         try:
-            [held] = await self.link.call(lambda pipe: pipe.eval(_CLAIM, 1, lease, mine, self.lease_ms))
+            held = await self.link.call(add)
         except RedisUnavailable:
-            return Claim(True, mine)
-        if held is None:
-            return Claim(True, mine)
-        return Claim(False, held.decode() if isinstance(held, bytes) else str(held))
+            return [Claim(True, value) for value in mine]
+        return [Claim(True, value) if h is None else Claim(False, h.decode() if isinstance(h, bytes) else str(h))
+                for h, value in zip(held, mine, strict=True)]
 
     # -- leader side -------------------------------------------------------------------
     def lead(self, key: str, flight: Flight, claim: Claim, redact: tuple[str, ...] = ()) -> None:
