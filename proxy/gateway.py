@@ -19,7 +19,7 @@ import functools
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -456,6 +456,7 @@ class Gateway:
             if ticket.leads:
                 batch.items[key] = item
                 batch.flights[key] = ticket.flight
+                batch.ready[key] = asyncio.Event()
                 batch.live += 1
             tickets[key] = ticket
         if not batch.items:
@@ -490,7 +491,7 @@ class Gateway:
             for key in batch.items:
                 batch.results.setdefault(key, e)
         finally:
-            batch.done.set()
+            batch.settle(batch.items)
 
     async def _embed_missing(self, batch: EmbedBatch, missing: list[str], route: RouteConfig, options: CallOptions,
                              req, store: bool) -> None:
@@ -532,6 +533,9 @@ class Gateway:
             for key in won:
                 if isinstance(answer := batch.results.get(key), Answer):
                     batch.flights[key].publish(_entry_chunk(answer.body))  # for the replicas that mirror it
+            # Their flights end now, not when the mirrors below do: a replica mirroring one of
+            # them may itself be leading an input that one of our mirrors waits for.
+            batch.settle(won)
 
         mirrors = [self._embed_mirror(shared, batch, key, claim, route, options, req, store, secrets)
                    for key, claim in zip(missing, claims, strict=True) if not claim.lead]
@@ -562,6 +566,7 @@ class Gateway:
             batch.results[key] = Answer(b"", b"", flight.chunks[0].raw)
         except Exception as e:
             batch.results[key] = e
+        batch.settle([key])
 
     async def _embed_call(self, batch: EmbedBatch, keys: list[str], route: RouteConfig, options: CallOptions, req,
                           store: bool) -> None:
@@ -642,11 +647,16 @@ class EmbedBatch:
     items: dict[str, Any] = field(default_factory=dict)  # key -> input, in the request's order
     flights: dict[str, Flight] = field(default_factory=dict)  # key -> its flight
     results: dict[str, Answer | BaseException] = field(default_factory=dict)
+    ready: dict[str, asyncio.Event] = field(default_factory=dict)  # key -> set once its result is final
     cached: set[str] = field(default_factory=set)
-    done: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task | None = None
     live: int = 0  # flights still waiting on it; the last to leave cancels the call
     shared: bool = False  # its flights may be shared across replicas (not private ones)
+
+    def settle(self, keys: Iterable[str]) -> None:
+        """End the flights of `keys`: their results are final (a missing one is an error)."""
+        for key in keys:
+            self.ready[key].set()
 
 
 def _entry_chunk(entry: bytes) -> Chunk:
@@ -666,12 +676,13 @@ class Embedded:
 async def _embed_input(batch: EmbedBatch, key: str, flight: Flight) -> None:
     """The work of one input's flight: its share of the batch."""
     try:
-        await batch.done.wait()
+        await batch.ready[key].wait()
     except asyncio.CancelledError:
-        batch.live -= 1
-        if batch.live == 0 and batch.task is not None:
+        if batch.live == 1 and batch.task is not None:
             batch.task.cancel()  # every flight of the batch is gone: so is the call
         raise
+    finally:
+        batch.live -= 1
     result = batch.results.get(key)
     if result is None:
         raise RuntimeError("an input of an embeddings batch got no answer")

@@ -310,3 +310,44 @@ async def test_two_replicas_answer_every_input_when_redis_dies(sim):
     sim_reset(sim.url)
     await same_as_upstream(sim.url, asks, answers, "float")
     await same_as_upstream(sim.url, *again, "float")
+
+
+async def test_an_input_led_here_ends_without_waiting_for_inputs_mirrored_from_elsewhere(sim):
+    """Replica A's request leads "fast" and mirrors "slow" (led by B); B's own request for
+    "fast" mirrors it from A. B must get "fast" as soon as A's upstream call answers, not when
+    A's whole request (its mirror of "slow") ends: two replicas each mirroring what the other
+    leads, in requests that also lead, would otherwise wait on each other until the deadline."""
+    import tempfile
+    from pathlib import Path
+
+    from tests.redis_servers import RedisServer, start_replicas
+
+    sim_reset(sim.url, ttft_ms=0)
+    sim_faults(sim.url, {"kind": "stall", "match": "slow", "stall_s": 20})
+
+    async def until_calls(n: int) -> None:
+        deadline = asyncio.get_running_loop().time() + 20
+        while upstream(sim.url)[0] < n:
+            assert asyncio.get_running_loop().time() < deadline, f"the upstream never saw call {n}"
+            await asyncio.sleep(0.02)
+
+    with RedisServer() as redis_server, tempfile.TemporaryDirectory(prefix="herd-replicas-") as d:
+        a, b = start_replicas(2, replica_sections(sim.url, redis_server.url), Path(d))
+        try:
+            ca, cb = client(a.url), client(b.url)
+            slow = asyncio.create_task(cb.embeddings.create(model=MODEL, input=["slow"]))  # B leads "slow"
+            await until_calls(1)
+            both = asyncio.create_task(ca.embeddings.create(model=MODEL, input=["fast", "slow"]))
+            await until_calls(2)  # A called the upstream for "fast" alone: it mirrors "slow"
+            fast = await cb.embeddings.create(model=MODEL, input=["fast"])  # mirrored from A
+            assert not slow.done() and not both.done(), "'slow' was answered: the test proves nothing"
+            assert upstream(sim.url) == (2, 2)
+            direct = await post(sim.url, {"model": MODEL, "input": ["fast"]})
+            assert fast.data[0].embedding == direct.json()["data"][0]["embedding"]
+            slow.cancel()
+            both.cancel()
+            await asyncio.gather(slow, both, return_exceptions=True)
+        finally:
+            for r in (a, b):
+                r.stop()
+    sim_reset(sim.url)
