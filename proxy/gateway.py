@@ -510,9 +510,9 @@ class Gateway:
                 if isinstance(outcome, BaseException):
                     batch.results[key] = outcome
 
-    async def _embed_shared(self, shared: SharedFlights, batch: EmbedBatch, missing: list[str], route: RouteConfig,
-                            options: CallOptions, req, store: bool) -> None:
-        """`missing` inputs across replicas ([redis] share_flights): each input's flight is
+    async def _embed_shared(self, shared: SharedFlights | NodeFlights, batch: EmbedBatch, missing: list[str],
+                            route: RouteConfig, options: CallOptions, req, store: bool) -> None:
+        """`missing` inputs across replicas ([redis] share_flights) or a node's workers: each input's flight is
         claimed (one pipeline for all); the ones this replica wins go upstream in one call and
         are published (one chunk each: the input's entry), the others are mirrored from the
         replica that leads them, with chat's takeover rules (SharedFlights.mirror)."""
@@ -541,7 +541,7 @@ class Gateway:
                    for key, claim in zip(missing, claims, strict=True) if not claim.lead]
         await asyncio.gather(*([lead()] if won else []), *mirrors)
 
-    async def _embed_mirror(self, shared: SharedFlights, batch: EmbedBatch, key: str, claim: Claim,
+    async def _embed_mirror(self, shared: SharedFlights | NodeFlights, batch: EmbedBatch, key: str, claim: Claim,
                             route: RouteConfig, options: CallOptions, req, store: bool,
                             secrets: tuple[str, ...]) -> None:
         """One input another replica leads: its answer from Redis, or, if that replica (or

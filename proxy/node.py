@@ -209,6 +209,10 @@ class NodeFlights:
     async def claim(self, key: str, flight_id: str) -> Claim:
         return self.claim_now(key, flight_id)
 
+    async def claim_many(self, flights: list[tuple[str, str]]) -> list[Claim]:
+        """`claim` for each (key, flight id) (an embeddings request's inputs)."""
+        return [self.claim_now(key, flight_id) for key, flight_id in flights]
+
     def claim_now(self, key: str, flight_id: str, replace: str | None = None) -> Claim:
         owner = self.table.claim(key, flight_id, replace=replace)
         if owner is None:

@@ -379,3 +379,35 @@ def test_the_owner_keeps_its_call_while_a_sibling_follows_and_cancels_it_when_ev
         await owner.aclose()
 
     asyncio.run(main())
+
+
+def test_embeddings_inputs_are_embedded_once_across_workers(tmp_path, sim):
+    """8 requests of 64 inputs drawn from 128 strings, each on a new connection (so both
+    workers get some): each distinct string is embedded upstream once, whichever worker led it."""
+    import random
+
+    from tests.harness import sim_stats
+
+    sim_reset(sim.url, ttft_ms=1500)
+    herd = _start(tmp_path, sim.url)
+    try:
+        rng = random.Random(5)
+        strings = [f"node chunk {i} {uuid.uuid4()}" for i in range(128)]
+        asks = [rng.sample(strings, 64) for _ in range(8)]
+
+        async def burst() -> list[tuple[int, list]]:
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True)) as s:
+                async def one(inputs: list[str]) -> tuple[int, list]:
+                    body = {"model": "text-embedding-3-small", "input": inputs}
+                    async with s.post(herd.url + "/v1/embeddings", json=body) as r:
+                        return r.status, (await r.json())["data"]
+
+                return await asyncio.gather(*[one(a) for a in asks])
+
+        results = asyncio.run(burst())
+        assert [status for status, _ in results] == [200] * 8
+        assert all(len(data) == 64 for _, data in results)
+        assert sim_stats(sim.url, log=False)["embedded_inputs"] == len({s for a in asks for s in a})
+        assert _metric(herd.url, 'herd_shared_flights_total{role="follow"}') >= 1
+    finally:
+        herd.stop()
