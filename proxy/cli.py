@@ -97,7 +97,8 @@ def check(args: argparse.Namespace) -> int:
     if settings is None:
         return 2
     s = settings
-    print(f"config OK: listens on {s.server.host}:{s.server.port}, auth {s.auth.mode}"
+    workers = f", {s.server.workers} workers" if s.server.workers > 1 else ""
+    print(f"config OK: listens on {s.server.host}:{s.server.port}{workers}, auth {s.auth.mode}"
           f"{f' ({len(s.auth.keys)} client keys)' if s.auth.keys else ''}, coalesce {s.coalesce.mode}")
     for name, up in s.upstreams.items():
         key = "holds a provider key" if up.api_key else "forwards each client's key"

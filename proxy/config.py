@@ -483,6 +483,10 @@ def _check(s: Settings) -> None:
 def warnings(s: Settings) -> list[str]:
     """Settings that load but are probably not what was meant (printed by `herd check` and at start)."""
     out = []
+    cores = os.cpu_count() or 1
+    if s.server.workers > cores:
+        out.append(f"server.workers = {s.server.workers} is more than this machine's {cores} cores: "
+                   "the workers time-share them, and each costs more CPU per request")
     for name, up in s.upstreams.items():
         path = urlsplit(up.base_url).path
         versioned = any(re.fullmatch(r"v\d+\w*", part) for part in path.split("/"))

@@ -29,6 +29,7 @@ import shutil
 import signal
 import socket
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ log = logging.getLogger("herd.workers")
 MAX_FAILED_STARTS = 3
 RESTART_BACKOFF_S = (0.1, 0.5, 1.0, 2.0, 5.0)
 POLL_S = 0.2
+ORPHAN_CHECK_S = 1.0
 
 
 def _serve_worker(settings: Settings, sock: socket.socket, index: int, count: int, node_dir: str) -> None:
@@ -50,7 +52,17 @@ def _serve_worker(settings: Settings, sock: socket.socket, index: int, count: in
     from proxy.node import Worker
 
     setup_logging(settings.server.log_level)
+    threading.Thread(target=_orphan_watch, args=(os.getppid(),), name="herd-orphan-watch", daemon=True).start()
     run_server(settings, sock, Worker(node_dir, index, count))
+
+
+def _orphan_watch(supervisor: int) -> None:
+    """A worker whose supervisor is gone (killed with SIGKILL: it could not tell anyone)
+    drains and exits, rather than holding the port with nobody to restart or stop it."""
+    while os.getppid() == supervisor:
+        time.sleep(ORPHAN_CHECK_S)
+    log.warning("the supervisor is gone: this worker drains and exits")
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 class Supervisor:

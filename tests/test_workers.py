@@ -411,3 +411,45 @@ def test_embeddings_inputs_are_embedded_once_across_workers(tmp_path, sim):
         assert _metric(herd.url, 'herd_shared_flights_total{role="follow"}') >= 1
     finally:
         herd.stop()
+
+
+def test_workers_share_flights_through_redis_when_it_is_set(tmp_path, sim):
+    from tests.redis_servers import RedisServer
+
+    sim_reset(sim.url, ttft_ms=3000)
+    with RedisServer(workdir=tmp_path).start() as redis:
+        config = _config(sim.url) + f'\n[redis]\nurl = "{redis.url}"\n'
+        config = config.replace('[auth]\nmode = "open"', '[auth]\nmode = "open"\nhash_key = "node-secret"')
+        herd = Herd(config, tmp_path, log_path=tmp_path / "herd.log").start(timeout=120)
+        try:
+            end = time.monotonic() + 120
+            while _metric(herd.url, "herd_workers") < 2:
+                assert time.monotonic() < end, "the workers never all came up"
+                time.sleep(0.2)
+            results = asyncio.run(_burst(herd.url, 300, f"redis burst {uuid.uuid4()}"))
+            assert collections.Counter(status for status, *_ in results) == {200: 300}
+            assert chat_calls(sim.url) == 1
+            assert len({flight for _, _, flight, _ in results}) == 1
+            assert _metric(herd.url, "herd_redis_up") == 1
+        finally:
+            herd.stop()
+
+
+def test_workers_whose_supervisor_was_killed_drain_and_exit(tmp_path, sim):
+    herd = _start(tmp_path, sim.url)
+    assert herd.popen is not None
+    workers = _workers_of(herd.popen.pid)
+    assert len(workers) == 2
+    herd.popen.kill()  # SIGKILL: the supervisor cannot tell its workers
+    herd.popen.wait(timeout=10)
+    end = time.monotonic() + 60
+    while any(Path(f"/proc/{pid}").exists() and b"Z" not in _state(pid) for pid in workers):
+        assert time.monotonic() < end, "orphaned workers kept running"
+        time.sleep(0.2)
+
+
+def _state(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return b"Z"
