@@ -349,6 +349,12 @@ class NodeFlights:
                     break
                 if not flight.done:
                     change = asyncio.ensure_future(flight.changed())
+                    # a task starts on the next loop step: let it register for the next change,
+                    # then look again (a publish or finish before it did would never wake it)
+                    await asyncio.sleep(0)
+                    if len(flight.chunks) != sent or flight.done or flight.rewinds != rewinds:
+                        change.cancel()
+                        continue
                     await asyncio.wait((change, left), return_when=asyncio.FIRST_COMPLETED)
                     if left.done():
                         change.cancel()

@@ -453,3 +453,45 @@ def _state(pid: int) -> bytes:
         return Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
     except (OSError, IndexError):
         return b"Z"
+
+
+def test_a_follower_gets_the_end_of_a_flight_that_finishes_right_after_a_chunk(tmp_path):
+    # The owner's publisher waits for the flight's next change; a flight that finishes in the
+    # same few loop steps as its last chunk must still be seen to end (it once was missed,
+    # and the sibling's clients waited until their deadline).
+    async def main() -> None:
+        owner, follower = await _two_workers(tmp_path)
+        for steps in range(8):
+            go = asyncio.Event()
+            key = f"k{steps}"
+
+            async def owner_work(flight, key=key, go=go, steps=steps) -> None:
+                claim = await owner.claim(key, flight.id)
+                owner.lead(key, flight, claim)
+                await go.wait()
+                flight.publish(_chunk("a"))
+                for _ in range(steps):
+                    await asyncio.sleep(0)
+
+            async def call(splice, stream: bool) -> None:
+                raise AssertionError("the follower must not call the upstream")
+
+            async def follower_work(flight, key=key) -> None:
+                claim = await follower.claim(key, flight.id)
+                await follower.mirror(key, claim, flight, call, True, lambda claim: None)
+
+            mine = owner.group.acquire([key], owner_work)
+            await asyncio.sleep(0.01)
+            theirs = follower.group.acquire([key], follower_work)
+            await _until(lambda key=key: any(owner.group.get([key]) is f for f, _ in owner._led.values())
+                         and mine.flight.waiters == 2)  # the sibling follows
+            await asyncio.sleep(0.05)
+            go.set()
+            await asyncio.wait_for(theirs.flight.wait(), 5)
+            assert theirs.flight.error is None and len(theirs.flight.chunks) == 1
+            follower.group.release(theirs)
+            owner.group.release(mine)
+        await follower.aclose()
+        await owner.aclose()
+
+    asyncio.run(main())
