@@ -49,6 +49,10 @@ if TYPE_CHECKING:
 # The interpreter's GIL switch interval in semantic mode: at 5 ms the embedding workers left
 # 0.63 ms of idle CPU per request at full load, at 0.1 ms 0.26 ms (benchmarks/SEMANTIC.md).
 EMBED_SWITCH_INTERVAL_S = 0.0001
+# How long a node's worker keeps a cleanly ended flight followable by its siblings ([server]
+# workers > 1, no Redis): a burst whose first request reaches a worker just after another
+# worker's flight ended still makes one call (each worker's memory cache is its own).
+NODE_LINGER_S = 2.0
 
 log = logging.getLogger("herd.gateway")
 
@@ -91,7 +95,9 @@ class Gateway:
         # the workers of a node share flights through Redis when it is set, else through the node
         self.node: NodeFlights | None = None
         if worker is not None and worker.count > 1:
-            self.node = NodeFlights(worker, self.group, self.metrics, self.local_metrics)
+            # with the cache on, an answer stays followable a moment after its flight ends
+            linger = min(NODE_LINGER_S, settings.cache.ttl_seconds) if settings.cache.enabled else 0.0
+            self.node = NodeFlights(worker, self.group, self.metrics, self.local_metrics, linger)
             if self.shared is None and self.redis is None:
                 self.shared = self.node
         self.cache: AnswerCache | None = None
@@ -320,10 +326,11 @@ class Gateway:
         def on_lead(new: Claim) -> None:
             shared.lead(key, flight, new, redact=secrets)
 
-        called = await shared.mirror(
-            key, claim, flight, functools.partial(self._call, plan.route, plan.req, plan.options), plan.stream,
-            on_lead,
-        )
+        call = functools.partial(self._call, plan.route, plan.req, plan.options)
+        if shared is self.node:  # a sibling's answer that already ended is a cached one
+            called = await self.node.mirror(key, claim, flight, call, plan.stream, on_lead, fresh=not plan.read_cache)
+        else:
+            called = await shared.mirror(key, claim, flight, call, plan.stream, on_lead)
         if called and plan.store:
             self._spawn(self._store(plan, flight))
 

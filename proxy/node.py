@@ -22,9 +22,12 @@ Each worker listens on `<dir>/w<index>.sock` for its siblings only (the director
 access check: nothing of this is on the public port). Two requests:
 
     follow <flight id>  ->  frames: u (who answered), c (a chunk), W (the previous chunk's
-                            whole non-stream body), then e (how it ended: ok or the error)
+                            whole non-stream body), then e (how it ended: ok or the error);
+                            g: no such flight (or, asked with F, not one still running)
     metrics             ->  this worker's own Prometheus text (for the node-wide /metrics)
 
+A flight that ended cleanly stays claimed and followable for a moment (with the cache on),
+so a sibling whose first request of a burst comes just after the end gets that answer.
 A follower that loses its owner before the end (the worker died) takes over: it claims the
 slot and calls the upstream itself through a Splice (proxy.redis.flights), so nobody gets a
 splice of two answers. The owner holds a ticket on its flight while a sibling follows it, so
@@ -174,8 +177,12 @@ class NodeFlights:
     (proxy.redis.flights), so the gateway drives both alike."""
 
     def __init__(self, worker: Worker, group: Group, metrics: Metrics,
-                 render_metrics: Callable[[], bytes] | None = None) -> None:
+                 render_metrics: Callable[[], bytes] | None = None, linger_s: float = 0.0) -> None:
+        """`linger_s`: how long a flight that ended cleanly stays claimed and followable (with
+        the cache on): a sibling whose first request comes just after the end gets that
+        answer, as a later request here gets it from this worker's cache."""
         self.worker = worker
+        self.linger_s = linger_s
         self.group = group
         self.metrics = metrics
         self.render_metrics = render_metrics or metrics.render
@@ -186,6 +193,7 @@ class NodeFlights:
         self._led: dict[str, tuple[Flight, tuple[str, ...]]] = {}  # flight id -> flight we lead, secrets
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task] = set()
+        self._lingering: dict[str, tuple[asyncio.TimerHandle, Callable[[], None]]] = {}
 
     usable = True  # as SharedFlights.usable: always, the node's table is local
 
@@ -199,6 +207,9 @@ class NodeFlights:
         """After the group's flights finished (siblings may have followed them until then)."""
         if self._server is not None:
             self._server.close()
+        for handle, forget in list(self._lingering.values()):
+            handle.cancel()
+            forget()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -221,31 +232,41 @@ class NodeFlights:
         return Claim(False, f"{index}:{pid}:{holder}")
 
     def lead(self, key: str, flight: Flight, claim: Claim, redact: tuple[str, ...] = ()) -> None:
-        """Let siblings follow `flight` (a local flight we lead) until it ends; then free its slot."""
+        """Let siblings follow `flight` (a local flight we lead) until it ends (and lingers,
+        when it ended cleanly); then free its slot."""
         self.metrics.shared_flights.labels("lead").inc()
         self._led[flight.id] = (flight, redact)
 
-        def done(_: Any) -> None:
+        def forget() -> None:
+            self._lingering.pop(flight.id, None)
             self._led.pop(flight.id, None)
             self.table.release(key, flight.id)
+
+        def done(_: Any) -> None:
+            if self.linger_s > 0 and flight.error is None:
+                handle = asyncio.get_running_loop().call_later(self.linger_s, forget)
+                self._lingering[flight.id] = (handle, forget)
+            else:
+                forget()
 
         if flight.task is not None:
             flight.task.add_done_callback(done)
 
     # -- follower side -----------------------------------------------------------------
     async def mirror(self, key: str, claim: Claim, flight: Flight, call: Call, stream: bool,
-                     on_lead: Callable[[Claim], None]) -> bool:
+                     on_lead: Callable[[Claim], None], *, fresh: bool = False) -> bool:
         """The work of a flight a sibling leads: its chunks as they come. If the sibling
         cannot be reached or is lost before the end, this worker takes the flight over and
         calls the upstream. Always True (SharedFlights says whether this replica called the
         upstream, the gateway then keeps the answer): each worker's memory cache is its own,
-        so a follower keeps the answer it mirrored."""
+        so a follower keeps the answer it mirrored. `fresh`: the request must not be answered
+        from a flight that already ended (cache-control: no-cache, or no cache)."""
         self.metrics.shared_flights.labels("follow").inc()
         splice = Splice(flight)
         holder = claim.holder
         while True:
             splice.restart()
-            if await self._follow(holder, splice):
+            if await self._follow(holder, splice, fresh):
                 return True
             self.metrics.shared_flights.labels("takeover").inc()
             taken = self.claim_now(key, flight.id, replace=holder.rpartition(":")[2])
@@ -258,7 +279,7 @@ class NodeFlights:
         splice.complete()
         return True
 
-    async def _follow(self, holder: str, splice: Splice) -> bool:
+    async def _follow(self, holder: str, splice: Splice, fresh: bool = False) -> bool:
         """Feed `splice` from the owner's flight: True when it ended, False when the owner is
         unreachable or gone before the end. Raises the owner's error."""
         index, _, flight_id = holder.split(":")
@@ -268,7 +289,7 @@ class NodeFlights:
         except (OSError, TimeoutError, ValueError):
             return False
         try:
-            await _write(writer, b"f", flight_id.encode())
+            await _write(writer, b"F" if fresh else b"f", flight_id.encode())
             last: Chunk | None = None
             while True:
                 kind, payload = await _read(reader)
@@ -304,8 +325,8 @@ class NodeFlights:
             self._tasks.add(task)
         try:
             kind, payload = await _read(reader)
-            if kind == b"f":
-                await self._publish(payload.decode(), reader, writer)
+            if kind in (b"f", b"F"):
+                await self._publish(payload.decode(), reader, writer, fresh=kind == b"F")
             elif kind == b"m":
                 await _write(writer, b"m", self.render_metrics())
         except (OSError, asyncio.IncompleteReadError, ConnectionError, UnicodeDecodeError):
@@ -315,11 +336,13 @@ class NodeFlights:
                 self._tasks.discard(task)
             writer.close()
 
-    async def _publish(self, flight_id: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _publish(self, flight_id: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                       fresh: bool = False) -> None:
         """Send a sibling our flight's chunks, from the first; while it follows, we hold a
-        ticket on the flight, so its clients count as waiters (the last one out cancels)."""
+        ticket on the flight, so its clients count as waiters (the last one out cancels).
+        `fresh`: only a flight still running will do."""
         led = self._led.get(flight_id)
-        if led is None:
+        if led is None or (fresh and led[0].done):
             await _write(writer, b"g")
             return
         flight, redact = led

@@ -494,3 +494,45 @@ def test_a_follower_gets_the_end_of_a_flight_that_finishes_right_after_a_chunk(t
         await owner.aclose()
 
     asyncio.run(main())
+
+
+def test_a_flight_that_just_ended_is_followed_unless_the_request_wants_a_fresh_answer(tmp_path):
+    # a burst whose first request reaches a worker just after another worker's flight ended
+    async def main() -> None:
+        owner, follower = await _two_workers(tmp_path)
+        owner.linger_s = 30.0
+
+        async def owner_work(flight) -> None:
+            claim = await owner.claim("k", flight.id)
+            owner.lead("k", flight, claim)
+            flight.publish(_chunk("a"))
+
+        calls = []
+
+        async def call(splice, stream: bool) -> None:
+            calls.append(stream)
+            splice.publish(_chunk("new"))
+
+        async def follow(fresh: bool):
+            async def work(flight) -> None:
+                claim = await follower.claim("k", flight.id)
+                assert not claim.lead
+                await follower.mirror("k", claim, flight, call, True, lambda claim: None, fresh=fresh)
+
+            ticket = follower.group.acquire(["k"], work)
+            await asyncio.wait_for(ticket.flight.wait(), 10)
+            follower.group.release(ticket)
+            return ticket.flight
+
+        mine = owner.group.acquire(["k"], owner_work)
+        await mine.flight.wait()
+        owner.group.release(mine)
+        await asyncio.sleep(0.01)  # its task's done callbacks ran: the flight ended, and lingers
+        late = await follow(fresh=False)
+        assert [c.data["choices"][0]["delta"]["content"] for c in late.chunks] == ["a"] and calls == []
+        fresh = await follow(fresh=True)  # cache-control: no-cache: it must not get the ended answer
+        assert [c.data["choices"][0]["delta"]["content"] for c in fresh.chunks] == ["new"] and calls == [True]
+        await follower.aclose()
+        await owner.aclose()
+
+    asyncio.run(main())
