@@ -203,9 +203,9 @@ async def _burst(url: str, n: int, prompt: str) -> dict[str, Any]:
     }
 
 
-def burst(target: Target, sim, args: argparse.Namespace, round_no: int) -> dict[str, Any]:
+def burst(target: Target, sim, args: argparse.Namespace, round_no: int, ttft_ms: float) -> dict[str, Any]:
     settle(sim.url)
-    sim_settings(sim.url, ttft_ms=args.burst_ttft_ms)
+    sim_settings(sim.url, ttft_ms=ttft_ms)
     try:
         calls0 = chat_calls(sim.url)
         out = asyncio.run(_burst(target.herd.url, args.burst, f"burst {target.name} {round_no} {uuid.uuid4()}"))
@@ -213,7 +213,9 @@ def burst(target: Target, sim, args: argparse.Namespace, round_no: int) -> dict[
     finally:
         sim_settings(sim.url, ttft_ms=args.ttft_ms)
     out["round"] = round_no
-    print(f"  {target.name:<12} burst {round_no}: {args.burst:,} identical -> {out['upstream_calls']} upstream "
+    out["ttft_ms"] = ttft_ms
+    print(f"  {target.name:<12} burst {round_no} ({ttft_ms:g} ms): {args.burst:,} identical -> "
+          f"{out['upstream_calls']} upstream "
           f"call(s), {out['ok']:,} whole answers, {out['wall_s']:.1f} s", file=sys.stderr)
     return out
 
@@ -239,7 +241,8 @@ def summarize(targets: list[Target]) -> dict[str, dict[str, Any]]:
             "herd_cores": statistics.median(r["herd_cores"] for r in t.runs),
             "worker_balance": statistics.median(r["worker_balance"] or 0 for r in t.runs) if t.workers > 1 else None,
             "efficiency": base_ms / med["herd"] if base_ms else None,
-            "burst_calls": [b["upstream_calls"] for b in t.bursts],
+            "burst_calls": {f"{ttft:g} ms": [b["upstream_calls"] for b in t.bursts if b["ttft_ms"] == ttft]
+                            for ttft in sorted({b["ttft_ms"] for b in t.bursts}, reverse=True)},
             "burst_failed": sum(b["failed"] for b in t.bursts),
         }
     return rows
@@ -273,19 +276,22 @@ def render(rows: dict[str, dict[str, Any]], proj: dict[str, Any] | None, args: a
            claim_us: float) -> str:
     headers = ["target", "workers", "shared by", "req/s", "vs 1", "p50 ms", "p99 ms", "herd ms CPU/req",
                "sim ms/req", "wrk ms/req", "redis ms/req", "herd cores", "efficiency", "balance",
-               f"calls / {args.burst:,}-burst"]
+               *(f"calls/burst {ttft:g} ms" for ttft in _ttfts(args))]
     table_rows = [[name, r["workers"], r["shared_by"], round(r["req_per_s"]), r["req_per_s_vs_1"], r["p50_ms"],
                    r["p99_ms"], r["cpu_ms_per_request"]["herd"], r["cpu_ms_per_request"]["simulator"],
                    r["cpu_ms_per_request"]["wrk"], r["cpu_ms_per_request"]["redis"], r["herd_cores"],
-                   r["efficiency"], r["worker_balance"], " ".join(str(c) for c in r["burst_calls"]) or "-"]
+                   r["efficiency"], r["worker_balance"],
+                   *(" ".join(str(c) for c in r["burst_calls"].get(f"{ttft:g} ms", [])) or "-"
+                     for ttft in _ttfts(args))]
                   for name, r in rows.items()]
     fmt = [[f"{v:.3f}" if isinstance(v, float) and i in (7, 8, 9, 10) else
             (f"{v:.2f}" if isinstance(v, float) and i in (4, 11, 12, 13) else v) for i, v in enumerate(row)]
            for row in table_rows]
     text = report.table(headers, fmt, title=(
         f"herd workers: wrk -t1 -c{args.connections}, unique bodies, simulator {args.ttft_ms:g} ms, "
-        f"{args.rounds} x {args.duration:g} s rounds (medians); bursts of {args.burst:,} identical, "
-        f"simulator {args.burst_ttft_ms:g} ms; this machine: {os.cpu_count()} cores"))
+        f"{args.rounds} x {args.duration:g} s rounds (medians); bursts of {args.burst:,} identical (half streamed), "
+        f"the simulator answering in {' or '.join(f'{t:g}' for t in _ttfts(args))} ms; this machine: "
+        f"{os.cpu_count()} cores"))
     text += ("\nvs 1: req/s over 1 worker's, on this machine (herd, the simulator and wrk share its cores); "
              "efficiency: 1 worker's herd CPU per request over this target's;\nbalance: the least busy worker's "
              "CPU over the busiest's (a socket per worker, SO_REUSEPORT)")
@@ -321,10 +327,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--ttft-ms", type=float, default=50.0, help="the simulator's answer time for throughput")
     p.add_argument("--burst", type=int, default=1000, help="identical requests per burst (0: no bursts)")
-    p.add_argument("--burst-ttft-ms", type=float, default=1000.0)
+    p.add_argument("--burst-ttft-ms", default="1000,50",
+                   help="the simulator's answer times for the bursts, one burst each per round (default 1000,50)")
     p.add_argument("--quiet-wait", type=float, default=5.0, help="at most this long for an idle machine per run")
     p.add_argument("--out", type=Path, help="results folder (default benchmarks/out/workers-<time>)")
     return p.parse_args(argv)
+
+
+def _ttfts(args: argparse.Namespace) -> list[float]:
+    return [float(x) for x in str(args.burst_ttft_ms).split(",") if x.strip()]
 
 
 def _counts(text: str) -> list[int]:
@@ -359,9 +370,9 @@ def main(argv: list[str] | None = None) -> int:
                 order = targets[r % len(targets):] + targets[:r % len(targets)]  # rotate who goes first
                 for t in order:
                     t.runs.append(throughput(t, sim, redis, args, stack.dir, r))
-                if args.burst:
+                for ttft in _ttfts(args) if args.burst else []:
                     for t in order:
-                        t.bursts.append(burst(t, sim, args, r))
+                        t.bursts.append(burst(t, sim, args, r, ttft))
         finally:
             if redis is not None:
                 redis.close()
