@@ -42,7 +42,6 @@ from benchmarks.harness import (
     RssSampler,
     Stack,
     chat_calls,
-    checkout_root,
     herd_config,
     http_json,
     results_dir,
@@ -565,6 +564,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else results_dir("results", "chaos")
     out.mkdir(parents=True, exist_ok=True)
     t0, started = time.monotonic(), datetime.now(UTC)
+    source = report.provenance("herd bench chaos", argv)  # the command, and the commit the processes start from
 
     def say(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
@@ -575,17 +575,18 @@ def main(argv: list[str] | None = None) -> int:
     text = table(results)
     report.write_json(out / "results.json", {
         "schema": "herd-bench-chaos/1",
-        "command": "herd bench chaos " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": source["command"],
         "started_at": started.isoformat(timespec="seconds"),
         "wall_s": round(time.monotonic() - t0, 1),
         "machine": report.machine(),
-        "git": report.git_revision(checkout_root()),
+        "git": source["git"],
         "size": asdict(size),
         "scenarios": {name: {"what": SCENARIOS[name][0], **asdict(t)} for name, t in results.items()},
         "table": text,
     })
+    (out / "summary.txt").write_text(f"{source['command']}\n\n{text}\n")
     print(text)
-    print(f"\nwrote {out / 'results.json'}")
+    print(f"\nwrote {out / 'results.json'} and summary.txt")
     return 0
 
 
