@@ -157,7 +157,8 @@ _ENGLISH: list[tuple[Any, ...]] = [
     ("topic", False, 'Is parking available at the hotel?', 'Is there a shuttle from the airport to the hotel?'),
 ]
 
-# Traps the issue-13 classes are about, and pairs in other languages (written for herd).
+# Traps of the classes the rule must refuse (swapped roles, ranges, ordinals, antonyms...), and pairs
+# in other languages (written for herd).
 _ADVERSARIAL: list[tuple[Any, ...]] = [
     ("role_swap", False, "How do I gain fat and lose muscle?", "How do I lose fat and gain muscle?"),
     ("role_swap", False, "Why does my cat chase the dog?", "Why does my dog chase the cat?"),
