@@ -14,8 +14,17 @@ import orjson
 _RESERVED = set(vars(logging.makeLogRecord({}))) | {"color_message"}  # uvicorn's ANSI copy of msg
 
 
+_second: tuple[int, str] = (-1, "")  # the last second formatted, and its text
+
+
 def _timestamp(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"
+    """ISO 8601 in UTC, to the millisecond; the date and time of day made once a second
+    (strftime is most of a line's formatting cost)."""
+    global _second
+    second = int(t)
+    if _second[0] != second:
+        _second = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+    return f"{_second[1]}.{int(t * 1000) % 1000:03d}Z"
 
 
 class JsonFormatter(logging.Formatter):
@@ -74,21 +83,21 @@ class _BatchWriter(logging.Handler):
     def drain(self) -> None:
         """Format and write every waiting record (from any thread)."""
         with self._drain_lock:
-            lines = []
+            lines: list[bytes] = []
             while self._records:
                 record = self._records.popleft()
                 try:
                     if isinstance(record, dict):
                         record["ts"] = _timestamp(record["ts"])
-                        lines.append(orjson.dumps(record, default=str).decode())
+                        lines.append(orjson.dumps(record, default=str, option=orjson.OPT_APPEND_NEWLINE))
                     else:
-                        lines.append(self.format(record))
+                        lines.append(self.format(record).encode() + b"\n")
                 except Exception:
                     if isinstance(record, logging.LogRecord):
                         self.handleError(record)
             if lines:
                 try:
-                    self.stream.write("\n".join(lines) + "\n")
+                    self.stream.write(b"".join(lines).decode())
                     self.stream.flush()
                 except (OSError, ValueError):  # stderr closed: nothing else to tell
                     pass
