@@ -50,11 +50,19 @@ async def _wait_disconnect(receive: Receive) -> None:
 WATCH_AFTER_S = 0.5
 
 
-async def until_disconnect(work: Awaitable[None], receive: Receive, watch_after: float = WATCH_AFTER_S) -> bool:
+async def until_disconnect(
+    work: Awaitable[None], receive: Receive, watch_after: float = WATCH_AFTER_S, *,
+    deadline: float | None = None, on_deadline: Callable[[], bool] | None = None,
+) -> bool:
     """Run `work` in this task until it ends or the client disconnects; True if it ended.
 
     After `watch_after` seconds a watcher task waits for the disconnect and cancels this
     task; `work` itself runs here, so a request costs one extra task at most.
+
+    `deadline` (loop time): then this task is cancelled if `on_deadline()` says so; `work`
+    tells that cancellation from others by what `on_deadline` recorded (FlightResponse).
+    The same timer does both jobs: the deadline's is only armed once the watcher starts,
+    so an answer that ends within `watch_after` costs one timer, not one per job.
     """
     loop = asyncio.get_running_loop()
     this = this_task()
@@ -67,11 +75,19 @@ async def until_disconnect(work: Awaitable[None], receive: Receive, watch_after:
         gone = True
         this.cancel()
 
-    def start_watching() -> None:
-        nonlocal watcher
-        watcher = loop.create_task(watch())
+    def tick() -> None:
+        nonlocal watcher, timer
+        if deadline is not None and loop.time() >= deadline:
+            if on_deadline is None or on_deadline():
+                this.cancel()
+            return
+        if watcher is None:
+            watcher = loop.create_task(watch())
+        if deadline is not None:
+            timer = loop.call_at(deadline, tick)
 
-    timer = loop.call_later(watch_after, start_watching)
+    first = loop.time() + watch_after
+    timer = loop.call_at(first if deadline is None else min(first, deadline), tick)
     try:
         await work
     except asyncio.CancelledError:
@@ -160,6 +176,8 @@ class FlightResponse:
         self.disconnected = False  # the client went away first
         self.started = False  # the response's status and headers have gone out
         self.cut = False  # herd dropped the connection: the client did not read in time
+        self.expired = False  # the deadline passed before the answer was written
+        self._answering = False  # the answer (not an error) is being waited for or written
         self.answered_at: float | None = None  # perf_counter() when the whole answer was written
 
     @property
@@ -197,7 +215,9 @@ class FlightResponse:
     async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
         try:
             try:
-                self.disconnected = not await until_disconnect(self._answer(send), receive)
+                self.disconnected = not await until_disconnect(
+                    self._answer(send), receive, deadline=self.deadline, on_deadline=self._expire
+                )
             except asyncio.CancelledError:
                 # Not the client leaving (until_disconnect returns for that): the server gave up
                 # on this request, its shutdown grace over. Its client still gets a proper end.
@@ -210,12 +230,24 @@ class FlightResponse:
             except Exception:  # accounting must never break an answer
                 log.exception("on_done failed for flight %s", self.ticket.flight.id)
 
+    def _expire(self) -> bool:
+        """The deadline passed (until_disconnect's timer): cut the answer if it is still being
+        written (not an error answer: that has its own grace); the cancellation that follows is
+        the deadline's."""
+        self.expired = self._answering
+        return self.expired
+
     async def _answer(self, send: Send) -> None:
+        self._answering = True
         try:
-            async with asyncio.timeout_at(self.deadline):
-                error = await (self._stream(send) if self.stream else self._json(send))
-        except TimeoutError:
+            error = await (self._stream(send) if self.stream else self._json(send))
+        except asyncio.CancelledError:
+            if not self.expired:
+                raise
+            this_task().uncancel()
             error = DeadlineExceeded("the answer did not arrive before this request's deadline")
+        finally:
+            self._answering = False
         if error is not None:
             await self._fail(send, error)
 

@@ -45,6 +45,53 @@ async def test_a_client_that_leaves_stops_a_long_wait_soon_after_the_watch_start
     assert not asyncio.current_task().cancelling()  # this task goes on normally
 
 
+async def _never_leaves_but_counts(calls: list[int]):
+    calls.append(1)
+    await asyncio.Event().wait()
+
+
+@pytest.mark.parametrize("deadline_s, watched", [(0.05, False), (0.3, True)])
+async def test_the_deadline_cuts_the_work_on_the_watchers_timer(deadline_s, watched):
+    """One timer per waiter does both jobs: before the watch starts (deadline first) and after
+    (the deadline's timer armed when the watcher starts), the work is cancelled at the
+    deadline and can tell that cancellation by what on_deadline recorded."""
+    calls: list[int] = []
+    expired: list[float] = []
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+
+    async def work():
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            assert expired  # the deadline's cancellation, not another's
+            asyncio.current_task().uncancel()
+
+    def on_deadline() -> bool:
+        expired.append(loop.time())
+        return True
+
+    assert await until_disconnect(work(), lambda: _never_leaves_but_counts(calls), watch_after=0.1,
+                                  deadline=started + deadline_s, on_deadline=on_deadline) is True
+    assert expired and expired[0] - started >= deadline_s
+    assert loop.time() - started < deadline_s + 1.0
+    assert bool(calls) is watched  # the watcher started only when the deadline came after watch_after
+    assert not asyncio.current_task().cancelling()
+
+
+async def test_a_deadline_that_on_deadline_declines_leaves_the_work_alone():
+    loop = asyncio.get_running_loop()
+    asked: list[bool] = []
+
+    def on_deadline() -> bool:
+        asked.append(True)
+        return False
+
+    assert await until_disconnect(asyncio.sleep(0.2), lambda: _never_leaves_but_counts([]), watch_after=0.5,
+                                  deadline=loop.time() + 0.05, on_deadline=on_deadline) is True
+    assert asked == [True]
+
+
 def test_rendering_and_usage_read_no_chunk_twice(monkeypatch):
     """A chunk from an upstream keeps its bytes, not its object (proxy.chunks.Chunk): what
     runs per chunk or per waiter (rendering the stream, reading the usage for accounting
