@@ -75,3 +75,53 @@ def test_a_body_that_arrives_within_the_deadline_is_served(slow_herd, sim):
         answer = read_answer(sock)
     assert answer.status == 200
     assert orjson.loads(answer.body)["object"] == "chat.completion"
+
+
+async def test_a_body_uvicorn_already_holds_is_read_without_a_timer_and_one_still_coming_is_not():
+    """read_body skips its timer only when the server holds the whole body already
+    (proxy.app.body_arrived, read from uvicorn's request cycle); a body that has not all
+    come is read under the timer. Against a real uvicorn, so a uvicorn that stops saying so
+    shows up here rather than as a silent cost."""
+    import asyncio
+
+    import uvicorn
+
+    from proxy.app import body_arrived
+
+    seen: list[tuple[bool, bytes]] = []
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        arrived = body_arrived(receive)
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        seen.append((arrived, body))
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"0")]})
+        await send({"type": "http.response.body", "body": b""})
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, http="httptools", lifespan="off", log_level="warning"))
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        while not server.started:
+            await asyncio.sleep(0.01)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(head("/x", len(BODY)) + BODY)  # all of it at once
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(head("/x", len(BODY)) + BODY[:5])  # part of it, the rest later
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.write(BODY[5:])
+        await reader.readuntil(b"\r\n\r\n")
+        writer.close()
+        assert seen == [(True, BODY), (False, BODY)]
+    finally:
+        server.should_exit = True
+        await serving
