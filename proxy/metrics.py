@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import functools
 from collections.abc import Callable
 
@@ -13,19 +14,63 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.values import MutexValue
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 OUTCOMES = ("leader", "follower", "cache", "bypass", "error")
 
 
 def _memoize_labels(metric) -> None:
-    """`metric.labels(...)` becomes one dict lookup after the first call for a label set.
+    """`metric.labels(...)` becomes one dict lookup after the first call for a label set,
+    and the child it returns counts on the fast path (_fast).
 
     Every request counts into a few labelled metrics; prometheus-client's own `labels()`
     validates and locks each time. herd's label values are bounded (outcomes, upstream
     names, capped models and tenants), so the memo is too; herd never removes a label set.
     """
-    metric.labels = functools.lru_cache(maxsize=None)(metric.labels)
+    labels = metric.labels
+
+    def fast_labels(*values: str):
+        return _fast(labels(*values))
+
+    metric.labels = functools.lru_cache(maxsize=None)(fast_labels)
+
+
+def _fast(metric):
+    """`metric` (a counter or histogram that is not a labelled parent) with an `inc` or
+    `observe` that does what prometheus-client's does in one call, not five: the same
+    values under the same locks, so /metrics reads the same. Left alone where the values
+    are not plain in-process ones (prometheus-client's multiprocess mode) or where an
+    exemplar or a negative count asks for the library's own checks."""
+    if isinstance(metric, Counter):
+        value = metric._value
+        if type(value) is not MutexValue:
+            return metric
+        lock = value._lock
+
+        def inc(amount: float = 1, exemplar: dict[str, str] | None = None) -> None:
+            if amount < 0 or exemplar:
+                return Counter.inc(metric, amount, exemplar)
+            with lock:
+                value._value += amount
+
+        metric.inc = inc
+    elif isinstance(metric, Histogram):
+        total, buckets, bounds = metric._sum, metric._buckets, list(metric._upper_bounds)
+        if type(total) is not MutexValue or any(type(b) is not MutexValue for b in buckets):
+            return metric
+
+        def observe(amount: float, exemplar: dict[str, str] | None = None) -> None:
+            if exemplar or amount != amount:  # NaN falls in no bucket: the library's way
+                return Histogram.observe(metric, amount, exemplar)
+            with total._lock:
+                total._value += amount
+            bucket = buckets[bisect.bisect_left(bounds, amount)]  # the first bound >= amount (+Inf last)
+            with bucket._lock:
+                bucket._value += 1
+
+        metric.observe = observe
+    return metric
 
 
 def _total(counter: Counter, where: Callable[[dict[str, str]], bool] = lambda labels: True) -> float:
@@ -162,6 +207,8 @@ class Metrics:
         for metric in vars(self).values():
             if getattr(metric, "_labelnames", None):
                 _memoize_labels(metric)
+            elif isinstance(metric, (Counter, Histogram)):
+                _fast(metric)
 
     def observe_embedding(self, size: int, seconds: float) -> None:
         self.embedding_batch_size.observe(size)

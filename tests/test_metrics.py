@@ -117,3 +117,39 @@ def test_dashboard_and_alerts_use_metrics_herd_exports(sim):
     bases = {re.sub(r"_(bucket|sum|count|total)$", "", n) for n in known}
     missing = {n for n in used if n not in known and re.sub(r"_(bucket|sum|count|total)$", "", n) not in bases}
     assert not missing, missing
+
+
+def test_the_fast_counting_path_exposes_what_prometheus_client_itself_would():
+    """Metrics' counters and histograms count through proxy.metrics._fast (one call, not
+    five); /metrics must read exactly as with prometheus-client's own inc and observe:
+    every bucket edge, +Inf, zero, NaN, an exemplar, and a refused negative count."""
+    import math
+
+    import pytest
+    from prometheus_client import Counter, Histogram
+
+    from proxy.metrics import Metrics
+
+    fast, plain = Metrics(), Metrics()
+    amounts = [0.0, 0.005, 0.0051, 0.05, 0.1, 1, 119.9, 120, 121, 1e9, math.nan]
+    for m, observe, inc in ((fast, None, None), (plain, Histogram.observe, Counter.inc)):
+        for amount in amounts:
+            for h in (m.upstream_latency.labels("u"), m.fanout_lag):
+                observe(h, amount) if observe else h.observe(amount)
+        for c, n in ((m.requests.labels("leader"), 1), (m.tokens.labels("m", "prompt", "spent"), 17),
+                     (m.cache_evictions, 2.5)):
+            inc(c, n) if inc else c.inc(n)
+        with pytest.raises(ValueError):
+            (inc or Counter.inc)(m.requests.labels("cache"), -1) if inc else m.requests.labels("cache").inc(-1)
+        h = m.upstream_ttft.labels("u")
+        observe(h, 0.2, {"trace": "t"}) if observe else h.observe(0.2, {"trace": "t"})
+
+    def exposition(m: Metrics) -> list[str]:
+        from prometheus_client import generate_latest
+
+        return [line for line in generate_latest(m.registry).decode().splitlines()
+                if not line.split(" ")[0].split("{")[0].endswith("_created") and "coalesce_ratio" not in line]
+
+    assert exposition(fast) == exposition(plain)
+    assert fast.requests.labels("leader") is fast.requests.labels("leader")  # still memoized
+    assert fast.requests.labels("leader").inc != Counter.inc  # and on the fast path
