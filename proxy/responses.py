@@ -75,19 +75,24 @@ async def until_disconnect(
         gone = True
         this.cancel()
 
-    def tick() -> None:
-        nonlocal watcher, timer
-        if deadline is not None and loop.time() >= deadline:
-            if on_deadline is None or on_deadline():
-                this.cancel()
-            return
-        if watcher is None:
-            watcher = loop.create_task(watch())
+    def expire() -> None:
+        if on_deadline is None or on_deadline():
+            this.cancel()
+
+    def start_watching() -> None:
+        nonlocal watcher
+        watcher = loop.create_task(watch())
         if deadline is not None:
-            timer = loop.call_at(deadline, tick)
+            timer[0] = loop.call_at(deadline, expire)
 
     first = loop.time() + watch_after
-    timer = loop.call_at(first if deadline is None else min(first, deadline), tick)
+    # The timer is kept in a list emptied at the end (no closure refers to itself or to a
+    # variable holding its own handle): a reference cycle here kept every request's
+    # objects (its flight, body, response) for the collector, ~30% more CPU at saturation.
+    if deadline is None or first < deadline:
+        timer = [loop.call_at(first, start_watching)]
+    else:
+        timer = [loop.call_at(deadline, expire)]
     try:
         await work
     except asyncio.CancelledError:
@@ -96,7 +101,7 @@ async def until_disconnect(
         this.uncancel()
         return False
     finally:
-        timer.cancel()
+        timer.pop().cancel()
         if watcher is not None:
             watcher.cancel()
     return True

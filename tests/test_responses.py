@@ -123,3 +123,30 @@ def test_rendering_and_usage_read_no_chunk_twice(monkeypatch):
         flight.extend(chunks)
         assert stream_of(flight).parts
         assert wire.usage(chunks) and wire.flight_usage(flight)
+
+
+async def test_watching_a_client_leaves_no_reference_cycle_behind():
+    """Each request's objects must go when it ends, by reference counting: a cycle through
+    until_disconnect's timer (a closure holding the handle that holds it) kept every
+    request's flight, body and response for the collector, and cost ~30% more CPU per
+    request at saturation. Seen red with the timer in a variable the closure rebinds."""
+    import gc
+
+    class Response:  # stands for the FlightResponse whose _expire is on_deadline
+        def expire(self) -> bool:
+            return True
+
+    loop = asyncio.get_running_loop()
+
+    async def never():
+        await asyncio.Event().wait()
+
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(50):
+            await until_disconnect(asyncio.sleep(0), never, deadline=loop.time() + 60, on_deadline=Response().expire)
+        await asyncio.sleep(0)
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
