@@ -328,7 +328,8 @@ class Gateway:
 
         call = functools.partial(self._call, plan.route, plan.req, plan.options)
         if shared is self.node:  # a sibling's answer that already ended is a cached one
-            called = await self.node.mirror(key, claim, flight, call, plan.stream, on_lead, fresh=not plan.read_cache)
+            fresh = not plan.read_cache or plan.ttl < self.node.linger_s  # e.g. sampled_ttl_seconds = 0
+            called = await self.node.mirror(key, claim, flight, call, plan.stream, on_lead, fresh=fresh)
         else:
             called = await shared.mirror(key, claim, flight, call, plan.stream, on_lead)
         if called and plan.store:

@@ -536,3 +536,31 @@ def test_a_flight_that_just_ended_is_followed_unless_the_request_wants_a_fresh_a
         await owner.aclose()
 
     asyncio.run(main())
+
+
+def test_a_sampled_answer_that_may_not_be_cached_is_not_handed_to_a_sibling_after_its_flight(tmp_path, sim):
+    # [cache] sampled_ttl_seconds = 0: a sampled answer is never reused once its flight ended,
+    # on one worker (no cache entry) or across workers (no lingering flight either)
+    from proxy.gateway import Gateway
+    from proxy.node import Worker
+    from tests.harness import HerdServer, herd_settings
+
+    create_table(tmp_path)
+    settings = herd_settings(sim.url, auth={"hash_key": "node-secret"},
+                             cache={"enabled": True, "sampled_ttl_seconds": 0})
+    body = {"model": "m", "temperature": 1, "messages": [{"role": "user", "content": "draw once"}]}
+    with HerdServer(settings, Gateway(settings, worker=Worker(str(tmp_path), 0, 2))) as owner, \
+            HerdServer(settings, Gateway(settings, worker=Worker(str(tmp_path), 1, 2))) as sibling:
+        assert sibling.gateway.node is not None
+        sibling.gateway.node.table.pid = os.getppid()  # as if in a process of its own
+        first = httpx.post(owner.url + "/v1/chat/completions", json=body, timeout=30)
+        assert first.status_code == 200 and chat_calls(sim.url) == 1
+        late = httpx.post(sibling.url + "/v1/chat/completions", json=body, timeout=30)
+        assert late.status_code == 200
+        assert chat_calls(sim.url) == 2  # its own draw
+        # an answer that may be cached is handed over: the same request, not sampled
+        plain = {**body, "temperature": 0}
+        httpx.post(owner.url + "/v1/chat/completions", json=plain, timeout=30)
+        calls = chat_calls(sim.url)
+        assert httpx.post(sibling.url + "/v1/chat/completions", json=plain, timeout=30).status_code == 200
+        assert chat_calls(sim.url) == calls
