@@ -81,11 +81,16 @@ def serve(args: argparse.Namespace) -> int:
     for warning in warnings(settings):
         logging.getLogger("herd.config").warning(warning)
     server = settings.server
-    if server.workers > 1:
-        from proxy.workers import supervise
+    try:
+        if server.workers > 1:
+            from proxy.workers import supervise, worker_sockets
 
-        return supervise(settings, server.workers)
-    run_server(settings, listen_socket(server.host, server.port, server.send_buffer_bytes))
+            return supervise(settings, server.workers, worker_sockets(server, server.workers))
+        sock = listen_socket(server.host, server.port, server.send_buffer_bytes)
+    except OSError as e:
+        print(f"herd: cannot listen on {server.host}:{server.port}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    run_server(settings, sock)
     return 0
 
 

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from proxy.config import Settings
+from proxy.config import ServerConfig, Settings
 
 log = logging.getLogger("herd.workers")
 
@@ -161,21 +161,38 @@ class Supervisor:
         return 0
 
 
-def supervise(settings: Settings, count: int) -> int:
-    """Run `count` workers on the configured port until SIGTERM/SIGINT; the exit status."""
+def worker_sockets(server: ServerConfig, count: int) -> list[socket.socket]:
+    """A listening socket per worker, all on the configured port (SO_REUSEPORT).
+
+    SO_REUSEPORT would also let a second node bind a port this one serves, and the kernel
+    would then split connections (and flights) between the two without a word; so the port
+    is first bound alone, as a single process binds it: taken means refused (OSError)."""
     from proxy.cli import listen_socket
 
+    port = server.port
+    if port:
+        listen_socket(server.host, port).close()  # EADDRINUSE when anything listens there
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sock = listen_socket(server.host, port, server.send_buffer_bytes, reuse_port=True)
+            port = sock.getsockname()[1]  # port 0: the rest join the one the kernel chose
+            sock.listen(4096)
+            sockets.append(sock)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def supervise(settings: Settings, count: int, sockets: list[socket.socket]) -> int:
+    """Run `count` workers on `sockets` (worker_sockets) until SIGTERM/SIGINT; the exit status."""
     if not settings.auth.hash_key:
         # one secret for the node, so a client's tenant hash (and so its flight keys) is the
         # same in every worker; a random one per process would split every flight
         settings.auth.hash_key = secrets.token_hex(32)
-    server = settings.server
-    sockets = []
     try:
-        for _ in range(count):
-            sock = listen_socket(server.host, server.port, server.send_buffer_bytes, reuse_port=True)
-            sock.listen(4096)
-            sockets.append(sock)
         return Supervisor(settings, count, sockets).run()
     finally:
         for sock in sockets:

@@ -564,3 +564,40 @@ def test_a_sampled_answer_that_may_not_be_cached_is_not_handed_to_a_sibling_afte
         calls = chat_calls(sim.url)
         assert httpx.post(sibling.url + "/v1/chat/completions", json=plain, timeout=30).status_code == 200
         assert chat_calls(sim.url) == calls
+
+
+def test_worker_sockets_share_one_port_even_when_the_kernel_picks_it():
+    from proxy.config import ServerConfig
+    from proxy.workers import worker_sockets
+
+    sockets = worker_sockets(ServerConfig(host="127.0.0.1", port=0), 3)
+    try:
+        assert len({s.getsockname()[1] for s in sockets}) == 1
+    finally:
+        for s in sockets:
+            s.close()
+
+
+@pytest.mark.parametrize("first_workers", [1, 2])
+def test_a_second_node_on_a_port_in_use_is_refused_not_silently_sharing_it(tmp_path, sim, first_workers):
+    """SO_REUSEPORT lets two nodes bind one port and split its traffic without a word:
+    a node (or a single process) started on a port something already serves exits 2."""
+    import subprocess
+    import sys
+
+    if first_workers == 1:
+        herd = Herd(_config(sim.url, 1), tmp_path, log_path=tmp_path / "herd.log").start(timeout=120)
+    else:
+        herd = _start(tmp_path, sim.url, workers=first_workers)
+    try:
+        config = tmp_path / "second.toml"
+        config.write_text(_config(sim.url, 2))
+        for workers in ("2", "1"):
+            done = subprocess.run([sys.executable, "-m", "proxy", "serve", "--config", str(config),
+                                   "--port", str(herd.port), "--workers", workers],
+                                  capture_output=True, text=True, timeout=120)
+            assert done.returncode == 2, done.stderr
+            assert f"cannot listen on 127.0.0.1:{herd.port}" in done.stderr
+            assert "Traceback" not in done.stderr
+    finally:
+        herd.stop()
