@@ -54,7 +54,7 @@ def _fast(metric):
             with lock:
                 value._value += amount
 
-        metric.inc = inc
+        metric.inc = inc  # type: ignore[method-assign]  # this one metric, not the class
     elif isinstance(metric, Histogram):
         total, buckets, bounds = metric._sum, metric._buckets, list(metric._upper_bounds)
         if type(total) is not MutexValue or any(type(b) is not MutexValue for b in buckets):
@@ -69,7 +69,7 @@ def _fast(metric):
             with bucket._lock:
                 bucket._value += 1
 
-        metric.observe = observe
+        metric.observe = observe  # type: ignore[method-assign]
     return metric
 
 
