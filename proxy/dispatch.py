@@ -89,6 +89,8 @@ class Dispatcher:
     def plan(self, route: RouteConfig, model: str) -> list[tuple[str, str]]:
         """(upstream, model sent to it) for the primary, then each fallback."""
         primary = route.model_rewrite or model
+        if not route.fallbacks:  # the usual route: no list built and joined per call
+            return [(route.upstream, primary)]
         return [(route.upstream, primary)] + [(fb, route.fallback_models.get(fb, primary)) for fb in route.fallbacks]
 
     async def stream(
