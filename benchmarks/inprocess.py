@@ -14,7 +14,7 @@ to herd shows up here without the noise of the 2-core end-to-end runs. Three mea
 3. fanout: N stream requests share one flight whose upstream sends a chunk every 20 ms;
    for each chunk, the time until the last subscriber has it handed to `send`.
 
-The upstream adapter's `chat` is replaced by one that answers at once (1) or when told
+The upstream adapter's `call` is replaced by one that answers at once (1) or when told
 (2, 3). Everything else is herd as configured by `benchmarks.harness.herd_settings`, started and
 stopped by its own lifespan. (1) also counts the full garbage collections and their pauses.
 """
@@ -87,8 +87,11 @@ async def call(app, body: bytes, on_body=None) -> int:
 async def started_app(access_log: bool, chat):
     """herd's app, started and stopped by its own lifespan, with a faked upstream."""
     app = create_app(herd_settings("http://127.0.0.1:9", server={"access_log": access_log}))
+    def call(wire, body, options, stream=True):  # what the dispatcher calls, for every API's wire
+        return chat(body, options, stream)
+
     for upstream in app.state.gateway.upstreams.values():
-        upstream.chat = chat
+        upstream.call = call
     async with app.app.router.lifespan_context(app.app):
         yield app
 

@@ -259,3 +259,16 @@ def test_helpers() -> None:
     assert q["n"] == 100 and q["p50"] == pytest.approx(75.0)
     text = table(["a", "b"], [["x", 1.5], ["yy", None]], "title")
     assert text.splitlines()[0] == "title" and "1.5" in text and "-" in text
+
+
+def test_inprocess_bench_runs_through_the_faked_upstream(tmp_path):
+    """python -m benchmarks.inprocess fakes the upstream adapter's call; every request must be
+    answered 200 by that fake, never sent to the (absent) network."""
+    from benchmarks import inprocess
+
+    out = tmp_path / "inprocess.json"
+    assert inprocess.main(["--requests", "64", "--concurrency", "8", "--burst", "10", "--subscribers", "5",
+                           "--chunks", "3", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["requests"]["on"]["cpu_us_per_request"] > 0
+    assert result["command"].startswith("python -m benchmarks.inprocess")
