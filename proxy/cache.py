@@ -66,7 +66,8 @@ class MemoryCache:
             self._entries[key] = (self._clock() + ttl_s, answer)
             self.nbytes += cost
             while self.nbytes > self.max_bytes or len(self._entries) > self.max_entries:
-                self._drop(next(iter(self._entries)))
+                old_key, (_, old) = self._entries.popitem(last=False)  # the least recently used
+                self.nbytes -= self._cost(old_key, old)
                 self._on_evict()
 
     def _drop(self, key: str) -> None:
