@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import openai
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from proxy.config import ConfigError, TokensConfig, parse_settings
 from proxy.errors import InvalidRequest
-from proxy.tokens import TokenCounter
+from proxy.tokens import TokenCounter, _gather, _quick_bound
 from tests.harness import HerdServer, chat_calls
 
 
@@ -143,3 +145,43 @@ async def test_an_over_long_prompt_is_refused_before_any_upstream_call(sim):
     assert exact.value.response.headers["x-herd-prompt-tokens"] == str(9001 + 3 + 1 + 3)
     assert ok.choices[0].message.content.startswith("echo: word")
     assert chat_calls(sim.url) == 2  # only the two that fit were sent
+
+
+_text = st.text(max_size=40)
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=False) | _text,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_text, inner, max_size=3),
+    max_leaves=8,
+)
+_part = st.one_of(
+    st.fixed_dictionaries({"type": st.just("text"), "text": _text}),
+    st.fixed_dictionaries({"type": st.just("image_url"), "image_url": st.fixed_dictionaries({"url": _text})}),
+    st.dictionaries(_text, _json, max_size=3),
+    _json,
+)
+_message = st.one_of(
+    st.fixed_dictionaries({"role": _text, "content": _text}, optional={"name": _text}),
+    st.fixed_dictionaries({"role": _text, "content": st.lists(_part, max_size=4)}),
+    st.dictionaries(_text, _json, max_size=4),
+    _json,
+)
+_body = st.fixed_dictionaries(
+    {"messages": st.lists(_message, max_size=5)},  # an array: the API checks that first
+    optional={key: _json | st.lists(_json, max_size=3)
+              for key in ("instructions", "input", "prompt", "tools", "functions", "response_format", "text")},
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(body=_body, window=st.integers(0, 400))
+def test_the_quick_bound_never_lets_through_a_prompt_the_full_count_refuses(body, window):
+    """may_exceed's shortcut (one serialization of the body) bounds the gathered texts'
+    bytes, so it says "fits" only where the byte bound, and so the count, says so too."""
+    counter = TokenCounter(TokensConfig())
+    bound = _quick_bound(body)
+    full = _gather(body).max_tokens
+    assert bound is None or bound >= full
+    if not counter.may_exceed(body, window):
+        assert full <= window
+        assert counter.count(body, "gpt-4").tokens <= window  # cl100k: every token is at least one byte
+    assert counter.may_exceed(body, window) == (full > window)
