@@ -467,6 +467,28 @@ async def test_upstream_first_byte_and_idle_timeouts(sim):
         assert herd.flights == 0
 
 
+async def test_a_steady_stream_still_ends_at_the_total_timeout(sim):
+    """Chunks that keep coming within the idle timeout never carry a call past its total
+    timeout: the flight ends with the same upstream timeout, not before its time."""
+    limits = {"first_byte_timeout_s": 0.5, "idle_timeout_s": 0.5, "total_timeout_s": 1.5}
+    settings = herd_settings(sim.url, upstreams={"sim": limits})
+    with HerdServer(settings) as herd:
+        c = aclient(herd)
+        sim_reset(sim.url, ttft_ms=0, tokens_per_s=10, reply_tokens=60)  # 6 s of chunks, 100 ms apart
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(openai.APIError) as cut:
+            await collect_stream(c, "steady but long")
+        assert loop.time() - started >= 1.4
+        assert "did not answer in time" in str(cut.value.message) or "upstream_timeout" in str(cut.value.body)
+        started = loop.time()
+        with pytest.raises(openai.APIStatusError) as whole:  # a non-stream flight: one piece, too late
+            await c.chat.completions.create(model="m", messages=user("steady but long, whole"))
+        assert loop.time() - started >= 1.4
+        assert whole.value.status_code == 504 and whole.value.body["code"] == "upstream_timeout"
+        assert herd.flights == 0
+
+
 def test_a_non_json_upstream_error_becomes_an_openai_error_body(herd, sim):
     sim_faults(sim.url, {"kind": "status", "status": 502, "body": "<html>bad gateway</html>",
                          "headers": {"Content-Type": "text/html"}})

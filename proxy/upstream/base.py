@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import math
 import re
 import socket
 import ssl
@@ -214,7 +215,8 @@ class Upstream:
 
 
 class Watchdog:
-    """First-byte and idle timeouts for one streaming call, with one timer for the whole call.
+    """First-byte and idle timeouts for one streaming call, with one timer for the whole call,
+    and its total timeout (`total_s`): no limit ever moves past the call's end.
 
     `wait(aw)` awaits something from the upstream; if the current limit passes meanwhile,
     the wait is cancelled and raises UpstreamTimeout. `progress(limit)` moves the limit
@@ -222,17 +224,20 @@ class Watchdog:
     waits are ever cancelled: between them, the caller's own code runs undisturbed.
     """
 
-    def __init__(self, limit_s: float, what: str) -> None:
+    def __init__(self, limit_s: float, what: str, total_s: float = math.inf) -> None:
         self._loop = asyncio.get_running_loop()
         self._task = this_task()
         self._what = what
-        self.deadline = self._loop.time() + limit_s
+        now = self._loop.time()
+        self._end = now + total_s  # the call's total timeout: no limit moves past it
+        self.deadline = min(now + limit_s, self._end)
         self._waiting = False
         self._fired = False
         self._handle = self._loop.call_at(self.deadline, self._check)
 
     def progress(self, limit_s: float) -> None:
-        self.deadline = self._loop.time() + limit_s
+        deadline = self._loop.time() + limit_s
+        self.deadline = deadline if deadline < self._end else self._end
 
     def _check(self) -> None:
         now = self._loop.time()

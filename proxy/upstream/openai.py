@@ -41,6 +41,8 @@ class OpenAIUpstream(Upstream):
         super().__init__(cfg)
         self._session: aiohttp.ClientSession | None = None
         self._client_timeout: aiohttp.ClientTimeout | None = None
+        # A chat call's total timeout is its Watchdog's: aiohttp only bounds the connect.
+        self._connect_timeout: aiohttp.ClientTimeout | None = None
         self._urls: dict[str, str] = {}  # by wire name
         self._fixed_headers: dict[str, dict[str, str]] = {}  # by accept, when the key is herd's own
 
@@ -91,6 +93,15 @@ class OpenAIUpstream(Upstream):
             )
         return self._client_timeout
 
+    def _connect_only(self) -> aiohttp.ClientTimeout:
+        if self._connect_timeout is None:
+            self._connect_timeout = aiohttp.ClientTimeout(total=None, connect=self.cfg.connect_timeout_s)
+        return self._connect_timeout
+
+    def _watchdog(self, limit_s: float) -> Watchdog:
+        """The call's one timer: `limit_s` first, never past the total timeout."""
+        return Watchdog(limit_s, f"upstream {self.name!r}", self.cfg.total_timeout_s)
+
     def speaks(self, wire: Wire) -> bool:
         return True  # OpenAI-compatible servers speak every OpenAI API (or answer its 404)
 
@@ -112,12 +123,12 @@ class OpenAIUpstream(Upstream):
             return
         headers = self._chat_headers(options, "text/event-stream")
         resp: aiohttp.ClientResponse | None = None
-        watchdog = Watchdog(self.cfg.first_byte_timeout_s, f"upstream {self.name!r}")
+        watchdog = self._watchdog(self.cfg.first_byte_timeout_s)
         try:
             with self._failures():
                 resp = await watchdog.wait(self.session.post(
                     self._url(wire), data=orjson.dumps(wire.stream_payload(body)), headers=headers,
-                    timeout=self._timeout(),
+                    timeout=self._connect_only(),
                 ))
                 if resp.status >= 400:
                     raise await watchdog.wait(self._error(resp))
@@ -156,23 +167,27 @@ class OpenAIUpstream(Upstream):
 
     async def _whole(self, wire: Wire, body: dict, options: CallOptions) -> list[Chunk]:
         """A non-stream call. Its first byte is the whole answer, so no first-byte or idle
-        timeout applies: only the call's total timeout (aiohttp's own). A server that
-        streams anyway is read as a stream, with its first-byte and idle timeouts."""
+        timeout applies: only the call's total timeout. A server that streams anyway is read
+        as a stream, with its first-byte and idle timeouts."""
         headers = self._chat_headers(options, "application/json")
-        with self._failures():
-            async with self.session.post(
-                self._url(wire), data=orjson.dumps(wire.whole_payload(body)), headers=headers,
-                timeout=self._timeout(),
-            ) as resp:
+        resp: aiohttp.ClientResponse | None = None
+        watchdog = self._watchdog(self.cfg.total_timeout_s)
+        try:
+            with self._failures():
+                resp = await watchdog.wait(self.session.post(
+                    self._url(wire), data=orjson.dumps(wire.whole_payload(body)), headers=headers,
+                    timeout=self._connect_only(),
+                ))
                 if resp.status >= 400:
-                    raise await self._error(resp)
+                    raise await watchdog.wait(self._error(resp))
                 if not resp.content_type.startswith("text/event-stream"):
-                    return wire.whole(await resp.read(), self.name)
-                watchdog = Watchdog(self.cfg.first_byte_timeout_s, f"upstream {self.name!r}")
-                try:
-                    return [chunk async for batch in self._events(wire, resp, watchdog) for chunk in batch]
-                finally:
-                    watchdog.stop()
+                    return wire.whole(await watchdog.wait(resp.read()), self.name)
+                watchdog.progress(self.cfg.first_byte_timeout_s)
+                return [chunk async for batch in self._events(wire, resp, watchdog) for chunk in batch]
+        finally:
+            watchdog.stop()
+            if resp is not None:
+                resp.release()
 
     @contextlib.contextmanager
     def _failures(self) -> Iterator[None]:
@@ -181,7 +196,7 @@ class OpenAIUpstream(Upstream):
             yield
         except aiohttp.ConnectionTimeoutError as e:  # never connected: not a slow answer
             raise connection_error(self.name, e, self.cfg.base_url) from None
-        except TimeoutError:  # aiohttp's own total timeout
+        except TimeoutError:  # aiohttp's own total timeout (forward)
             raise UpstreamTimeout(f"upstream {self.name!r} did not answer in time") from None
         except orjson.JSONDecodeError:
             raise malformed_answer(self.name, "data that is not JSON") from None
