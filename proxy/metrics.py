@@ -43,7 +43,7 @@ def _fast(metric):
     are not plain in-process ones (prometheus-client's multiprocess mode) or where an
     exemplar or a negative count asks for the library's own checks."""
     if isinstance(metric, Counter):
-        value = metric._value
+        value = getattr(metric, "_value", None)  # a private of prometheus-client's: checked, not assumed
         if type(value) is not MutexValue:
             return metric
         lock = value._lock
@@ -56,8 +56,10 @@ def _fast(metric):
 
         metric.inc = inc  # type: ignore[method-assign]  # this one metric, not the class
     elif isinstance(metric, Histogram):
-        total, buckets, bounds = metric._sum, metric._buckets, list(metric._upper_bounds)
-        if type(total) is not MutexValue or any(type(b) is not MutexValue for b in buckets):
+        total, buckets = getattr(metric, "_sum", None), getattr(metric, "_buckets", None) or []
+        bounds = list(getattr(metric, "_upper_bounds", ()))
+        if (type(total) is not MutexValue or len(bounds) != len(buckets)
+                or any(type(b) is not MutexValue for b in buckets)):
             return metric
 
         def observe(amount: float, exemplar: dict[str, str] | None = None) -> None:
