@@ -140,8 +140,10 @@ def log_access(msg: str, fields: dict) -> None:
     lookup, no handler chain; the entry goes straight to the writer thread."""
     if not _access.isEnabledFor(logging.INFO):
         return
-    if _writer is None or _access.handlers or not _access.propagate or _writer not in logging.root.handlers:
-        _access.info(msg, extra=fields)  # logging set up some other way: go through it
+    if _writer is None or _access.handlers or not _access.propagate or logging.root.handlers != [_writer]:
+        # logging set up some other way, or another handler beside ours (a test's capture, an
+        # embedding app's): go through it, so that every handler gets the line
+        _access.info(msg, extra=fields)
         return
     _writer.handle({"ts": time.time(), "level": "info", "logger": "herd.access", "msg": msg, **fields})
 
