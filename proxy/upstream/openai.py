@@ -121,17 +121,11 @@ class OpenAIUpstream(Upstream):
         if not stream:
             yield await self._whole(wire, body, options)
             return
-        headers = self._chat_headers(options, "text/event-stream")
         resp: aiohttp.ClientResponse | None = None
         watchdog = self._watchdog(self.cfg.first_byte_timeout_s)
         try:
             with self._failures():
-                resp = await watchdog.wait(self.session.post(
-                    self._url(wire), data=orjson.dumps(wire.stream_payload(body)), headers=headers,
-                    timeout=self._connect_only(),
-                ))
-                if resp.status >= 400:
-                    raise await watchdog.wait(self._error(resp))
+                resp = await self._post(wire, wire.stream_payload(body), options, "text/event-stream", watchdog)
                 if not resp.content_type.startswith("text/event-stream"):  # a server that ignores `stream`
                     yield wire.whole(await watchdog.wait(resp.read()), self.name)
                     return
@@ -169,17 +163,11 @@ class OpenAIUpstream(Upstream):
         """A non-stream call. Its first byte is the whole answer, so no first-byte or idle
         timeout applies: only the call's total timeout. A server that streams anyway is read
         as a stream, with its first-byte and idle timeouts."""
-        headers = self._chat_headers(options, "application/json")
         resp: aiohttp.ClientResponse | None = None
         watchdog = self._watchdog(self.cfg.total_timeout_s)
         try:
             with self._failures():
-                resp = await watchdog.wait(self.session.post(
-                    self._url(wire), data=orjson.dumps(wire.whole_payload(body)), headers=headers,
-                    timeout=self._connect_only(),
-                ))
-                if resp.status >= 400:
-                    raise await watchdog.wait(self._error(resp))
+                resp = await self._post(wire, wire.whole_payload(body), options, "application/json", watchdog)
                 if not resp.content_type.startswith("text/event-stream"):
                     return wire.whole(await watchdog.wait(resp.read()), self.name)
                 watchdog.progress(self.cfg.first_byte_timeout_s)
@@ -188,6 +176,21 @@ class OpenAIUpstream(Upstream):
             watchdog.stop()
             if resp is not None:
                 resp.release()
+
+    async def _post(self, wire: Wire, payload: dict, options: CallOptions, accept: str,
+                    watchdog: Watchdog) -> aiohttp.ClientResponse:
+        """The call's POST under `watchdog`; an error status is raised as the upstream's error
+        (its body read, the response released)."""
+        resp = await watchdog.wait(self.session.post(
+            self._url(wire), data=orjson.dumps(payload), headers=self._chat_headers(options, accept),
+            timeout=self._connect_only(),
+        ))
+        if resp.status >= 400:
+            try:
+                raise await watchdog.wait(self._error(resp))
+            finally:
+                resp.release()
+        return resp
 
     @contextlib.contextmanager
     def _failures(self) -> Iterator[None]:
