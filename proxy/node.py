@@ -56,7 +56,7 @@ from prometheus_client import Gauge
 from proxy.chunks import Chunk
 from proxy.coalescer import Flight, FlightCancelled, Group
 from proxy.metrics import Metrics
-from proxy.redis.flights import Call, Claim, Splice, _end_error, _end_fields
+from proxy.redis.flights import Call, Claim, Splice, end_error, end_fields
 
 log = logging.getLogger("herd.node")
 
@@ -308,7 +308,7 @@ class NodeFlights:
                 elif kind == b"e":
                     fields = orjson.loads(payload)
                     if fields.get("e") != "ok":
-                        raise _end_error({k.encode(): v.encode("latin-1") for k, v in fields.items()})
+                        raise end_error({k.encode(): v.encode("latin-1") for k, v in fields.items()})
                     splice.complete()
                     return True
                 elif kind == b"g":  # gone: the owner no longer has it
@@ -385,7 +385,7 @@ class NodeFlights:
 
             if isinstance(flight.error, FlightCancelled):
                 return  # the follower takes over
-            fields = _end_fields(flight.error, redact)
+            fields = end_fields(flight.error, redact)
             end = {k: v.decode("latin-1") if isinstance(v, bytes) else v for k, v in fields.items()}
             await _write(writer, b"e", orjson.dumps(end))
         finally:

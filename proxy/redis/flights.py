@@ -308,7 +308,7 @@ class SharedFlights:
             if flight.rewinds != rewinds:
                 sent, restart = 0, True
             error = flight.error
-            end = None if isinstance(error, FlightCancelled) else _end_fields(error, redact)
+            end = None if isinstance(error, FlightCancelled) else end_fields(error, redact)
             entries = self._entries(flight, flight.chunks[sent:], sent == 0, restart)
             if end is not None:
                 entries.append(end)
@@ -413,7 +413,7 @@ class SharedFlights:
                         splice.publish(chunk)
                     elif b"e" in fields:
                         if fields[b"e"] != b"ok":
-                            raise _end_error(fields)
+                            raise end_error(fields)
                         splice.complete()
                         return True
             return False
@@ -464,7 +464,7 @@ def claim_id(holder: str) -> str:
     return holder.rpartition(":")[2]
 
 
-def _end_fields(error: BaseException | None, redact: tuple[str, ...]) -> dict[str, Any]:
+def end_fields(error: BaseException | None, redact: tuple[str, ...]) -> dict[str, Any]:
     """The stream's last entry: ok, or the error every follower will answer with."""
     if error is None:
         return {"e": "ok"}
@@ -479,7 +479,7 @@ def _end_fields(error: BaseException | None, redact: tuple[str, ...]) -> dict[st
     return fields
 
 
-def _end_error(fields: dict[bytes, bytes]) -> HerdError:
+def end_error(fields: dict[bytes, bytes]) -> HerdError:
     """The leader's error, as every follower answers it: its status and body."""
     try:
         status = int(fields.get(b"st", b"502"))
