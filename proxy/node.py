@@ -11,12 +11,13 @@ burst still makes one upstream call, whichever workers its requests land on:
                                         flight as they join any other
 
 The claims live in a table of fixed size in a file of the node's private directory (mode
-0700, made by the supervisor, proxy.workers), mapped into every worker: a slot per 16-byte
-digest of a flight key, holding the owner's worker index, pid and flight id. A claim is a
-POSIX record lock on its slot, a read and maybe a write: a few microseconds, no await, so a
-unique request costs nothing else. The locks are the kernel's, so a worker that dies holding
-one cannot wedge the others. Two keys in one slot: the second one is not shared (it leads
-alone); a stale slot (its owner died or forgot) is taken over.
+0700, made by the supervisor, proxy.workers), mapped into every worker: buckets of 8 slots,
+a bucket per 16-byte digest of a flight key; a slot holds a digest, the owner's worker index,
+pid and flight id. A claim is a POSIX record lock on its bucket, a read and maybe a write: a
+few microseconds, no await, so a unique request costs nothing else. The locks are the
+kernel's, so a worker that dies holding one cannot wedge the others. Keys that share a bucket
+take a slot each; a key whose bucket is full of other keys' live flights is not shared (it
+leads alone); a stale slot (its owner died or forgot) is taken over.
 
 Each worker listens on `<dir>/w<index>.sock` for its siblings only (the directory is the
 access check: nothing of this is on the public port). Two requests:
@@ -66,6 +67,10 @@ SLOTS = 1 << 16
 _SLOT = struct.Struct("<16sHI22s")
 SLOT_BYTES = 48
 assert _SLOT.size <= SLOT_BYTES
+BUCKET_SLOTS = 8  # a key may sit in any slot of its bucket, so keys that share a bucket are all shared
+BUCKET_BYTES = BUCKET_SLOTS * SLOT_BYTES
+BUCKETS = SLOTS // BUCKET_SLOTS
+_OWNER = 16  # where a slot's owner field starts: 0 is a free slot
 _FREE = bytes(SLOT_BYTES)
 _FRAME = struct.Struct("<cI")  # kind, payload length
 MAX_FRAME = 64 * 1024 * 1024
@@ -93,7 +98,7 @@ def _alive(pid: int) -> bool:
 
 
 class ClaimTable:
-    """The node's flight claims: key digest -> (worker, pid, flight id), one lock per slot."""
+    """The node's flight claims: key digest -> (worker, pid, flight id), one lock per bucket."""
 
     def __init__(self, node_dir: str | os.PathLike, index: int) -> None:
         self.index = index
@@ -108,45 +113,68 @@ class ClaimTable:
             os.close(self._fd)
 
     @staticmethod
-    def _where(key: str) -> tuple[bytes, int]:
+    def where(key: str) -> tuple[bytes, int]:
+        """`key`'s digest and the offset of its bucket."""
         digest = hashlib.blake2b(key.encode(), digest_size=16).digest()
-        return digest, (int.from_bytes(digest[:8], "little") % SLOTS) * SLOT_BYTES
+        return digest, (int.from_bytes(digest[:8], "little") % BUCKETS) * BUCKET_BYTES
 
-    def _locked(self, offset: int, update: Callable[[tuple[bytes, int, int, bytes]], bytes | None]) -> Any:
-        fcntl.lockf(self._fd, fcntl.LOCK_EX, SLOT_BYTES, offset)
+    def _locked(self, offset: int, update: Callable[[], Any]) -> Any:
+        """`update()` under the lock of the bucket at `offset`."""
+        fcntl.lockf(self._fd, fcntl.LOCK_EX, BUCKET_BYTES, offset)
         try:
-            digest, owner, pid, flight = _SLOT.unpack_from(self._map, offset)
-            return update((digest, owner, pid, flight))
+            return update()
         finally:
-            fcntl.lockf(self._fd, fcntl.LOCK_UN, SLOT_BYTES, offset)
+            fcntl.lockf(self._fd, fcntl.LOCK_UN, BUCKET_BYTES, offset)
+
+    def _find(self, digest: bytes, offset: int) -> int:
+        """The offset of the slot holding `digest` in the bucket at `offset`, or -1."""
+        end = offset + BUCKET_BYTES
+        at = self._map.find(digest, offset, end)
+        while at >= 0 and (at - offset) % SLOT_BYTES:  # the digest's bytes across two fields
+            at = self._map.find(digest, at + 1, end)
+        return at
+
+    def _spare(self, offset: int) -> int:
+        """A free slot of the bucket at `offset`, else one whose owner died, else -1."""
+        slots = range(offset, offset + BUCKET_BYTES, SLOT_BYTES)
+        for at in slots:
+            if self._map[at + _OWNER:at + _OWNER + 2] == b"\0\0":
+                return at
+        return next((at for at in slots if not _alive(_SLOT.unpack_from(self._map, at)[2])), -1)
 
     def claim(self, key: str, flight_id: str, *, replace: str | None = None) -> tuple[int, int, str] | None:
-        """Claim `key` for our flight: None when it is ours now (or cannot be shared: a slot
-        held by another live key), else (worker index, pid, flight id) of the owner.
-        `replace`: take the slot over from that holder (it died or lost its flight)."""
-        digest, offset = self._where(key)
-        mine = _SLOT.pack(digest, self.index + 1, self.pid, flight_id.encode())
+        """Claim `key` for our flight: None when it is ours now (or cannot be shared: its
+        bucket is full of other keys' live flights), else (worker index, pid, flight id) of
+        the owner. `replace`: take the slot over from that holder (it died or lost its flight)."""
+        digest, offset = self.where(key)
 
-        def update(slot: tuple[bytes, int, int, bytes]) -> Any:
-            held_digest, owner, pid, flight = slot
-            holder = flight.rstrip(b"\0").decode()
-            if owner and pid != self.pid and _alive(pid) and holder != replace:
-                if held_digest == digest:
+        def update() -> Any:
+            at = self._find(digest, offset)  # the key's own slot (a free one is zeros)
+            if at >= 0:
+                _, owner, pid, flight = _SLOT.unpack_from(self._map, at)
+                holder = flight.rstrip(b"\0").decode()
+                if pid != self.pid and holder != replace and _alive(pid):
                     return owner - 1, pid, holder
-                return None  # another key's flight: this one goes unshared
-            self._map[offset:offset + _SLOT.size] = mine
+                # else ours from an earlier flight, a dead owner's, or the one replaced: take it
+            else:  # a free slot, else one whose owner died, else none: the key is not shared
+                at = self._spare(offset)
+                if at < 0:
+                    return None
+            _SLOT.pack_into(self._map, at, digest, self.index + 1, self.pid, flight_id.encode())
             return None
 
         return self._locked(offset, update)
 
     def release(self, key: str, flight_id: str) -> None:
         """Free `key`'s slot if it still holds our flight."""
-        digest, offset = self._where(key)
+        digest, offset = self.where(key)
 
-        def update(slot: tuple[bytes, int, int, bytes]) -> None:
-            held_digest, _, pid, flight = slot
-            if held_digest == digest and pid == self.pid and flight.rstrip(b"\0").decode() == flight_id:
-                self._map[offset:offset + SLOT_BYTES] = _FREE
+        def update() -> None:
+            at = self._find(digest, offset)
+            if at >= 0:
+                _, _, pid, flight = _SLOT.unpack_from(self._map, at)
+                if pid == self.pid and flight.rstrip(b"\0").decode() == flight_id:
+                    self._map[at:at + SLOT_BYTES] = _FREE
 
         self._locked(offset, update)
 

@@ -19,11 +19,13 @@ import aiohttp
 import httpx
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from benchmarks.harness import Herd
 from benchmarks.simulator import expected_text
 from proxy.config import parse_settings
-from proxy.node import ClaimTable, create_table, merge_metrics
+from proxy.node import BUCKET_SLOTS, ClaimTable, create_table, merge_metrics
 from proxy.workers import Supervisor
 from tests.harness import chat_calls, sim_reset, to_toml
 
@@ -235,6 +237,78 @@ def test_a_claim_held_by_a_dead_process_is_taken_over(tmp_path):
     finally:
         a.close()
         b.close()
+
+
+def _keys_in_one_bucket(n: int) -> list[str]:
+    """`n` keys whose claims fall in one bucket of the table (found by trying "key 0", "key 1", ...)."""
+    buckets: dict[int, list[str]] = collections.defaultdict(list)
+    i = 0
+    while True:
+        key = f"key {i}"
+        bucket = buckets[ClaimTable.where(key)[1]]
+        bucket.append(key)
+        if len(bucket) == n:
+            return bucket
+        i += 1
+
+
+def test_keys_that_share_a_bucket_are_each_shared(tmp_path):
+    """A claim of a worker's second key must not overwrite its first one's: the sibling that
+    asks for the first key then led it too, and the node made two upstream calls for it."""
+    create_table(tmp_path)
+    a, b = ClaimTable(tmp_path, 0), ClaimTable(tmp_path, 1)
+    b.pid = os.getppid()  # another live process
+    try:
+        keys = _keys_in_one_bucket(BUCKET_SLOTS)
+        for i, key in enumerate(keys):
+            assert a.claim(key, f"a{i}") is None
+        for i, key in enumerate(keys):
+            assert b.claim(key, f"b{i}") == (0, os.getpid(), f"a{i}")
+        a.release(keys[3], "a3")
+        assert b.claim(keys[3], "b3") is None  # its slot is b's now; the others are still a's
+        assert a.claim(keys[3], "a3") == (1, os.getppid(), "b3")
+        assert b.claim(keys[4], "b4") == (0, os.getpid(), "a4")
+    finally:
+        a.close()
+        b.close()
+
+
+_BUCKET_KEYS = _keys_in_one_bucket(BUCKET_SLOTS + 2)
+_OPS = st.lists(st.tuples(st.sampled_from([0, 1]), st.booleans(), st.sampled_from(_BUCKET_KEYS + ["alone"]),
+                          st.sampled_from(["f", "g"])), max_size=60)
+
+
+@settings(max_examples=60, deadline=None)
+@given(ops=_OPS)
+def test_the_claims_table_agrees_with_a_dictionary_of_owners(tmp_path_factory, ops):
+    """Any sequence of claims and releases by two workers, on keys that crowd one bucket: a
+    claim is refused exactly when the other worker holds the key, naming its flight; a key is
+    left unshared only when its bucket is full of other keys' flights."""
+    path = tmp_path_factory.mktemp("table")
+    create_table(path)
+    tables = [ClaimTable(path, 0), ClaimTable(path, 1)]
+    tables[1].pid = os.getppid()
+    held: dict[str, tuple[int, str]] = {}  # key -> (worker, flight id), as the table should hold it
+    try:
+        for who, claiming, key, flight_id in ops:
+            flight_id = f"{flight_id}{who}"
+            if not claiming:
+                tables[who].release(key, flight_id)
+                if held.get(key) == (who, flight_id):
+                    del held[key]
+                continue
+            got = tables[who].claim(key, flight_id)
+            if key in held and held[key][0] != who:
+                owner, theirs = held[key]
+                assert got == (owner, tables[owner].pid, theirs)
+                continue
+            assert got is None
+            crowded = sum(k in held for k in _BUCKET_KEYS) >= BUCKET_SLOTS and key in _BUCKET_KEYS
+            if key in held or not crowded:
+                held[key] = (who, flight_id)
+    finally:
+        for table in tables:
+            table.close()
 
 
 def test_node_metrics_are_sums_of_the_workers(tmp_path):
