@@ -4,7 +4,8 @@
             -> or lead one: the upstream call runs in the flight's own task
                (with [redis] url, that task first claims the flight across replicas:
                it calls the upstream, or mirrors the flight another replica leads;
-               without, [server] workers > 1 claims it across the node's workers: proxy.node)
+               without, or while Redis is down, [server] workers > 1 claims it across
+               the node's workers: proxy.node)
 
 The route layer (proxy.app) reads and authenticates; each API's module (proxy.apis)
 parses, keys and renders; everything in between lives here, API-neutral (a request is a
@@ -89,17 +90,15 @@ class Gateway:
         cache = settings.cache
         # [redis] url: replicas share flights and (by default) the result cache through Redis
         self.redis: Link | None = Link(settings.redis, self.metrics) if settings.redis.url else None
-        self.shared: SharedFlights | NodeFlights | None = None
+        self.shared: SharedFlights | None = None
         if self.redis is not None and settings.redis.share_flights:
             self.shared = SharedFlights(self.redis, self.group, self.metrics)
-        # the workers of a node share flights through Redis when it is set, else through the node
+        # the workers of a node share flights through Redis while it is up, else through the node
         self.node: NodeFlights | None = None
         if worker is not None and worker.count > 1:
             # with the cache on, an answer stays followable a moment after its flight ends
             linger = min(NODE_LINGER_S, settings.cache.ttl_seconds) if settings.cache.enabled else 0.0
             self.node = NodeFlights(worker, self.group, self.metrics, self.local_metrics, linger)
-            if self.shared is None and self.redis is None:
-                self.shared = self.node
         self.cache: AnswerCache | None = None
         if cache.enabled:
             memory = MemoryCache(cache.max_bytes, cache.max_entries, clock=clock,
@@ -132,7 +131,7 @@ class Gateway:
             await self.node.aclose()  # after our flights: siblings may follow them until they end
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
-        if self.shared is not None and self.shared is not self.node:
+        if self.shared is not None:
             await self.shared.aclose()
         if self.redis is not None:
             await self.redis.aclose()
@@ -274,9 +273,15 @@ class Gateway:
                         flight.similarity = score
                         return self._replay(flight, answer)
                     similar.discard(req.group, key)
-        if self.shared is not None and self.shared.usable:
-            return await self._shared_work(plan, flight)
+        if (shared := self._sharing()) is not None:
+            return await self._shared_work(shared, plan, flight)
         await self._lead(plan, flight)
+
+    def _sharing(self) -> SharedFlights | NodeFlights | None:
+        """What a flight is shared through: the replicas' Redis while it is up, else the
+        node's other workers (None: one process without Redis, it leads alone)."""
+        shared = self.shared
+        return shared if shared is not None and shared.usable else self.node
 
     async def _lead(self, plan: Plan, flight: Flight) -> None:
         """Call the upstream for `flight`, and keep a clean answer in the cache."""
@@ -309,10 +314,8 @@ class Gateway:
             flight.served_by = other.served_by
             flight.answer = other.answer
 
-    async def _shared_work(self, plan: Plan, flight: Flight) -> None:
-        """Claim the flight across replicas: lead it (and publish it), or mirror the one that leads."""
-        shared = self.shared
-        assert shared is not None
+    async def _shared_work(self, shared: SharedFlights | NodeFlights, plan: Plan, flight: Flight) -> None:
+        """Claim the flight across replicas (or workers): lead it (and publish it), or mirror the one that leads."""
         key = plan.req.key
         claim = await shared.claim(key, flight.id)
         secrets = (plan.options.client_key or "", *(u.cfg.api_key for u in self.upstreams.values()))
@@ -490,8 +493,8 @@ class Gateway:
                 else:
                     missing.append(key)
             if missing:
-                shared = self.shared
-                if shared is not None and shared.usable and batch.shared:
+                shared = self._sharing()
+                if shared is not None and batch.shared:
                     await self._embed_shared(shared, batch, missing, route, options, req, store)
                 else:
                     await self._embed_missing(batch, missing, route, options, req, store)

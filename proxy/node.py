@@ -223,8 +223,6 @@ class NodeFlights:
         self._tasks: set[asyncio.Task] = set()
         self._lingering: dict[str, tuple[asyncio.TimerHandle, Callable[[], None]]] = {}
 
-    usable = True  # as SharedFlights.usable: always, the node's table is local
-
     async def start(self) -> None:
         path = socket_path(self.worker.node_dir, self.worker.index)
         with contextlib.suppress(FileNotFoundError):

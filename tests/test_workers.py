@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import os
 import signal
 import stat
@@ -45,7 +46,11 @@ def _metric(url: str, name: str) -> float:
 
 
 def _start(tmp_path: Path, sim_url: str, workers: int = 2, **server) -> Herd:
-    herd = Herd(_config(sim_url, workers, **server), tmp_path, log_path=tmp_path / "herd.log").start(timeout=120)
+    return _start_config(tmp_path, _config(sim_url, workers, **server), workers)
+
+
+def _start_config(tmp_path: Path, config: str, workers: int) -> Herd:
+    herd = Herd(config, tmp_path, log_path=tmp_path / "herd.log").start(timeout=120)
     end = time.monotonic() + 120
     while _metric(herd.url, "herd_workers") < workers:  # every worker up, not only the first
         assert time.monotonic() < end, "the workers never all came up"
@@ -494,17 +499,41 @@ def test_workers_share_flights_through_redis_when_it_is_set(tmp_path, sim):
     with RedisServer(workdir=tmp_path).start() as redis:
         config = _config(sim.url) + f'\n[redis]\nurl = "{redis.url}"\n'
         config = config.replace('[auth]\nmode = "open"', '[auth]\nmode = "open"\nhash_key = "node-secret"')
-        herd = Herd(config, tmp_path, log_path=tmp_path / "herd.log").start(timeout=120)
+        herd = _start_config(tmp_path, config, 2)
         try:
-            end = time.monotonic() + 120
-            while _metric(herd.url, "herd_workers") < 2:
-                assert time.monotonic() < end, "the workers never all came up"
-                time.sleep(0.2)
             results = asyncio.run(_burst(herd.url, 300, f"redis burst {uuid.uuid4()}"))
             assert collections.Counter(status for status, *_ in results) == {200: 300}
             assert chat_calls(sim.url) == 1
             assert len({flight for _, _, flight, _ in results}) == 1
             assert _metric(herd.url, "herd_redis_up") == 1
+        finally:
+            herd.stop()
+
+
+@pytest.mark.parametrize("redis", ["down", "cache only"])
+def test_workers_share_flights_through_the_node_when_redis_is_down_or_shares_no_flights(tmp_path, sim, redis):
+    """[redis] url set, but nobody listens there (or it keeps only the cache): the workers still
+    share each flight through the node's table, not one upstream call per worker."""
+    from benchmarks.harness import free_port
+    from tests.redis_servers import RedisServer
+
+    sim_reset(sim.url, ttft_ms=3000)
+    with contextlib.ExitStack() as stack:
+        if redis == "down":
+            section = f'url = "redis://127.0.0.1:{free_port()}/0"'
+        else:
+            server = stack.enter_context(RedisServer(workdir=tmp_path).start())
+            section = f'url = "{server.url}"\nshare_flights = false'
+        config = _config(sim.url) + f"\n[redis]\n{section}\n"
+        config = config.replace('[auth]\nmode = "open"', '[auth]\nmode = "open"\nhash_key = "node-secret"')
+        herd = _start_config(tmp_path, config, 2)
+        try:
+            results = asyncio.run(_burst(herd.url, 300, f"{redis} burst {uuid.uuid4()}"))
+            assert collections.Counter(status for status, *_ in results) == {200: 300}
+            assert chat_calls(sim.url) == 1
+            assert len({flight for _, _, flight, _ in results}) == 1
+            assert _metric(herd.url, 'herd_shared_flights_total{role="follow"}') >= 1
+            assert _metric(herd.url, "herd_redis_up") == (0 if redis == "down" else 1)
         finally:
             herd.stop()
 
