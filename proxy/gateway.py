@@ -39,9 +39,10 @@ from proxy.errors import HerdError, InvalidRequest, NotFound, UpstreamError
 from proxy.metrics import Metrics
 from proxy.node import NodeFlights, Worker
 from proxy.redis.cache import RedisCache
-from proxy.redis.flights import Claim, SharedFlights
+from proxy.redis.flights import SharedFlights
 from proxy.redis.link import Link
 from proxy.sampling import distinct
+from proxy.sharing import Claim
 from proxy.upstream import CallOptions, ForwardResponse, Upstream, make_upstream
 
 if TYPE_CHECKING:

@@ -30,7 +30,7 @@ access check: nothing of this is on the public port). Two requests:
 A flight that ended cleanly stays claimed and followable for a moment (with the cache on),
 so a sibling whose first request of a burst comes just after the end gets that answer.
 A follower that loses its owner before the end (the worker died) takes over: it claims the
-slot and calls the upstream itself through a Splice (proxy.redis.flights), so nobody gets a
+slot and calls the upstream itself through a Splice (proxy.sharing), so nobody gets a
 splice of two answers. The owner holds a ticket on its flight while a sibling follows it, so
 the call goes on when the owner's own clients have all left (and is cancelled when the
 follower's clients leave too).
@@ -57,7 +57,7 @@ from prometheus_client import Gauge
 from proxy.chunks import Chunk
 from proxy.coalescer import Flight, FlightCancelled, Group
 from proxy.metrics import Metrics
-from proxy.redis.flights import Call, Claim, Splice, end_error, end_fields
+from proxy.sharing import Call, Claim, Splice, end_error, end_fields
 
 log = logging.getLogger("herd.node")
 

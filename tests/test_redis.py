@@ -26,7 +26,7 @@ from proxy.chunks import Chunk, split
 from proxy.coalescer import Flight
 from proxy.config import ConfigError, parse_settings
 from proxy.gateway import Gateway
-from proxy.redis.flights import LeaderLost, Splice
+from proxy.sharing import LeaderLost, Splice
 from tests.harness import (
     HerdServer,
     ManualClock,

@@ -306,7 +306,7 @@ async def test_replicas_share_one_responses_flight_through_redis(sim):
 async def test_a_replica_taking_over_a_responses_stream_splices_only_an_identical_prefix():
     from proxy.chunks import Chunk
     from proxy.coalescer import Flight
-    from proxy.redis.flights import LeaderLost, Splice
+    from proxy.sharing import LeaderLost, Splice
 
     def event(seq: int, delta: str, item: str = "msg_a") -> Chunk:
         return Chunk({"type": "response.output_text.delta", "sequence_number": seq, "item_id": item,
