@@ -55,6 +55,15 @@ class MemoryCache:
         self._entries.move_to_end(key)
         return answer
 
+    def entry(self, key: str) -> tuple[Answer, float] | None:
+        """`key`'s answer and the seconds it has left, without a suspension (for a sibling
+        worker that asks: proxy.node)."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        left = entry[0] - self._clock()
+        return (entry[1], left) if left > 0 else None
+
     async def put(self, key: str, answer: Answer, ttl_s: float) -> None:
         self.keep(key, answer, ttl_s)
 

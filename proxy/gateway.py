@@ -37,7 +37,7 @@ from proxy.config import MODEL_MEMO, RouteConfig, Settings
 from proxy.dispatch import Dispatcher
 from proxy.errors import HerdError, InvalidRequest, NotFound, UpstreamError
 from proxy.metrics import Metrics
-from proxy.node import NodeFlights, Worker
+from proxy.node import NodeCache, NodeFlights, Worker
 from proxy.redis.cache import RedisCache
 from proxy.redis.flights import SharedFlights
 from proxy.redis.link import Link
@@ -107,7 +107,12 @@ class Gateway:
             self.metrics.cache_bytes.set_function(lambda: memory.nbytes)
             self.metrics.cache_entries.set_function(lambda: len(memory))
             backend = cache.backend if cache.backend != "auto" else ("redis" if self.redis else "memory")
-            self.cache = RedisCache(self.redis, memory) if backend == "redis" and self.redis else memory
+            if backend == "redis" and self.redis:
+                self.cache = RedisCache(self.redis, memory)
+            elif self.node is not None:  # workers without Redis: a sibling's answer is a hit too
+                self.cache = NodeCache(memory, self.node)
+            else:
+                self.cache = memory
         self.similar: SimilarAnswers | None = None  # semantic cache index, with the matcher
         self._background: set[asyncio.Task] = set()
         # model names come from clients: a bounded memo of the route lookup (not of a 404)
@@ -354,7 +359,7 @@ class Gateway:
         if ttl <= 0 or cache is None or not plan.req.wire.cacheable(flight.chunks):
             return
         answer = answer_of(flight, plan.req.api.assemble)  # the bytes its waiters write, rendered once
-        if isinstance(cache, MemoryCache):
+        if isinstance(cache, (MemoryCache, NodeCache)):
             for key in flight.keys:
                 cache.keep(key, answer, ttl)
         else:

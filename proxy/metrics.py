@@ -191,6 +191,12 @@ class Metrics:
             "herd_cache_evictions", "Cached answers dropped (least recently used first) to stay within the bounds",
             registry=r,
         )
+        # [server] workers > 1 without Redis (proxy.node.NodeCache): a miss here that a sibling kept
+        self.node_cache_asks = Counter(
+            "herd_node_cache_asks",
+            "Answers asked of the sibling worker that kept them: hit, or miss (it no longer has them)",
+            ["result"], registry=r,
+        )
         # clients cut off by herd (proxy.responses): past their deadline, unsent bytes dropped
         self.clients_cut = Counter(
             "herd_clients_cut", "Connections herd dropped because the client did not read its answer in time",

@@ -1,4 +1,5 @@
-"""Flights shared by the worker processes of one node (`[server] workers = N`, no Redis).
+"""Flights and cached answers shared by the worker processes of one node (`[server]
+workers = N`, without Redis or while it is down).
 
 Each worker coalesces what it sees; the workers of a node share their flights so that one
 burst still makes one upstream call, whichever workers its requests land on:
@@ -20,12 +21,22 @@ take a slot each; a key whose bucket is full of other keys' live flights is not 
 leads alone); a stale slot (its owner died or forgot) is taken over.
 
 Each worker listens on `<dir>/w<index>.sock` for its siblings only (the directory is the
-access check: nothing of this is on the public port). Two requests:
+access check: nothing of this is on the public port). Three requests:
 
     follow <flight id>  ->  frames: u (who answered), c (a chunk), W (the previous chunk's
                             whole non-stream body), then e (how it ended: ok or the error);
                             g: no such flight (or, asked with F, not one still running)
+    answer <key>        ->  A: the seconds it has left (f64) and the cached answer
+                            (Answer.encode); g: not in this worker's cache
     metrics             ->  this worker's own Prometheus text (for the node-wide /metrics)
+
+Cached answers (NodeCache): each worker keeps the answers of its flights in its own memory
+cache and notes the key in a second table, the answer directory: a slot per key digest,
+naming the worker that kept it last. A worker that misses its own cache and finds a sibling
+named asks that sibling for the answer and keeps a copy for the time it has left, so a
+node's cache hits as one cache does, whichever worker a repeat lands on. The directory is a
+hint: a slot two keys share names the later one, and the worker named may have dropped the
+answer since; either way the ask is a miss.
 
 A flight that ended cleanly stays claimed and followable for a moment (with the cache on),
 so a sibling whose first request of a burst comes just after the end gets that answer.
@@ -54,6 +65,8 @@ from typing import Any
 import orjson
 from prometheus_client import Gauge
 
+from proxy.answer import Answer
+from proxy.cache import MemoryCache
 from proxy.chunks import Chunk
 from proxy.coalescer import Flight, FlightCancelled, Group
 from proxy.metrics import Metrics
@@ -62,6 +75,7 @@ from proxy.sharing import Call, Claim, Splice, end_error, end_fields
 log = logging.getLogger("herd.node")
 
 TABLE = "flights.table"
+ANSWERS = "answers.table"
 SLOTS = 1 << 16
 # digest (16) | owner worker index + 1, 0 = free (u16) | owner pid (u32) | flight id (ascii, 22)
 _SLOT = struct.Struct("<16sHI22s")
@@ -72,7 +86,12 @@ BUCKET_BYTES = BUCKET_SLOTS * SLOT_BYTES
 BUCKETS = SLOTS // BUCKET_SLOTS
 _OWNER = 16  # where a slot's owner field starts: 0 is a free slot
 _FREE = bytes(SLOT_BYTES)
+# the answer directory: digest (16) | worker index + 1, 0 = free (u16) | its pid (u32)
+_NOTE = struct.Struct("<16sHI")
+NOTE_BYTES = 24
+assert _NOTE.size <= NOTE_BYTES
 _FRAME = struct.Struct("<cI")  # kind, payload length
+_SECONDS = struct.Struct("<d")
 MAX_FRAME = 64 * 1024 * 1024
 CONNECT_TIMEOUT_S = 2.0
 
@@ -82,9 +101,11 @@ def socket_path(node_dir: str | os.PathLike, index: int) -> str:
 
 
 def create_table(node_dir: str | os.PathLike) -> None:
-    """The supervisor makes the claims table (zeros: every slot free) before starting workers."""
-    with open(Path(node_dir) / TABLE, "wb") as f:
-        f.truncate(SLOTS * SLOT_BYTES)
+    """The supervisor makes the claims table and the answer directory (zeros: every slot
+    free) before starting workers."""
+    for name, size in ((TABLE, SLOTS * SLOT_BYTES), (ANSWERS, SLOTS * NOTE_BYTES)):
+        with open(Path(node_dir) / name, "wb") as f:
+            f.truncate(size)
 
 
 def _alive(pid: int) -> bool:
@@ -179,6 +200,42 @@ class ClaimTable:
         self._locked(offset, update)
 
 
+class AnswerDirectory:
+    """Which worker of the node keeps which cached answer: key digest -> (worker, pid), the
+    last worker that noted it. Written without a lock: a reader checks the digest and that
+    the worker is alive, and a worker that no longer has the answer says so."""
+
+    def __init__(self, node_dir: str | os.PathLike, index: int) -> None:
+        self.index = index
+        self.pid = os.getpid()
+        self._fd = os.open(Path(node_dir) / ANSWERS, os.O_RDWR)
+        self._map = mmap.mmap(self._fd, SLOTS * NOTE_BYTES)
+
+    def close(self) -> None:
+        with contextlib.suppress(BufferError, ValueError):
+            self._map.close()
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+
+    @staticmethod
+    def _where(key: str) -> tuple[bytes, int]:
+        digest = hashlib.blake2b(key.encode(), digest_size=16).digest()
+        return digest, (int.from_bytes(digest[:8], "little") % SLOTS) * NOTE_BYTES
+
+    def note(self, key: str) -> None:
+        """This worker keeps `key`'s answer now."""
+        digest, offset = self._where(key)
+        _NOTE.pack_into(self._map, offset, digest, self.index + 1, self.pid)
+
+    def holder(self, key: str) -> int | None:
+        """The sibling that noted `key` last, if it is alive (None: nobody, or this worker)."""
+        digest, offset = self._where(key)
+        held, owner, pid = _NOTE.unpack_from(self._map, offset)
+        if held != digest or not owner or pid == self.pid or not _alive(pid):
+            return None
+        return owner - 1
+
+
 @dataclass
 class Worker:
     """Who this process is on its node."""
@@ -215,6 +272,9 @@ class NodeFlights:
         self.metrics = metrics
         self.render_metrics = render_metrics or metrics.render
         self.table = ClaimTable(worker.node_dir, worker.index)
+        self.answers = AnswerDirectory(worker.node_dir, worker.index)
+        # what this worker's cache holds for a key (NodeCache sets it): answers siblings' asks
+        self.cache_entry: Callable[[str], tuple[Answer, float] | None] = lambda key: None
         # summed over the node by merge_metrics: how many workers answered the scrape
         Gauge("herd_workers", "Worker processes of this node that answered this scrape ([server] workers)",
               registry=metrics.registry).set(1)
@@ -241,6 +301,7 @@ class NodeFlights:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         self.table.close()
+        self.answers.close()
 
     # -- claim and lead (as SharedFlights) ----------------------------------------------
     async def claim(self, key: str, flight_id: str) -> Claim:
@@ -353,6 +414,13 @@ class NodeFlights:
             kind, payload = await _read(reader)
             if kind in (b"f", b"F"):
                 await self._publish(payload.decode(), reader, writer, fresh=kind == b"F")
+            elif kind == b"a":
+                entry = self.cache_entry(payload.decode())
+                if entry is None:
+                    await _write(writer, b"g")
+                else:
+                    answer, left_s = entry
+                    await _write(writer, b"A", _SECONDS.pack(left_s) + answer.encode())
             elif kind == b"m":
                 await _write(writer, b"m", self.render_metrics())
         except (OSError, asyncio.IncompleteReadError, ConnectionError, UnicodeDecodeError):
@@ -428,19 +496,65 @@ class NodeFlights:
         return merge_metrics(texts)
 
     async def _sibling_metrics(self, index: int) -> bytes | None:
+        reply = await self._ask(index, b"m")
+        return reply[1] if reply is not None and reply[0] == b"m" else None
+
+    async def sibling_answer(self, index: int, key: str) -> tuple[Answer, float] | None:
+        """The answer sibling `index` keeps for `key` and the seconds it has left, or None."""
+        reply = await self._ask(index, b"a", key.encode())
+        if reply is None or reply[0] != b"A" or len(reply[1]) < _SECONDS.size:
+            return None
+        answer = Answer.decode(reply[1][_SECONDS.size:])
+        return None if answer is None else (answer, _SECONDS.unpack_from(reply[1])[0])
+
+    async def _ask(self, index: int, kind: bytes, payload: bytes = b"") -> tuple[bytes, bytes] | None:
+        """One request to sibling `index` and its one reply; None if it is not there in time."""
         try:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_unix_connection(socket_path(self.worker.node_dir, index)), CONNECT_TIMEOUT_S)
         except (OSError, TimeoutError):
             return None
         try:
-            await _write(writer, b"m")
-            kind, payload = await asyncio.wait_for(_read(reader), CONNECT_TIMEOUT_S)
-            return payload if kind == b"m" else None
+            await _write(writer, kind, payload)
+            return await asyncio.wait_for(_read(reader), CONNECT_TIMEOUT_S)
         except (OSError, TimeoutError, asyncio.IncompleteReadError, ConnectionError):
             return None
         finally:
             writer.close()
+
+
+class NodeCache:
+    """The result cache of a node's workers without Redis: this worker's memory cache, and on
+    a miss the answer a sibling keeps (the directory names it), asked over the sibling's
+    socket and kept here too for the time it has left there."""
+
+    def __init__(self, memory: MemoryCache, node: NodeFlights) -> None:
+        self.memory = memory
+        self.node = node
+        node.cache_entry = memory.entry
+
+    async def get(self, key: str) -> Answer | None:
+        answer = await self.memory.get(key)
+        if answer is not None:
+            return answer
+        sibling = self.node.answers.holder(key)
+        if sibling is None:
+            return None
+        got = await self.node.sibling_answer(sibling, key)
+        self.node.metrics.node_cache_asks.labels("hit" if got is not None else "miss").inc()
+        if got is None:
+            return None
+        answer, left_s = got
+        self.memory.keep(key, answer, left_s)
+        return answer
+
+    async def put(self, key: str, answer: Answer, ttl_s: float) -> None:
+        self.keep(key, answer, ttl_s)
+
+    def keep(self, key: str, answer: Answer, ttl_s: float) -> None:
+        """`put`, without a suspension (the gateway keeps an answer as its flight ends)."""
+        self.memory.keep(key, answer, ttl_s)
+        self.node.answers.note(key)
 
 
 #: gauges whose node-wide value is not a sum of the workers'

@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from benchmarks.harness import Herd
 from benchmarks.simulator import expected_text
 from proxy.config import parse_settings
+from proxy.gateway import NODE_LINGER_S
 from proxy.node import BUCKET_SLOTS, ClaimTable, create_table, merge_metrics
 from proxy.workers import Supervisor
 from tests.harness import chat_calls, sim_reset, to_toml
@@ -375,6 +376,62 @@ async def _until(predicate, timeout: float = 20.0) -> None:
         await asyncio.sleep(0.01)
 
 
+def test_a_worker_that_misses_its_cache_gets_the_answer_a_sibling_keeps(tmp_path):
+    """NodeCache: an answer kept by one worker is a hit in the other (asked over the owner's
+    socket, kept there too for the time it has left); an answer the owner dropped is a miss."""
+    from proxy.answer import Answer
+    from proxy.cache import MemoryCache
+    from proxy.node import NodeCache
+
+    async def main() -> None:
+        owner, sibling = await _two_workers(tmp_path)
+        sibling.answers.pid = os.getppid()  # its notes, like its claims, come from another process
+        clock = [1000.0]
+        mine = NodeCache(MemoryCache(clock=lambda: clock[0]), owner)
+        theirs = NodeCache(MemoryCache(clock=lambda: clock[0]), sibling)
+        answer = Answer(b"data: {}\n\n", b"", b'{"id": "x"}')
+        try:
+            assert await theirs.get("k") is None  # nobody keeps it
+            mine.keep("k", answer, 30.0)
+            clock[0] += 10.0
+            got = await theirs.get("k")
+            assert got is not None and (got.sse, got.usage_sse, got.body) == (answer.sse, answer.usage_sse, answer.body)
+            entry = theirs.memory.entry("k")  # kept here too, with the 20 s it had left
+            assert entry is not None and entry[1] == pytest.approx(20.0, abs=1.0)
+            mine.keep("gone", answer, 5.0)
+            clock[0] += 6.0  # expired at the owner: the sibling's ask is a miss
+            assert await theirs.get("gone") is None
+            asks = sibling.metrics.node_cache_asks
+            assert asks.labels("hit")._value.get() == 1 and asks.labels("miss")._value.get() == 1
+            assert await mine.get("k") is not None  # its own, without an ask
+        finally:
+            await sibling.aclose()
+            await owner.aclose()
+
+    asyncio.run(main())
+
+
+def test_the_answer_directory_names_the_live_sibling_that_noted_a_key_last(tmp_path):
+    from proxy.node import AnswerDirectory
+
+    create_table(tmp_path)
+    a, b = AnswerDirectory(tmp_path, 0), AnswerDirectory(tmp_path, 1)
+    b.pid = os.getppid()
+    try:
+        assert a.holder("k") is None and b.holder("k") is None
+        a.note("k")
+        assert b.holder("k") == 0 and a.holder("k") is None  # not itself
+        assert b.holder("other") is None
+        b.note("k")
+        assert a.holder("k") == 1 and b.holder("k") is None
+        a.pid = 2 ** 22 + 12345  # no such process
+        a.note("dead")
+        assert b.holder("dead") is None
+    finally:
+        a.close()
+        b.close()
+
+
 def test_a_follower_takes_the_flight_over_when_its_owner_is_lost_mid_flight(tmp_path):
     async def main() -> None:
         owner, follower = await _two_workers(tmp_path)
@@ -536,6 +593,36 @@ def test_workers_share_flights_through_the_node_when_redis_is_down_or_shares_no_
             assert _metric(herd.url, "herd_redis_up") == (0 if redis == "down" else 1)
         finally:
             herd.stop()
+
+
+def test_an_answer_cached_by_one_worker_is_a_cache_hit_on_every_worker(tmp_path, sim):
+    """Without Redis each worker keeps its own memory cache; a repeat that lands on the other
+    worker (24 new connections: both get some) is still a hit, from the sibling's cache."""
+    sim_reset(sim.url, ttft_ms=50)
+    herd = _start(tmp_path, sim.url)
+    try:
+        body = {"model": "m", "messages": [{"role": "user", "content": f"cached once {uuid.uuid4()}"}]}
+        first = httpx.post(herd.url + "/v1/chat/completions", json=body, timeout=60)
+        assert first.status_code == 200 and first.headers["x-herd"] == "leader"
+        time.sleep(2 * NODE_LINGER_S)  # past the moment a finished flight stays followable
+
+        async def repeats(n: int) -> list[tuple[int, str, str, bytes]]:
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
+                out = []
+                for _ in range(n):
+                    async with session.post(herd.url + "/v1/chat/completions", json=body) as r:
+                        out.append((r.status, r.headers["x-herd"], r.headers["x-herd-flight"], await r.read()))
+                return out
+
+        results = asyncio.run(repeats(24))
+        assert {(status, role) for status, role, _, _ in results} == {(200, "cache")}
+        assert {orjson.loads(raw)["choices"][0]["message"]["content"] for *_, raw in results} == \
+            {first.json()["choices"][0]["message"]["content"]}
+        assert len({flight[:8] for _, _, flight, _ in results}) == 2  # both workers answered
+        assert chat_calls(sim.url) == 1
+        assert _metric(herd.url, 'herd_node_cache_asks_total{result="hit"}') >= 1
+    finally:
+        herd.stop()
 
 
 def test_workers_whose_supervisor_was_killed_drain_and_exit(tmp_path, sim):
