@@ -118,14 +118,15 @@ def _alive(pid: int) -> bool:
     return True
 
 
-class ClaimTable:
-    """The node's flight claims: key digest -> (worker, pid, flight id), one lock per bucket."""
+class _NodeTable:
+    """A table in a file of the node's directory, mapped into this worker; its rows are found
+    by a 16-byte digest of a key."""
 
-    def __init__(self, node_dir: str | os.PathLike, index: int) -> None:
+    def __init__(self, node_dir: str | os.PathLike, index: int, name: str, size: int) -> None:
         self.index = index
         self.pid = os.getpid()
-        self._fd = os.open(Path(node_dir) / TABLE, os.O_RDWR)
-        self._map = mmap.mmap(self._fd, SLOTS * SLOT_BYTES)
+        self._fd = os.open(Path(node_dir) / name, os.O_RDWR)
+        self._map = mmap.mmap(self._fd, size)
 
     def close(self) -> None:
         with contextlib.suppress(BufferError, ValueError):
@@ -134,10 +135,22 @@ class ClaimTable:
             os.close(self._fd)
 
     @staticmethod
-    def where(key: str) -> tuple[bytes, int]:
-        """`key`'s digest and the offset of its bucket."""
+    def _digest(key: str, rows: int, row_bytes: int) -> tuple[bytes, int]:
+        """`key`'s digest and the offset of its row, of `rows` rows of `row_bytes`."""
         digest = hashlib.blake2b(key.encode(), digest_size=16).digest()
-        return digest, (int.from_bytes(digest[:8], "little") % BUCKETS) * BUCKET_BYTES
+        return digest, (int.from_bytes(digest[:8], "little") % rows) * row_bytes
+
+
+class ClaimTable(_NodeTable):
+    """The node's flight claims: key digest -> (worker, pid, flight id), one lock per bucket."""
+
+    def __init__(self, node_dir: str | os.PathLike, index: int) -> None:
+        super().__init__(node_dir, index, TABLE, SLOTS * SLOT_BYTES)
+
+    @classmethod
+    def where(cls, key: str) -> tuple[bytes, int]:
+        """`key`'s digest and the offset of its bucket."""
+        return cls._digest(key, BUCKETS, BUCKET_BYTES)
 
     def _locked(self, offset: int, update: Callable[[], Any]) -> Any:
         """`update()` under the lock of the bucket at `offset`."""
@@ -200,27 +213,17 @@ class ClaimTable:
         self._locked(offset, update)
 
 
-class AnswerDirectory:
+class AnswerDirectory(_NodeTable):
     """Which worker of the node keeps which cached answer: key digest -> (worker, pid), the
     last worker that noted it. Written without a lock: a reader checks the digest and that
     the worker is alive, and a worker that no longer has the answer says so."""
 
     def __init__(self, node_dir: str | os.PathLike, index: int) -> None:
-        self.index = index
-        self.pid = os.getpid()
-        self._fd = os.open(Path(node_dir) / ANSWERS, os.O_RDWR)
-        self._map = mmap.mmap(self._fd, SLOTS * NOTE_BYTES)
+        super().__init__(node_dir, index, ANSWERS, SLOTS * NOTE_BYTES)
 
-    def close(self) -> None:
-        with contextlib.suppress(BufferError, ValueError):
-            self._map.close()
-        with contextlib.suppress(OSError):
-            os.close(self._fd)
-
-    @staticmethod
-    def _where(key: str) -> tuple[bytes, int]:
-        digest = hashlib.blake2b(key.encode(), digest_size=16).digest()
-        return digest, (int.from_bytes(digest[:8], "little") % SLOTS) * NOTE_BYTES
+    @classmethod
+    def _where(cls, key: str) -> tuple[bytes, int]:
+        return cls._digest(key, SLOTS, NOTE_BYTES)
 
     def note(self, key: str) -> None:
         """This worker keeps `key`'s answer now."""

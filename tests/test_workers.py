@@ -549,28 +549,11 @@ def test_embeddings_inputs_are_embedded_once_across_workers(tmp_path, sim):
         herd.stop()
 
 
-def test_workers_share_flights_through_redis_when_it_is_set(tmp_path, sim):
-    from tests.redis_servers import RedisServer
-
-    sim_reset(sim.url, ttft_ms=3000)
-    with RedisServer(workdir=tmp_path).start() as redis:
-        config = _config(sim.url) + f'\n[redis]\nurl = "{redis.url}"\n'
-        config = config.replace('[auth]\nmode = "open"', '[auth]\nmode = "open"\nhash_key = "node-secret"')
-        herd = _start_config(tmp_path, config, 2)
-        try:
-            results = asyncio.run(_burst(herd.url, 300, f"redis burst {uuid.uuid4()}"))
-            assert collections.Counter(status for status, *_ in results) == {200: 300}
-            assert chat_calls(sim.url) == 1
-            assert len({flight for _, _, flight, _ in results}) == 1
-            assert _metric(herd.url, "herd_redis_up") == 1
-        finally:
-            herd.stop()
-
-
-@pytest.mark.parametrize("redis", ["down", "cache only"])
-def test_workers_share_flights_through_the_node_when_redis_is_down_or_shares_no_flights(tmp_path, sim, redis):
-    """[redis] url set, but nobody listens there (or it keeps only the cache): the workers still
-    share each flight through the node's table, not one upstream call per worker."""
+@pytest.mark.parametrize("redis", ["up", "down", "cache only"])
+def test_workers_share_flights_through_redis_while_it_is_up_else_through_the_node(tmp_path, sim, redis):
+    """[redis] url set: the workers share a flight through Redis as replicas do; while nobody
+    listens there (or it keeps only the cache), through the node's table: never one upstream
+    call per worker."""
     from benchmarks.harness import free_port
     from tests.redis_servers import RedisServer
 
@@ -580,7 +563,7 @@ def test_workers_share_flights_through_the_node_when_redis_is_down_or_shares_no_
             section = f'url = "redis://127.0.0.1:{free_port()}/0"'
         else:
             server = stack.enter_context(RedisServer(workdir=tmp_path).start())
-            section = f'url = "{server.url}"\nshare_flights = false'
+            section = f'url = "{server.url}"' + ("\nshare_flights = false" if redis == "cache only" else "")
         config = _config(sim.url) + f"\n[redis]\n{section}\n"
         config = config.replace('[auth]\nmode = "open"', '[auth]\nmode = "open"\nhash_key = "node-secret"')
         herd = _start_config(tmp_path, config, 2)
