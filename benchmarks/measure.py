@@ -193,14 +193,14 @@ class Around:
         snap["cpu_target"] = target.proc.cpu_seconds() if target.proc else None
         snap["cpu_sim"] = bench.sim.cpu_seconds() if bench.sim else None
 
-    def after(self, rec: Records, requests: int, own_cpu_s: float = 0.0) -> Measured:
-        """`requests`: how many the load generator sent (for a target that is the upstream);
-        `own_cpu_s`: CPU of a load generator outside this process (wrk) over the run."""
+    def after(self, rec: Records, requests: int) -> Measured:
+        """`requests`: how many the load generator sent (for a target that is the upstream).
+        A load generator in a child process (wrk) counts as ours once it was waited for."""
         bench, target, snap = self.bench, self.target, self.snap
         cpu_t = target.proc.cpu_seconds() - snap["cpu_target"] if target.proc else None
         cpu_s = bench.sim.cpu_seconds() - snap["cpu_sim"] if bench.sim else None
         busy0, own0, t0 = snap["busy"]
-        other = max(0.0, (machine_busy_seconds() - busy0) - (self._own_cpu() - own0) - own_cpu_s)
+        other = max(0.0, (machine_busy_seconds() - busy0) - (self._own_cpu() - own0))
         background = round(other / max(time.monotonic() - t0, 1e-9), 3)
         if snap.get("spy") is not None:
             bench.profiles[self.label_slug] = finish_profiler(snap["spy"])
@@ -259,7 +259,7 @@ def measure_wrk(bench: Bench, target: Target, load: Load, opts: Options, *, labe
     result = run(load.duration, wrk.nonce_for(target.name, round_no))
     rec = Records()
     rec.elapsed = result.duration_s
-    m = around.after(rec, result.requests, own_cpu_s=result.cpu_s)
+    m = around.after(rec, result.requests)
     m.by_wrk = result
     result.check(label)
     lat = result.latency_ms

@@ -18,7 +18,7 @@ import pytest
 from benchmarks import workloads, wrk
 from benchmarks.compare import choose_loadgen, compare_checks
 from benchmarks.harness import Proc, Stack, sim_stats
-from benchmarks.loadgen import Records
+from benchmarks.loadgen import Load, Records
 from benchmarks.measure import Measured, Pool, Target, add_ratios
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -283,3 +283,38 @@ def test_a_process_cpu_time_counts_its_children(tmp_path: Path) -> None:
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the parent and its child: it started its own session
         proc.kill()
+
+
+def test_the_cpu_of_other_processes_is_not_reduced_by_wrks_a_second_time(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """run_wrk reaps wrk with wait4, so the kernel counts wrk's CPU in this process's
+    children's time (self_cpu_seconds): "other processes" in measure_wrk is the machine's
+    busy time less ours, with wrk's CPU taken away once, not twice."""
+    from types import SimpleNamespace
+
+    from benchmarks import measure
+    from benchmarks.workloads import Options
+
+    busy = [100.0]
+    others = 0.3  # CPU seconds that processes outside the bench use during the measured run
+    monkeypatch.setattr(measure, "machine_busy_seconds", lambda: busy[0])
+
+    def fake_wrk(run: wrk.Run, workdir: Path) -> wrk.WrkResult:
+        """A child that spins for 0.5 s of CPU, reaped as run_wrk reaps wrk."""
+        ours = measure.self_cpu_seconds()
+        proc = subprocess.Popen([sys.executable, "-c",
+                                 "import time\nend = time.process_time() + 0.5\nwhile time.process_time() < end: pass"])
+        _, _, usage = os.wait4(proc.pid, 0)
+        busy[0] += measure.self_cpu_seconds() - ours + others  # the machine saw it, and the others
+        return wrk.WrkResult(100, 1.0, 100.0, {}, cpu_s=usage.ru_utime + usage.ru_stime)
+
+    monkeypatch.setattr(measure.wrk, "run_wrk", fake_wrk)
+    bench = SimpleNamespace(args=SimpleNamespace(wait_quiet=0, profile=False, seed=0, timeout=10),
+                            stack=SimpleNamespace(procs=[], dir=tmp_path), has_sim=False, sim=None, sim_url=None)
+    started = time.monotonic()
+    m = measure.measure_wrk(bench, Target("t", "direct", "http://127.0.0.1:9"), Load(concurrency=1, duration=1.0),
+                            Options(), label="t", round_no=0, warmup_s=0)
+    assert m.by_wrk is not None and m.by_wrk.cpu_s >= 0.5
+    # others, less what this process spent between the reads of its own CPU and the ticks
+    # os.times counts in; it read 0 (clamped) when wrk's 0.5 s was taken away a second time
+    assert m.background_cores * (time.monotonic() - started) >= others - 0.05
