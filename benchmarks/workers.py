@@ -114,15 +114,14 @@ class Target:
 
 
 def _config(sim_url: str, workers: int, redis_url: str | None, unshared: bool = False) -> dict[str, Any]:
-    """`unshared`: workers that share nothing (a Redis link that shares neither flights nor the
-    cache turns the node's sharing off): what N processes cost without the claims."""
+    """`unshared`: workers that share nothing ([server] workers_share = false): what N
+    processes cost without the claims."""
     data = herd_config(sim_url, "exact", cache=True)  # proxy.toml's defaults: cache on, access log on
     data["server"]["workers"] = workers
+    data["server"]["workers_share"] = not unshared
     if redis_url:
-        data["redis"] = {"url": redis_url, "share_flights": not unshared}
+        data["redis"] = {"url": redis_url}
         data["auth"]["hash_key"] = "bench-node-secret"
-        if unshared:
-            data["cache"]["backend"] = "memory"
     return data
 
 
@@ -148,8 +147,7 @@ def throughput(target: Target, sim, redis: RedisServer | None, args: argparse.Na
     settle(sim.url)
     wait_for_quiet(args.quiet_wait)
     herd0, sim0 = tree_cpu(target.herd.pid), sim.cpu_seconds()
-    redis_pid = (redis.proc.pid if redis is not None and redis.proc is not None and target.redis_url
-                 and not target.unshared else None)
+    redis_pid = redis.proc.pid if redis is not None and redis.proc is not None and target.redis_url else None
     redis0 = stat_cpu_seconds(f"/proc/{redis_pid}/stat") if redis_pid else 0.0
     calls0 = chat_calls(sim.url)
     result = run(args.duration, wrk.nonce_for(target.name, round_no))
@@ -352,12 +350,12 @@ def main(argv: list[str] | None = None) -> int:
     node, shared, unshared = _counts(args.workers), _counts(args.redis_workers), _counts(args.unshared_workers)
     with Stack() as stack:
         sim = stack.simulator(ttft_ms=args.ttft_ms, tokens_per_s=0, reply_tokens=16)
-        redis = RedisServer(workdir=stack.dir).start() if shared or unshared else None
+        redis = RedisServer(workdir=stack.dir).start() if shared else None
         targets: list[Target] = []
         try:
             url = redis.url if redis else None
-            plan = [(n, None, False) for n in node] + [(n, url, False) for n in shared] + [(n, url, True)
-                                                                                      for n in unshared]
+            plan = [(n, None, False) for n in node] + [(n, url, False) for n in shared] + [(n, None, True)
+                                                                                       for n in unshared]
             for n, url, alone in plan:
                 name = f"{n}w" + ("-unshared" if alone else "-redis" if url else "")
                 data = _config(sim.url, n, url, alone)

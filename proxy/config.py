@@ -70,6 +70,9 @@ class ServerConfig(Section):
     # processes serving the port (proxy.workers); they share flights through [redis] url when
     # set, else through the node's own claims table (proxy.node). 1: one process, no supervisor
     workers: AtLeastOne = 1
+    # workers > 1 without Redis (or while it is down): share flights and cached answers through
+    # the node (false: each worker coalesces and caches alone, as N herds behind one port)
+    workers_share: bool = True
     log_level: str = "info"
     access_log: bool = True  # one JSON line per chat request: ids, role, status, timing
     log_prompts: bool = False  # add the final user message to access log lines

@@ -109,7 +109,7 @@ class Gateway:
             backend = cache.backend if cache.backend != "auto" else ("redis" if self.redis else "memory")
             if backend == "redis" and self.redis:
                 self.cache = RedisCache(self.redis, memory)
-            elif self.node is not None:  # workers without Redis: a sibling's answer is a hit too
+            elif self.node is not None and settings.server.workers_share:  # a sibling's answer is a hit too
                 self.cache = NodeCache(memory, self.node)
             else:
                 self.cache = memory
@@ -287,7 +287,9 @@ class Gateway:
         """What a flight is shared through: the replicas' Redis while it is up, else the
         node's other workers (None: one process without Redis, it leads alone)."""
         shared = self.shared
-        return shared if shared is not None and shared.usable else self.node
+        if shared is not None and shared.usable:
+            return shared
+        return self.node if self.settings.server.workers_share else None
 
     async def _lead(self, plan: Plan, flight: Flight) -> None:
         """Call the upstream for `flight`, and keep a clean answer in the cache."""

@@ -608,6 +608,21 @@ def test_an_answer_cached_by_one_worker_is_a_cache_hit_on_every_worker(tmp_path,
         herd.stop()
 
 
+def test_workers_that_share_nothing_each_lead_their_own_flight(tmp_path, sim):
+    """[server] workers_share = false: N herds behind one port (what the bench compares the
+    node's sharing with): a burst over 2 workers makes one call per worker."""
+    sim_reset(sim.url, ttft_ms=3000)
+    herd = _start(tmp_path, sim.url, workers_share=False)
+    try:
+        results = asyncio.run(_burst(herd.url, 300, f"alone burst {uuid.uuid4()}"))
+        assert collections.Counter(status for status, *_ in results) == {200: 300}
+        assert chat_calls(sim.url) == 2
+        assert len({flight for _, _, flight, _ in results}) == 2
+        assert _metric(herd.url, "herd_shared_flights_total") == 0
+    finally:
+        herd.stop()
+
+
 def test_workers_whose_supervisor_was_killed_drain_and_exit(tmp_path, sim):
     herd = _start(tmp_path, sim.url)
     assert herd.popen is not None
