@@ -97,9 +97,7 @@ class Gateway:
         # the workers of a node share flights through Redis while it is up, else through the node
         self.node: NodeFlights | None = None
         if worker is not None and worker.count > 1:
-            # with the cache on, an answer stays followable a moment after its flight ends
-            linger = min(NODE_LINGER_S, settings.cache.ttl_seconds) if settings.cache.enabled else 0.0
-            self.node = NodeFlights(worker, self.group, self.metrics, self.local_metrics, linger)
+            self.node = NodeFlights(worker, self.group, self.metrics, self.local_metrics)
         self.cache: AnswerCache | None = None
         if cache.enabled:
             memory = MemoryCache(cache.max_bytes, cache.max_entries, clock=clock,
@@ -328,6 +326,8 @@ class Gateway:
         claim = await shared.claim(key, flight.id)
         secrets = (plan.options.client_key or "", *(u.cfg.api_key for u in self.upstreams.values()))
         if claim.lead:
+            if plan.read_cache and (answer := await self._ended_on_a_sibling(shared, key, flight)) is not None:
+                return self._replay(flight, answer)
             shared.lead(key, flight, claim, redact=secrets)
             await self._lead(plan, flight)
             return
@@ -339,12 +339,25 @@ class Gateway:
 
         call = functools.partial(self._call, plan.route, plan.req, plan.options)
         if shared is self.node:  # a sibling's answer that already ended is a cached one
-            fresh = not plan.read_cache or plan.ttl < self.node.linger_s  # e.g. sampled_ttl_seconds = 0
+            fresh = not plan.read_cache or plan.ttl <= 0  # e.g. sampled_ttl_seconds = 0
             called = await self.node.mirror(key, claim, flight, call, plan.stream, on_lead, fresh=fresh)
         else:
             called = await shared.mirror(key, claim, flight, call, plan.stream, on_lead)
         if called and plan.store:
             self._spawn(self._store(plan, flight))
+
+    async def _ended_on_a_sibling(self, shared: SharedFlights | NodeFlights, key: str, flight: Flight) -> Answer | None:
+        """After winning a node claim: the answer of a sibling's flight for `key` that ended
+        between this worker's cache read and its claim (the sibling keeps the answer before it
+        frees the slot), so the request is not a second upstream call. Found: the claim is
+        given back (this flight is answered from the cache, there is nothing to follow)."""
+        cache, node = self.cache, self.node
+        if shared is not node or node is None or not isinstance(cache, NodeCache):
+            return None
+        answer = await cache.from_sibling(key)
+        if answer is not None:
+            node.table.release(key, flight.id)
+        return answer
 
     async def _store(self, plan: Plan, flight: Flight) -> None:
         """Keep a cleanly finished flight's answer for later identical (or similar) requests."""
@@ -503,7 +516,7 @@ class Gateway:
             if missing:
                 shared = self._sharing()
                 if shared is not None and batch.shared:
-                    await self._embed_shared(shared, batch, missing, route, options, req, store)
+                    await self._embed_shared(shared, batch, missing, route, options, req, read_cache, store)
                 else:
                     await self._embed_missing(batch, missing, route, options, req, store)
         except Exception as e:
@@ -530,16 +543,22 @@ class Gateway:
                     batch.results[key] = outcome
 
     async def _embed_shared(self, shared: SharedFlights | NodeFlights, batch: EmbedBatch, missing: list[str],
-                            route: RouteConfig, options: CallOptions, req, store: bool) -> None:
+                            route: RouteConfig, options: CallOptions, req, read_cache: bool, store: bool) -> None:
         """`missing` inputs across replicas ([redis] share_flights) or a node's workers: each input's flight is
         claimed (one pipeline for all); the ones this replica wins go upstream in one call and
         are published (one chunk each: the input's entry), the others are mirrored from the
         replica that leads them, with chat's takeover rules (SharedFlights.mirror)."""
         claims = await shared.claim_many([(key, batch.flights[key].id) for key in missing])
         secrets = (options.client_key or "", *(u.cfg.api_key for u in self.upstreams.values()))
-        won = [key for key, claim in zip(missing, claims, strict=True) if claim.lead]
         for key, claim in zip(missing, claims, strict=True):
-            if claim.lead:
+            if claim.lead and read_cache and \
+                    (answer := await self._ended_on_a_sibling(shared, key, batch.flights[key])) is not None:
+                batch.results[key] = answer  # nothing to lead, and nothing to follow
+                batch.cached.add(key)
+                batch.settle([key])
+        won = [key for key, claim in zip(missing, claims, strict=True) if claim.lead and key not in batch.cached]
+        for key, claim in zip(missing, claims, strict=True):
+            if claim.lead and key not in batch.cached:
                 batch.flights[key].served_by = route.upstream
                 shared.lead(key, batch.flights[key], claim, redact=secrets)
 

@@ -38,8 +38,12 @@ node's cache hits as one cache does, whichever worker a repeat lands on. The dir
 hint: a slot two keys share names the later one, and the worker named may have dropped the
 answer since; either way the ask is a miss.
 
-A flight that ended cleanly stays claimed and followable for a moment (with the cache on),
-so a sibling whose first request of a burst comes just after the end gets that answer.
+A flight's slot is freed as it ends. A sibling whose first request of a burst comes just
+after the end gets the answer from the cache (NodeCache): the leader notes the answer in the
+directory before it frees the slot, and a worker that wins a claim looks there once more
+(proxy.gateway), so a request that missed the cache just before the end and claimed just
+after it gets the answer too, not a second upstream call.
+
 A follower that loses its owner before the end (the worker died) takes over: it claims the
 slot and calls the upstream itself through a Splice (proxy.sharing), so nobody gets a
 splice of two answers. The owner holds a ticket on its flight while a sibling follows it, so
@@ -265,12 +269,8 @@ class NodeFlights:
     (proxy.redis.flights), so the gateway drives both alike."""
 
     def __init__(self, worker: Worker, group: Group, metrics: Metrics,
-                 render_metrics: Callable[[], bytes] | None = None, linger_s: float = 0.0) -> None:
-        """`linger_s`: how long a flight that ended cleanly stays claimed and followable (with
-        the cache on): a sibling whose first request comes just after the end gets that
-        answer, as a later request here gets it from this worker's cache."""
+                 render_metrics: Callable[[], bytes] | None = None) -> None:
         self.worker = worker
-        self.linger_s = linger_s
         self.group = group
         self.metrics = metrics
         self.render_metrics = render_metrics or metrics.render
@@ -284,7 +284,6 @@ class NodeFlights:
         self._led: dict[str, tuple[Flight, tuple[str, ...]]] = {}  # flight id -> flight we lead, secrets
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task] = set()
-        self._lingering: dict[str, tuple[asyncio.TimerHandle, Callable[[], None]]] = {}
 
     async def start(self) -> None:
         path = socket_path(self.worker.node_dir, self.worker.index)
@@ -296,9 +295,6 @@ class NodeFlights:
         """After the group's flights finished (siblings may have followed them until then)."""
         if self._server is not None:
             self._server.close()
-        for handle, forget in list(self._lingering.values()):
-            handle.cancel()
-            forget()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -322,25 +318,16 @@ class NodeFlights:
         return Claim(False, f"{index}:{pid}:{holder}")
 
     def lead(self, key: str, flight: Flight, claim: Claim, redact: tuple[str, ...] = ()) -> None:
-        """Let siblings follow `flight` (a local flight we lead) until it ends (and lingers,
-        when it ended cleanly); then free its slot."""
+        """Let siblings follow `flight` (a local flight we lead) until it ends; then free its slot."""
         self.metrics.shared_flights.labels("lead").inc()
         self._led[flight.id] = (flight, redact)
 
-        def forget() -> None:
-            self._lingering.pop(flight.id, None)
+        def forget(_: Any) -> None:
             self._led.pop(flight.id, None)
             self.table.release(key, flight.id)
 
-        def done(_: Any) -> None:
-            if self.linger_s > 0 and flight.error is None:
-                handle = asyncio.get_running_loop().call_later(self.linger_s, forget)
-                self._lingering[flight.id] = (handle, forget)
-            else:
-                forget()
-
         if flight.task is not None:
-            flight.task.add_done_callback(done)
+            flight.task.add_done_callback(forget)
 
     # -- follower side -----------------------------------------------------------------
     async def mirror(self, key: str, claim: Claim, flight: Flight, call: Call, stream: bool,
@@ -540,6 +527,10 @@ class NodeCache:
         answer = await self.memory.get(key)
         if answer is not None:
             return answer
+        return await self.from_sibling(key)
+
+    async def from_sibling(self, key: str) -> Answer | None:
+        """The answer a sibling keeps for `key` (kept here too), or None."""
         sibling = self.node.answers.holder(key)
         if sibling is None:
             return None

@@ -26,7 +26,6 @@ from hypothesis import strategies as st
 from benchmarks.harness import Herd
 from benchmarks.simulator import expected_text
 from proxy.config import parse_settings
-from proxy.gateway import NODE_LINGER_S
 from proxy.node import BUCKET_SLOTS, ClaimTable, create_table, merge_metrics
 from proxy.workers import Supervisor
 from tests.harness import chat_calls, sim_reset, to_toml
@@ -587,7 +586,6 @@ def test_an_answer_cached_by_one_worker_is_a_cache_hit_on_every_worker(tmp_path,
         body = {"model": "m", "messages": [{"role": "user", "content": f"cached once {uuid.uuid4()}"}]}
         first = httpx.post(herd.url + "/v1/chat/completions", json=body, timeout=60)
         assert first.status_code == 200 and first.headers["x-herd"] == "leader"
-        time.sleep(2 * NODE_LINGER_S)  # past the moment a finished flight stays followable
 
         async def repeats(n: int) -> list[tuple[int, str, str, bytes]]:
             async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
@@ -684,16 +682,20 @@ def test_a_follower_gets_the_end_of_a_flight_that_finishes_right_after_a_chunk(t
     asyncio.run(main())
 
 
-def test_a_flight_that_just_ended_is_followed_unless_the_request_wants_a_fresh_answer(tmp_path):
-    # a burst whose first request reaches a worker just after another worker's flight ended
+def test_a_flight_that_ended_is_followed_unless_the_request_wants_a_fresh_answer(tmp_path):
+    """A sibling may reach a flight that has ended but is still registered (its task's done
+    callback, which frees the slot, has not run yet): it gets that answer, unless the request
+    wants a fresh one (cache-control: no-cache, or a sampled answer that may not be reused),
+    which takes the flight over instead."""
+    from proxy.coalescer import Flight
+
     async def main() -> None:
         owner, follower = await _two_workers(tmp_path)
-        owner.linger_s = 30.0
-
-        async def owner_work(flight) -> None:
-            claim = await owner.claim("k", flight.id)
-            owner.lead("k", flight, claim)
-            flight.publish(_chunk("a"))
+        ended = Flight(["k"])  # no task: stays registered after its end
+        claim = await owner.claim("k", ended.id)
+        owner.lead("k", ended, claim)
+        ended.publish(_chunk("a"))
+        ended.finish()
 
         calls = []
 
@@ -712,13 +714,9 @@ def test_a_flight_that_just_ended_is_followed_unless_the_request_wants_a_fresh_a
             follower.group.release(ticket)
             return ticket.flight
 
-        mine = owner.group.acquire(["k"], owner_work)
-        await mine.flight.wait()
-        owner.group.release(mine)
-        await asyncio.sleep(0.01)  # its task's done callbacks ran: the flight ended, and lingers
         late = await follow(fresh=False)
         assert [c.data["choices"][0]["delta"]["content"] for c in late.chunks] == ["a"] and calls == []
-        fresh = await follow(fresh=True)  # cache-control: no-cache: it must not get the ended answer
+        fresh = await follow(fresh=True)
         assert [c.data["choices"][0]["delta"]["content"] for c in fresh.chunks] == ["new"] and calls == [True]
         await follower.aclose()
         await owner.aclose()
@@ -726,9 +724,50 @@ def test_a_flight_that_just_ended_is_followed_unless_the_request_wants_a_fresh_a
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("api", ["chat", "embeddings"])
+def test_a_request_that_missed_the_cache_just_before_a_siblings_flight_ended_gets_its_answer(tmp_path, sim, api):
+    """A worker reads its cache (a miss), the sibling's flight for that key then ends (the
+    answer kept, the slot freed), and the worker wins the claim: it looks at the answer
+    directory once more and answers from the sibling's cache, not with a second call."""
+    from proxy.gateway import Gateway
+    from proxy.node import Worker
+    from tests.harness import HerdServer, herd_settings, sim_stats
+
+    create_table(tmp_path)
+    sim_reset(sim.url)
+    settings = herd_settings(sim.url, auth={"hash_key": "node-secret"}, cache={"enabled": True})
+    path, body = {
+        "chat": ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "ended just now"}]}),
+        "embeddings": ("/v1/embeddings", {"model": "text-embedding-3-small", "input": ["ended", "just now"]}),
+    }[api]
+
+    def upstream_work() -> tuple[int, int]:
+        return chat_calls(sim.url), sim_stats(sim.url, log=False)["embedded_inputs"]
+
+    with HerdServer(settings, Gateway(settings, worker=Worker(str(tmp_path), 0, 2))) as owner, \
+            HerdServer(settings, Gateway(settings, worker=Worker(str(tmp_path), 1, 2))) as sibling:
+        node = sibling.gateway.node
+        assert node is not None
+        node.table.pid = node.answers.pid = os.getppid()  # as if in a process of its own
+        first = httpx.post(owner.url + path, json=body, timeout=30)
+        assert first.status_code == 200 and first.headers["x-herd"] == "leader"
+        done = upstream_work()
+        cache = sibling.gateway.cache
+
+        async def read_before_the_end(key: str):
+            return None  # what its cache read gave, before the owner kept the answer
+
+        cache.get = read_before_the_end  # type: ignore[method-assign]
+        late = httpx.post(sibling.url + path, json=body, timeout=30)
+        assert late.status_code == 200 and late.headers["x-herd"] == "cache"
+        assert late.json()["data" if api == "embeddings" else "choices"] == \
+            first.json()["data" if api == "embeddings" else "choices"]
+        assert upstream_work() == done
+
+
 def test_a_sampled_answer_that_may_not_be_cached_is_not_handed_to_a_sibling_after_its_flight(tmp_path, sim):
     # [cache] sampled_ttl_seconds = 0: a sampled answer is never reused once its flight ended,
-    # on one worker (no cache entry) or across workers (no lingering flight either)
+    # on one worker (no cache entry) or across workers (none in the sibling's cache either)
     from proxy.gateway import Gateway
     from proxy.node import Worker
     from tests.harness import HerdServer, herd_settings
@@ -740,7 +779,8 @@ def test_a_sampled_answer_that_may_not_be_cached_is_not_handed_to_a_sibling_afte
     with HerdServer(settings, Gateway(settings, worker=Worker(str(tmp_path), 0, 2))) as owner, \
             HerdServer(settings, Gateway(settings, worker=Worker(str(tmp_path), 1, 2))) as sibling:
         assert sibling.gateway.node is not None
-        sibling.gateway.node.table.pid = os.getppid()  # as if in a process of its own
+        node = sibling.gateway.node
+        node.table.pid = node.answers.pid = os.getppid()  # as if in a process of its own
         first = httpx.post(owner.url + "/v1/chat/completions", json=body, timeout=30)
         assert first.status_code == 200 and chat_calls(sim.url) == 1
         late = httpx.post(sibling.url + "/v1/chat/completions", json=body, timeout=30)
@@ -750,7 +790,8 @@ def test_a_sampled_answer_that_may_not_be_cached_is_not_handed_to_a_sibling_afte
         plain = {**body, "temperature": 0}
         httpx.post(owner.url + "/v1/chat/completions", json=plain, timeout=30)
         calls = chat_calls(sim.url)
-        assert httpx.post(sibling.url + "/v1/chat/completions", json=plain, timeout=30).status_code == 200
+        handed = httpx.post(sibling.url + "/v1/chat/completions", json=plain, timeout=30)
+        assert handed.status_code == 200 and handed.headers["x-herd"] == "cache"
         assert chat_calls(sim.url) == calls
 
 
