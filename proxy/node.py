@@ -284,12 +284,31 @@ class NodeFlights:
         self._led: dict[str, tuple[Flight, tuple[str, ...]]] = {}  # flight id -> flight we lead, secrets
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task] = set()
+        # the counters (and histograms) of this index's previous processes, if any
+        self._carried: bytes | None = None
+        self._reported_path = Path(worker.node_dir) / f"w{worker.index}.metrics"
 
     async def start(self) -> None:
         path = socket_path(self.worker.node_dir, self.worker.index)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)  # a previous process of this index
+        with contextlib.suppress(FileNotFoundError):  # its counters, as the node last reported them
+            self._carried = merge_metrics([self._reported_path.read_bytes()], kinds=_CARRIED)
         self._server = await asyncio.start_unix_server(self._serve, path=path)
+
+    def own_metrics(self) -> bytes:
+        """This worker's metrics for the node's total, its counters carrying on from the
+        previous processes of its index (a restart does not take the node's totals back, which
+        Prometheus would read as a reset of the whole node's counters). What it reports is
+        kept in the node's directory for the next process of this index."""
+        text = self.render_metrics()
+        if self._carried is not None:
+            text = merge_metrics([text, self._carried])
+        with contextlib.suppress(OSError):
+            part = self._reported_path.with_suffix(".part")
+            part.write_bytes(text)
+            part.replace(self._reported_path)
+        return text
 
     async def aclose(self) -> None:
         """After the group's flights finished (siblings may have followed them until then)."""
@@ -412,7 +431,7 @@ class NodeFlights:
                     answer, left_s = entry
                     await _write(writer, b"A", _SECONDS.pack(left_s) + answer.encode())
             elif kind == b"m":
-                await _write(writer, b"m", self.render_metrics())
+                await _write(writer, b"m", self.own_metrics())
         except (OSError, asyncio.IncompleteReadError, ConnectionError, UnicodeDecodeError):
             pass
         finally:
@@ -479,8 +498,9 @@ class NodeFlights:
     # -- the node's metrics ------------------------------------------------------------
     async def node_metrics(self) -> bytes:
         """Every worker's metrics in one text: counters and histograms summed across the
-        node, so one scrape of the port gives totals (a worker that is restarting is missing)."""
-        texts = [self.render_metrics()]
+        node, so one scrape of the port gives totals (a worker that is restarting is missing
+        from that scrape; its counters are back with it)."""
+        texts = [self.own_metrics()]
         others = [i for i in range(self.worker.count) if i != self.worker.index]
         texts += [t for t in await asyncio.gather(*(self._sibling_metrics(i) for i in others)) if t is not None]
         return merge_metrics(texts)
@@ -553,17 +573,19 @@ class NodeCache:
 
 #: gauges whose node-wide value is not a sum of the workers'
 _MERGE = {"herd_redis_up": min, "herd_circuit_state": max}
+_CARRIED = frozenset({"counter", "histogram", "summary"})  # what a restarted worker carries on
 
 
-def merge_metrics(texts: list[bytes]) -> bytes:
+def merge_metrics(texts: list[bytes], kinds: frozenset[str] | None = None) -> bytes:
     """Prometheus texts of the node's workers as one: each sample summed over the workers
-    (min or max for a few gauges, _MERGE), herd_coalesce_ratio computed from the sums."""
+    (min or max for a few gauges, _MERGE), herd_coalesce_ratio computed from the sums.
+    `kinds`: only the families of these types (e.g. counters, to carry over a restart)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     families: dict[str, tuple[str, str, dict[tuple[str, tuple[tuple[str, str], ...]], list[float]]]] = {}
     for text in texts:
         for family in text_string_to_metric_families(text.decode()):
-            if family.name.endswith("_created"):
+            if family.name.endswith("_created") or (kinds is not None and family.type not in kinds):
                 continue  # when each worker's series began: not a node's
             _, _, samples = families.setdefault(family.name, (family.type, family.documentation, {}))
             for s in family.samples:

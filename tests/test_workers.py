@@ -45,6 +45,15 @@ def _metric(url: str, name: str) -> float:
                if line.startswith((name + " ", name + "{")))
 
 
+def _metric_reaches(url: str, name: str, least: float, timeout: float = 30.0) -> float:
+    """`name`'s node total once it is at least `least` (a request is counted as it ends)."""
+    end = time.monotonic() + timeout
+    while (value := _metric(url, name)) < least:
+        assert time.monotonic() < end, f"{name} stayed at {value}, below {least}"
+        time.sleep(0.1)
+    return value
+
+
 def _start(tmp_path: Path, sim_url: str, workers: int = 2, **server) -> Herd:
     return _start_config(tmp_path, _config(sim_url, workers, **server), workers)
 
@@ -165,10 +174,14 @@ def test_sigterm_drains_every_worker_then_exits(tmp_path, sim):
     assert (tmp_path / "herd.log").read_text().count("herd stopped: every flight finished") == 2
 
 
-def test_a_killed_worker_is_restarted(tmp_path, sim):
+def test_a_killed_worker_is_restarted_and_the_nodes_counters_do_not_go_back(tmp_path, sim):
     herd = _start(tmp_path, sim.url)
     assert herd.popen is not None
     try:
+        for i in range(24):  # new connections: both workers answer some
+            body = {"model": "m", "messages": [{"role": "user", "content": f"before {i} {uuid.uuid4()}"}]}
+            assert httpx.post(herd.url + "/v1/chat/completions", json=body, timeout=30).status_code == 200
+        served = _metric_reaches(herd.url, "herd_requests_total", 24)  # counted as each one ends
         before = _workers_of(herd.popen.pid)
         assert len(before) == 2
         victim = min(before)
@@ -180,9 +193,13 @@ def test_a_killed_worker_is_restarted(tmp_path, sim):
                 break
             assert time.monotonic() < end, "the killed worker was not replaced"
             time.sleep(0.2)
+        # the victim's counters as the node last reported them carry on in its successor:
+        # a total that went back would read as a reset of the whole node's counters
+        assert _metric(herd.url, "herd_requests_total") == served
         r = httpx.post(herd.url + "/v1/chat/completions",
                        json={"model": "m", "messages": [{"role": "user", "content": "after"}]}, timeout=30)
         assert r.status_code == 200
+        assert _metric_reaches(herd.url, "herd_requests_total", served + 1) == served + 1
     finally:
         herd.stop()
 
