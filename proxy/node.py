@@ -292,8 +292,12 @@ class NodeFlights:
         path = socket_path(self.worker.node_dir, self.worker.index)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)  # a previous process of this index
-        with contextlib.suppress(FileNotFoundError):  # its counters, as the node last reported them
+        try:  # its counters, as the node last reported them
             self._carried = merge_metrics([self._reported_path.read_bytes()], kinds=_CARRIED)
+        except FileNotFoundError:
+            pass  # the first process of this index
+        except (OSError, ValueError) as e:  # unreadable: start from zero rather than not at all
+            log.warning("the counters of worker %d's previous process are lost: %s", self.worker.index, e)
         self._server = await asyncio.start_unix_server(self._serve, path=path)
 
     def own_metrics(self) -> bytes:

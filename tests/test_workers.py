@@ -333,6 +333,27 @@ def test_the_claims_table_agrees_with_a_dictionary_of_owners(tmp_path_factory, o
             table.close()
 
 
+def test_a_worker_whose_predecessors_counters_are_unreadable_starts_from_zero(tmp_path):
+    from proxy.coalescer import Group
+    from proxy.metrics import Metrics
+    from proxy.node import NodeFlights, Worker
+
+    create_table(tmp_path)
+    (tmp_path / "w0.metrics").write_bytes(b"herd_requests_total{outcome= not prometheus\n")
+
+    async def main() -> None:
+        node = NodeFlights(Worker(str(tmp_path), 0, 2), Group(), Metrics())
+        await node.start()
+        try:
+            text = node.own_metrics().decode()
+            assert "herd_workers 1.0" in text.splitlines()
+        finally:
+            await node.aclose()
+
+    asyncio.run(main())
+    assert b"herd_workers" in (tmp_path / "w0.metrics").read_bytes()  # what it reports replaced it
+
+
 def test_node_metrics_are_sums_of_the_workers(tmp_path):
     from proxy.metrics import Metrics
 
