@@ -707,7 +707,8 @@ class RedisServer:
             shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> Self:
-        return self.start()
+        """Start it, unless `start()` already did (`with RedisServer().start() as r:`)."""
+        return self if self.proc is not None and self.proc.poll() is None else self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.close()

@@ -119,3 +119,12 @@ async def test_a_deadline_whose_timer_ran_late_waits_one_more_period():
     never = loop.create_future()
     with pytest.raises(TimeoutError):
         await within(never, 0.05)  # on time, and nothing came: Redis is slow
+
+
+def test_a_redis_server_started_and_then_entered_runs_once_and_is_stopped():
+    server = RedisServer().start()
+    first = server.proc
+    assert first is not None
+    with server as entered:  # `with RedisServer().start() as r:`: no second redis-server
+        assert entered.proc is first
+    assert first.poll() is not None  # stopped on exit, not left running

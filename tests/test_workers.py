@@ -599,7 +599,7 @@ def test_workers_share_flights_through_redis_while_it_is_up_else_through_the_nod
         if redis == "down":
             section = f'url = "redis://127.0.0.1:{free_port()}/0"'
         else:
-            server = stack.enter_context(RedisServer(workdir=tmp_path).start())
+            server = stack.enter_context(RedisServer(workdir=tmp_path))
             section = f'url = "{server.url}"' + ("\nshare_flights = false" if redis == "cache only" else "")
         config = _config(sim.url) + f"\n[redis]\n{section}\n"
         config = config.replace('[auth]\nmode = "open"', '[auth]\nmode = "open"\nhash_key = "node-secret"')
