@@ -56,6 +56,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import hashlib
 import logging
 import mmap
@@ -112,6 +113,15 @@ def create_table(node_dir: str | os.PathLike) -> None:
             f.truncate(size)
 
 
+@functools.lru_cache(maxsize=4096)
+def _key_digest(key: str) -> tuple[bytes, int]:
+    """A flight key's 16-byte digest, and its first 8 bytes as a number (where both tables
+    put the key). Memoized: a request asks for it up to five times (cache, claim, a second
+    look, note, release)."""
+    digest = hashlib.blake2b(key.encode(), digest_size=16).digest()
+    return digest, int.from_bytes(digest[:8], "little")
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -141,8 +151,8 @@ class _NodeTable:
     @staticmethod
     def _digest(key: str, rows: int, row_bytes: int) -> tuple[bytes, int]:
         """`key`'s digest and the offset of its row, of `rows` rows of `row_bytes`."""
-        digest = hashlib.blake2b(key.encode(), digest_size=16).digest()
-        return digest, (int.from_bytes(digest[:8], "little") % rows) * row_bytes
+        digest, number = _key_digest(key)
+        return digest, (number % rows) * row_bytes
 
 
 class ClaimTable(_NodeTable):
